@@ -1,0 +1,48 @@
+"""Errors the Python API raises to its callers (the HTTP API maps each to a status)."""
+
+from __future__ import annotations
+
+from .model import Command
+
+
+class QuicCmdError(Exception):
+    """Base class for errors an operator's request can run into."""
+
+    #: A stable, machine-readable name (used as ``error.code`` over HTTP).
+    code = "error"
+
+
+class InvalidCommand(QuicCmdError, ValueError):
+    """The command's fields are wrong (empty type, negative timeout, ...)."""
+
+    code = "invalid_command"
+
+
+class CommandNotFound(QuicCmdError, LookupError):
+    code = "not_found"
+
+    def __init__(self, command_id: str):
+        super().__init__(f"no command with id {command_id!r}")
+        self.command_id = command_id
+
+
+class CommandAlreadyFinished(QuicCmdError):
+    """Cancel was asked of a command already in a terminal state."""
+
+    code = "already_finished"
+
+    def __init__(self, command: Command):
+        super().__init__(
+            f"command {command.command_id} already finished with status "
+            f"{command.status.value}"
+        )
+        self.command = command
+
+
+class ShuttingDown(QuicCmdError):
+    """The server is draining and accepts no new commands."""
+
+    code = "shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down and accepts no new commands")

@@ -1,0 +1,171 @@
+"""Commands, their lifecycle and the error codes an operator sees.
+
+This module is pure data and pure functions: no I/O, no trio. The manager
+applies transitions; the store keeps the resulting snapshots.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+import time
+from typing import Any
+
+import attrs
+
+
+class CommandStatus(str, enum.Enum):
+    PENDING = "pending"
+    EXECUTING = "executing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {
+        CommandStatus.COMPLETED,
+        CommandStatus.FAILED,
+        CommandStatus.TIMEOUT,
+        CommandStatus.CANCELLED,
+    }
+)
+
+#: Every allowed status change. Terminal states have no way out.
+TRANSITIONS: dict[CommandStatus, frozenset[CommandStatus]] = {
+    CommandStatus.PENDING: frozenset(
+        {
+            CommandStatus.EXECUTING,
+            CommandStatus.FAILED,
+            CommandStatus.TIMEOUT,
+            CommandStatus.CANCELLED,
+        }
+    ),
+    CommandStatus.EXECUTING: frozenset(
+        {
+            CommandStatus.COMPLETED,
+            CommandStatus.FAILED,
+            CommandStatus.TIMEOUT,
+            CommandStatus.CANCELLED,
+        }
+    ),
+    CommandStatus.COMPLETED: frozenset(),
+    CommandStatus.FAILED: frozenset(),
+    CommandStatus.TIMEOUT: frozenset(),
+    CommandStatus.CANCELLED: frozenset(),
+}
+
+
+class ErrorCode(str, enum.Enum):
+    """Machine-readable reasons a command did not complete."""
+
+    #: The agent was not connected and the command did not ask to wait for it.
+    AGENT_OFFLINE = "agent_offline"
+    #: The command was never delivered before its deadline (agent offline or busy).
+    DELIVERY_TIMEOUT = "delivery_timeout"
+    #: The agent received the command but no result came back before the deadline.
+    EXECUTION_TIMEOUT = "execution_timeout"
+    #: The agent has no executor for this command type.
+    UNKNOWN_COMMAND_TYPE = "unknown_command_type"
+    #: The executor raised an exception.
+    EXECUTOR_ERROR = "executor_error"
+    #: An operator cancelled the command.
+    CANCELLED = "cancelled"
+    #: The server shut down before the command finished.
+    SERVER_SHUTDOWN = "server_shutdown"
+
+
+class InvalidTransition(Exception):
+    """A status change the lifecycle does not allow (e.g. out of a terminal state)."""
+
+    def __init__(self, command_id: str, current: CommandStatus, wanted: CommandStatus):
+        super().__init__(
+            f"command {command_id} cannot go from {current.value} to {wanted.value}"
+        )
+        self.command_id = command_id
+        self.current = current
+        self.wanted = wanted
+
+
+@attrs.frozen(kw_only=True)
+class Command:
+    """One command's state at one moment. Immutable: each change makes a new one.
+
+    Timestamps are wall-clock seconds since the epoch (UTC); ``None`` until the
+    event they record has happened.
+    """
+
+    command_id: str
+    client_id: str
+    command_type: str
+    payload: Any = attrs.field(factory=dict)
+    status: CommandStatus = CommandStatus.PENDING
+    result: Any = None
+    error: str | None = None
+    error_code: str | None = None
+    priority: int = 0
+    timeout: float = 30.0
+    connect_timeout: float = 0.0
+    created_at: float
+    sent_at: float | None = None
+    completed_at: float | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+def transition(
+    command: Command,
+    status: CommandStatus,
+    *,
+    at: float,
+    result: Any = None,
+    error: str | None = None,
+    error_code: str | None = None,
+) -> Command:
+    """Return ``command`` moved to ``status`` at wall-clock time ``at``.
+
+    Raises :class:`InvalidTransition` if the lifecycle forbids the change, so a
+    late result can never overwrite a timeout, a cancel, or another result.
+    """
+    if status not in TRANSITIONS[command.status]:
+        raise InvalidTransition(command.command_id, command.status, status)
+    if status is CommandStatus.EXECUTING:
+        return attrs.evolve(command, status=status, sent_at=at)
+    if isinstance(error_code, enum.Enum):
+        error_code = error_code.value
+    return attrs.evolve(
+        command,
+        status=status,
+        result=result,
+        error=error,
+        error_code=error_code,
+        completed_at=at,
+    )
+
+
+_sequence = itertools.count()
+_process_tag = int.from_bytes(os.urandom(4), "big")
+_last_millis = 0
+
+
+def new_command_id() -> str:
+    """A unique id whose lexical order is creation order within one server.
+
+    48 bits of milliseconds, then a per-process counter and a random process
+    tag: listing "newest first" is then a plain descending sort on the id,
+    which every store can index.
+    """
+    global _last_millis
+    # Never step back with the wall clock (NTP, resume), or a newer id would sort older.
+    millis = max(int(time.time() * 1000) & 0xFFFF_FFFF_FFFF, _last_millis)
+    _last_millis = millis
+    counter = next(_sequence) & 0xFFFF_FFFF
+    return f"{millis:012x}-{counter:08x}-{_process_tag:08x}"

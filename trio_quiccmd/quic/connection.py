@@ -1,0 +1,469 @@
+"""QuicSession: one aioquic ``QuicConnection`` driven from trio.
+
+aioquic's connection is sans-IO; this module is the I/O. The same class serves
+the server (one session per agent, fed by :mod:`.endpoint`) and the agent (one
+session, fed by :func:`open_client_session`).
+
+The rules it keeps (see DESIGN.md, "Driving aioquic from trio"):
+
+* Every change to the connection ends in a *wake* of the session's one
+  long-lived timer task, which drains ``datagrams_to_send`` and re-arms from
+  ``get_timer()``. Changes made in the same scheduler batch share one flush,
+  so a burst of commands shares packets.
+* The timer task sleeps in a fresh ``CancelScope`` whose deadline is moved; it
+  is never cancelled and restarted from inside itself.
+* ``now`` is always ``trio.current_time()``, clamped to the timer's deadline
+  when the timer fires, so tests can run on a virtual clock.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import socket
+from typing import Awaitable, Callable
+
+import trio
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import NetworkAddress, QuicConnection
+
+from ..wire import (
+    DEFAULT_MAX_FRAME_SIZE,
+    Frame,
+    FrameDecoder,
+    ProtocolError,
+    ProtocolErrorCode,
+    encode_frame,
+)
+
+logger = logging.getLogger("trio_quiccmd.quic")
+
+#: Socket buffer size asked for; bursts of thousands of commands overflow the
+#: kernel's small default and every dropped datagram costs a loss-recovery RTT.
+SOCKET_BUFFER_BYTES = 4 << 20
+
+
+def allow_peer_bidi_streams(quic: QuicConnection, count: int) -> None:
+    """Let the peer open ``count`` bidirectional streams at once.
+
+    aioquic advertises a fixed 128 and offers no setting; a server that opens
+    more is not refused but silently *blocked*. Must be called before the
+    transport parameters are sent (before ``connect`` on a client).
+    """
+    limit = quic._local_max_streams_bidi  # no public API for this (aioquic 1.x)
+    limit.value = limit.sent = max(count, limit.used)
+
+
+class DatagramSocket:
+    """A non-blocking UDP socket used from trio without per-datagram yields.
+
+    Receiving drains every queued datagram in one wake-up; sending tries the
+    socket synchronously and only waits when the kernel buffer is full.
+    """
+
+    def __init__(self, sock: socket.socket):
+        sock.setblocking(False)
+        for option, force in (
+            (socket.SO_RCVBUF, getattr(socket, "SO_RCVBUFFORCE", None)),
+            (socket.SO_SNDBUF, getattr(socket, "SO_SNDBUFFORCE", None)),
+        ):
+            try:
+                # The *FORCE variants pass the sysctl cap when we may (root).
+                sock.setsockopt(socket.SOL_SOCKET, force or option, SOCKET_BUFFER_BYTES)
+            except OSError:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+                except OSError:
+                    pass
+        self.sock = sock
+
+    @classmethod
+    def bind(cls, host: str, port: int) -> "DatagramSocket":
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
+
+    @property
+    def local_address(self) -> tuple:
+        return self.sock.getsockname()
+
+    def try_send(self, data: bytes, addr: NetworkAddress) -> bool:
+        """Send now; False if the kernel buffer is full (caller waits and retries)."""
+        try:
+            self.sock.sendto(data, addr)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            # An unreachable peer or a vanished route is QUIC's to detect (the
+            # packet counts as lost); it must not kill the loop.
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH,
+                                 errno.EINVAL, errno.EAFNOSUPPORT, errno.EPERM):
+                raise
+            logger.debug("UDP send to %s failed: %s", addr, exc)
+        return True
+
+    async def wait_writable(self) -> None:
+        await trio.lowlevel.wait_writable(self.sock)
+
+    async def receive_forever(
+        self, on_datagram: Callable[[bytes, NetworkAddress], None], *, batch: int = 512
+    ) -> None:
+        """Call ``on_datagram`` for every datagram until cancelled."""
+        sock = self.sock
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(batch):
+                try:
+                    data, addr = sock.recvfrom(65536)
+                except BlockingIOError:
+                    break
+                except ConnectionRefusedError:
+                    continue  # ICMP from an earlier send; nothing to do with it
+                on_datagram(data, addr)
+            else:
+                await trio.lowlevel.checkpoint()  # let the sessions flush
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class SessionHandler:
+    """What a session tells the protocol layer above it. All calls are synchronous.
+
+    A handler may raise :class:`ProtocolError` from ``frame_received`` or
+    ``stream_ended``; the session then closes the connection with that code.
+    """
+
+    def handshake_completed(self, session: "QuicSession") -> None:
+        pass
+
+    def frame_received(self, session: "QuicSession", stream_id: int, frame: Frame) -> None:
+        pass
+
+    def stream_ended(self, session: "QuicSession", stream_id: int) -> None:
+        pass
+
+    def stream_reset(self, session: "QuicSession", stream_id: int, error_code: int) -> None:
+        pass
+
+    def connection_lost(self, session: "QuicSession", error_code: int, reason: str) -> None:
+        pass
+
+
+class QuicSession:
+    """One QUIC connection, its streams' frame decoders, and its timer task."""
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        transport: DatagramSocket,
+        handler: SessionHandler,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        keepalive_interval: float | None = None,
+        on_connection_id_issued: Callable[[bytes], None] | None = None,
+        on_connection_id_retired: Callable[[bytes], None] | None = None,
+    ):
+        self.quic = quic
+        self.handler = handler
+        self._transport = transport
+        self._max_frame_size = max_frame_size
+        self._decoders: dict[int, FrameDecoder] = {}
+        self._keepalive_interval = keepalive_interval
+        self._ping_at = (
+            trio.current_time() + keepalive_interval if keepalive_interval else math.inf
+        )
+        self._ping_uid = 0
+        self._on_cid_issued = on_connection_id_issued
+        self._on_cid_retired = on_connection_id_retired
+        self._timer_scope: trio.CancelScope | None = None
+        self._wake_pending = True
+        self._quic_timer_at: float | None = None
+        self._lost_notified = False
+        #: Set once the handshake completed.
+        self.handshake_done = trio.Event()
+        #: Set once the connection is over (closed by either side, or idle).
+        self.terminated = trio.Event()
+        self.close_error_code: int | None = None
+        self.close_reason = ""
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def peer_address(self) -> NetworkAddress | None:
+        return self.quic.get_peer_address()
+
+    @property
+    def is_closing(self) -> bool:
+        return self._lost_notified
+
+    # -- input ---------------------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
+        if self.terminated.is_set():
+            return
+        self.quic.receive_datagram(data, addr, trio.current_time())
+        self._process_events()
+        self._wake()
+
+    # -- output (each ends in a wake; the timer task flushes) ------------------
+
+    def send_frame(self, stream_id: int, frame: Frame, *, end_stream: bool = False) -> None:
+        if self._lost_notified:
+            return
+        self.quic.send_stream_data(stream_id, encode_frame(frame), end_stream)
+        self._wake()
+
+    def open_stream(self, frame: Frame) -> int:
+        """Open a bidirectional stream and send ``frame`` on it; returns its id.
+
+        Allocation and first send happen together: aioquic does not reserve an
+        id until data is sent on it.
+        """
+        stream_id = self.quic.get_next_available_stream_id()
+        self.send_frame(stream_id, frame)
+        return stream_id
+
+    def end_stream(self, stream_id: int) -> None:
+        if self._lost_notified:
+            return
+        self.quic.send_stream_data(stream_id, b"", end_stream=True)
+        self._decoders.pop(stream_id, None)
+        self._wake()
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None:
+        if self._lost_notified:
+            return
+        self.quic.reset_stream(stream_id, error_code)
+        self._decoders.pop(stream_id, None)
+        self._wake()
+
+    def close(self, error_code: int = ProtocolErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Close the connection; the handler hears ``connection_lost`` at once.
+
+        aioquic only reports termination after the closing period, so the
+        handler is told now and pending work is failed without waiting.
+        """
+        if self.terminated.is_set():
+            return
+        self.quic.close(error_code=int(error_code), reason_phrase=reason)
+        self._notify_lost(int(error_code), reason)
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self._wake_pending:
+            self._wake_pending = True
+            if self._timer_scope is not None:
+                self._timer_scope.deadline = -math.inf
+
+    # -- the timer task ------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Drive timers, keepalives and transmission until the connection ends.
+
+        If cancelled, the connection is abandoned without a CONNECTION_CLOSE
+        (call :meth:`close` and wait for :attr:`terminated` to close politely).
+        """
+        task_status.started()
+        try:
+            while not self.terminated.is_set():
+                deadline = -math.inf if self._wake_pending else self._next_deadline()
+                with trio.CancelScope(deadline=deadline) as scope:
+                    self._timer_scope = scope
+                    await trio.sleep_forever()
+                self._timer_scope = None
+                self._wake_pending = False
+                now = trio.current_time()
+                timer_at = self._quic_timer_at
+                if timer_at is not None and now >= timer_at:
+                    self.quic.handle_timer(max(now, timer_at))
+                    self._process_events()
+                if now >= self._ping_at and not self._lost_notified:
+                    self._ping_uid += 1
+                    self.quic.send_ping(self._ping_uid)
+                    self._ping_at = now + self._keepalive_interval
+                await self._flush()
+        finally:
+            self._timer_scope = None
+            if not self.terminated.is_set():
+                self._notify_lost(ProtocolErrorCode.NO_ERROR, "session task stopped")
+                self.terminated.set()
+
+    async def drive_with(self, transport: DatagramSocket) -> None:
+        """Run :meth:`run` and feed it from ``transport`` (a client's own socket).
+
+        Returns when the connection terminates; closes ``transport`` either way.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(transport.receive_forever, self.datagram_received)
+                await self.run()
+                nursery.cancel_scope.cancel()
+        finally:
+            transport.close()
+
+    async def aclose(
+        self, error_code: int = ProtocolErrorCode.NO_ERROR, reason: str = "", *, grace: float = 1.0
+    ) -> None:
+        """Close and wait (at most ``grace`` seconds, shielded) until the close is sent.
+
+        Safe to call when cancelled: the wait is shielded, so the peer still
+        hears the CONNECTION_CLOSE.
+        """
+        self.close(error_code, reason)
+        with trio.move_on_after(grace, shield=True):
+            await self.terminated.wait()
+
+    def _next_deadline(self) -> float:
+        timer_at = self._quic_timer_at
+        return min(self._ping_at, math.inf if timer_at is None else timer_at)
+
+    async def _flush(self) -> None:
+        transport = self._transport
+        for data, addr in self.quic.datagrams_to_send(trio.current_time()):
+            while not transport.try_send(data, addr):
+                await transport.wait_writable()
+        self._quic_timer_at = self.quic.get_timer()
+
+    # -- events --------------------------------------------------------------
+
+    def _process_events(self) -> None:
+        quic = self.quic
+        handler = self.handler
+        while (event := quic.next_event()) is not None:
+            try:
+                if isinstance(event, events.StreamDataReceived):
+                    self._stream_data(event)
+                elif isinstance(event, events.StreamReset):
+                    self._decoders.pop(event.stream_id, None)
+                    handler.stream_reset(self, event.stream_id, event.error_code)
+                elif isinstance(event, events.HandshakeCompleted):
+                    self.handshake_done.set()
+                    handler.handshake_completed(self)
+                elif isinstance(event, events.ConnectionIdIssued):
+                    if self._on_cid_issued is not None:
+                        self._on_cid_issued(event.connection_id)
+                elif isinstance(event, events.ConnectionIdRetired):
+                    if self._on_cid_retired is not None:
+                        self._on_cid_retired(event.connection_id)
+                elif isinstance(event, events.ConnectionTerminated):
+                    self._notify_lost(event.error_code, event.reason_phrase)
+                    self.terminated.set()
+            except ProtocolError as exc:
+                logger.warning(
+                    "Closing connection peer=%s code=%s error=%s",
+                    self.peer_address, exc.code.name, exc.message,
+                )
+                self.close(exc.code, exc.message)
+
+    def _stream_data(self, event: events.StreamDataReceived) -> None:
+        stream_id = event.stream_id
+        decoder = self._decoders.get(stream_id)
+        if decoder is None:
+            if self._lost_notified:
+                return
+            decoder = self._decoders[stream_id] = FrameDecoder(self._max_frame_size)
+        if event.data:
+            for frame in decoder.feed(event.data):
+                self.handler.frame_received(self, stream_id, frame)
+        if event.end_stream:
+            self._decoders.pop(stream_id, None)
+            if decoder.has_partial_frame:
+                raise ProtocolError(
+                    ProtocolErrorCode.INVALID_FRAME, "stream ended inside a frame"
+                )
+            self.handler.stream_ended(self, stream_id)
+
+    def _notify_lost(self, error_code: int, reason: str) -> None:
+        if self._lost_notified:
+            return
+        self._lost_notified = True
+        self.close_error_code = error_code
+        self.close_reason = reason
+        self._decoders.clear()
+        self.handler.connection_lost(self, error_code, reason)
+
+
+class ConnectionFailed(Exception):
+    """The client could not establish a session (handshake failed or timed out)."""
+
+    def __init__(self, message: str, error_code: int | None = None):
+        super().__init__(message)
+        self.error_code = error_code
+
+
+async def wait_any(*waitables: Callable[[], Awaitable[object]]) -> None:
+    """Return as soon as one of the ``waitables`` (e.g. ``event.wait``) returns."""
+    async with trio.open_nursery() as nursery:
+        for wait in waitables:
+            async def first(wait: Callable[[], Awaitable[object]] = wait) -> None:
+                await wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(first)
+
+
+async def connect(
+    nursery: trio.Nursery,
+    address: tuple[str, int],
+    configuration: QuicConfiguration,
+    handler: SessionHandler,
+    *,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    peer_bidi_streams: int = 128,
+    keepalive_interval: float | None = None,
+    handshake_timeout: float = 10.0,
+) -> QuicSession:
+    """Dial ``address`` and return the session once the handshake is done.
+
+    The session's socket and timer run as one task in ``nursery``; they end when
+    the connection terminates (see :meth:`QuicSession.aclose`). Raises
+    :class:`ConnectionFailed` if the handshake fails or takes longer than
+    ``handshake_timeout``. If cancelled while connecting, the half-open
+    connection is abandoned and its socket closed.
+    """
+    host, port = address
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise ConnectionFailed(f"cannot resolve {host}: {exc}") from None
+    family, _, _, _, sockaddr = infos[0]
+    transport = DatagramSocket.bind("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
+    quic = QuicConnection(configuration=configuration)
+    allow_peer_bidi_streams(quic, peer_bidi_streams)
+    session = QuicSession(
+        quic,
+        transport,
+        handler,
+        max_frame_size=max_frame_size,
+        keepalive_interval=keepalive_interval,
+    )
+    drive_scope = trio.CancelScope()
+
+    async def drive() -> None:
+        with drive_scope:
+            await session.drive_with(transport)
+
+    quic.connect(sockaddr, now=trio.current_time())
+    nursery.start_soon(drive)
+    try:
+        with trio.move_on_after(handshake_timeout):
+            await wait_any(session.handshake_done.wait, session.terminated.wait)
+    except BaseException:
+        drive_scope.cancel()
+        raise
+    if not session.handshake_done.is_set() or session.terminated.is_set():
+        reason = session.close_reason or "no answer (handshake timed out)"
+        code = session.close_error_code
+        drive_scope.cancel()
+        raise ConnectionFailed(f"QUIC handshake with {host}:{port} failed: {reason}", code)
+    return session

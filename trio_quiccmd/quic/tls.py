@@ -1,0 +1,93 @@
+"""Certificates: the development self-signed certificate and fingerprints.
+
+The agent always verifies the server. A development server generates a
+self-signed certificate that is its own CA; an agent trusts it by loading it as
+its CA file (which is what "started from the same directory" does), or by
+pinning its SHA-256 fingerprint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+DEV_CERT_NAME = "server-cert.pem"
+DEV_KEY_NAME = "server-key.pem"
+
+#: Names the development certificate is valid for.
+DEV_HOSTNAMES = ("localhost",)
+DEV_ADDRESSES = ("127.0.0.1", "::1")
+
+
+def generate_self_signed(
+    hostnames: tuple[str, ...] = DEV_HOSTNAMES,
+    addresses: tuple[str, ...] = DEV_ADDRESSES,
+    *,
+    valid_days: int = 825,
+) -> tuple[bytes, bytes]:
+    """A fresh (certificate PEM, private key PEM) pair, usable as its own CA."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "trio_quiccmd dev server")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    alt_names: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]
+    alt_names += [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=valid_days))
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert_pem, key_pem
+
+
+def ensure_dev_certificate(data_dir: Path) -> tuple[Path, Path, bool]:
+    """The data dir's development certificate and key, created if missing.
+
+    Returns (cert path, key path, created). The key file is written 0600.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cert_path = data_dir / DEV_CERT_NAME
+    key_path = data_dir / DEV_KEY_NAME
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path, False
+    cert_pem, key_pem = generate_self_signed()
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_pem)
+    cert_path.write_bytes(cert_pem)
+    return cert_path, key_path, True
+
+
+def fingerprint(cert: x509.Certificate | bytes) -> str:
+    """``sha256:<hex>`` of a certificate (DER bytes or a parsed certificate)."""
+    der = (
+        cert
+        if isinstance(cert, bytes)
+        else cert.public_bytes(serialization.Encoding.DER)
+    )
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def fingerprint_of_pem_file(path: Path) -> str:
+    cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    return fingerprint(cert)

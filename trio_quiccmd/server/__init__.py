@@ -1,0 +1,11 @@
+"""The server side: command manager, agent registry, stores, QUIC endpoint."""
+
+from .core import CommandServer as CommandServer
+from .core import server_quic_configuration as server_quic_configuration
+from .manager import CommandManager as CommandManager
+from .manager import ManagerSettings as ManagerSettings
+from .registry import ClientInfo as ClientInfo
+from .store import CommandPage as CommandPage
+from .store import CommandQuery as CommandQuery
+from .store import MemoryStore as MemoryStore
+from .store import Store as Store

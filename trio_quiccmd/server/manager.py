@@ -1,0 +1,526 @@
+"""CommandManager: the lifecycle, the promise table, the queues and deadlines.
+
+Everything here runs on the server's trio thread. State changes happen in
+synchronous code (a RESULT frame arriving, a deadline passing, a cancel), so
+no two of them interleave: a command reaches exactly one terminal state.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+from typing import Any, Callable, Protocol
+
+import attrs
+import trio
+
+from ..errors import CommandAlreadyFinished, CommandNotFound, InvalidCommand, ShuttingDown
+from ..model import (
+    Command,
+    CommandStatus,
+    ErrorCode,
+    new_command_id,
+    transition,
+)
+from ..wire import ProgressFrame, ResultFrame
+from .registry import AgentLink, AgentRegistry, ClientInfo
+from .store import CommandPage, CommandQuery, MemoryStore, Store
+
+logger = logging.getLogger("trio_quiccmd.command")
+
+_RESULT_STATUS = {
+    "completed": CommandStatus.COMPLETED,
+    "failed": CommandStatus.FAILED,
+    "cancelled": CommandStatus.CANCELLED,
+}
+
+
+@attrs.frozen(kw_only=True)
+class ManagerSettings:
+    #: Commands open at once on one agent connection; the rest wait in its queue.
+    max_in_flight_per_agent: int = 256
+    #: Largest ``timeout`` / ``connect_timeout`` a command may ask for, seconds.
+    max_timeout: float = 24 * 3600.0
+    #: Finished commands are kept this long (seconds) ...
+    history_retention: float = 24 * 3600.0
+    #: ... and at most this many of them.
+    max_history: int = 100_000
+    #: How often the history is trimmed, seconds.
+    cleanup_interval: float = 60.0
+    #: Seconds a new connection has to send HELLO.
+    hello_timeout: float = 10.0
+
+
+class CommandObserver(Protocol):
+    """Told of lifecycle events (metrics hang off this)."""
+
+    def command_sent(self, command: Command) -> None: ...
+
+    def command_finished(self, command: Command) -> None: ...
+
+
+class CommandManager:
+    """Sends commands to agents and keeps a promise for each until it finishes.
+
+    Timeouts belong to the command: a command that waits for delivery longer
+    than its ``timeout`` (or, for an offline agent, its ``connect_timeout``)
+    ends ``timeout`` with ``delivery_timeout``; one delivered but unanswered
+    ``timeout`` seconds after it was sent ends ``timeout`` with
+    ``execution_timeout``, and the agent is told to cancel it. Whether anyone
+    waits for the command makes no difference.
+    """
+
+    def __init__(
+        self,
+        store: Store | None = None,
+        settings: ManagerSettings | None = None,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+    ):
+        self.settings = settings or ManagerSettings()
+        self.store: Store = store if store is not None else MemoryStore()
+        self.registry = AgentRegistry(
+            self,
+            max_in_flight_per_agent=self.settings.max_in_flight_per_agent,
+            hello_timeout=self.settings.hello_timeout,
+        )
+        self._wall = wall_clock
+        self._observers: list[CommandObserver] = []
+        # Unfinished commands: the manager is their authority.
+        self._live: dict[str, Command] = {}
+        # Pending commands per client: heap of (-priority, sequence, command_id).
+        self._queues: dict[str, list[tuple[int, int, str]]] = {}
+        self._queue_sequence = 0
+        # Promise table: command_id -> one-shot channels of its waiters.
+        self._waiters: dict[str, list[trio.MemorySendChannel[Command]]] = {}
+        # Deadlines: heap of (trio time, command_id); the current one per command
+        # in _deadline_of (older heap entries are skipped when they surface).
+        self._deadlines: list[tuple[float, str]] = []
+        self._deadline_of: dict[str, float] = {}
+        self._deadline_scope: trio.CancelScope | None = None
+        self._shutting_down = False
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def add_observer(self, observer: CommandObserver) -> None:
+        self._observers.append(observer)
+
+    # -- running ---------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Enforce deadlines, HELLO timeouts and history retention until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._enforce_deadlines)
+            nursery.start_soon(self._trim_history)
+            nursery.start_soon(self.registry.enforce_hello_timeout)
+            task_status.started()
+
+    def begin_shutdown(self) -> None:
+        """Refuse new commands from now on; unfinished ones carry on."""
+        self._shutting_down = True
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
+
+    async def drain(self, grace: float) -> int:
+        """Wait up to ``grace`` seconds for unfinished commands to finish.
+
+        Those still unfinished then end ``failed`` with ``server_shutdown``;
+        returns how many. If cancelled, nothing is failed.
+        """
+        self.begin_shutdown()
+        with trio.move_on_after(grace):
+            await self._idle.wait()
+        left = list(self._live.values())
+        for command in left:
+            self._finish(
+                command,
+                CommandStatus.FAILED,
+                error="the server shut down before the command finished",
+                error_code=ErrorCode.SERVER_SHUTDOWN,
+            )
+        await self.store.flush()
+        return len(left)
+
+    # -- the operator's API ----------------------------------------------------
+
+    async def send_command(
+        self,
+        client_id: str,
+        command_type: str,
+        payload: Any = None,
+        *,
+        timeout: float = 30.0,
+        connect_timeout: float = 0.0,
+        priority: int = 0,
+    ) -> Command:
+        """Create a command for ``client_id`` and dispatch it; return it at once.
+
+        The returned command is ``executing`` if it went straight to the agent,
+        ``pending`` if it is queued, or ``failed`` with ``agent_offline`` if the
+        agent is not connected and ``connect_timeout`` is 0. Use :meth:`wait`
+        for the outcome. Raises :class:`InvalidCommand` for bad arguments and
+        :class:`ShuttingDown` while the server drains.
+
+        If cancelled after the command was accepted, the command still runs;
+        only the wait for its storage is abandoned.
+        """
+        self._validate(client_id, command_type, timeout, connect_timeout, priority)
+        if self._shutting_down:
+            raise ShuttingDown()
+        command = Command(
+            command_id=new_command_id(),
+            client_id=client_id,
+            command_type=command_type,
+            payload={} if payload is None else payload,
+            priority=priority,
+            timeout=float(timeout),
+            connect_timeout=float(connect_timeout),
+            created_at=self._wall(),
+        )
+        link = self.registry.get(client_id)
+        if link is None and connect_timeout <= 0:
+            command = transition(
+                command,
+                CommandStatus.FAILED,
+                at=command.created_at,
+                error=f"agent {client_id} is not connected",
+                error_code=ErrorCode.AGENT_OFFLINE,
+            )
+            self.store.save(command)
+            logger.warning(
+                "Command failed command_id=%s client_id=%s error_code=agent_offline",
+                command.command_id, client_id,
+            )
+            self._notify_finished(command)
+        else:
+            self._update(command)
+            self._idle = trio.Event() if self._idle.is_set() else self._idle
+            self._set_deadline(
+                command.command_id,
+                trio.current_time() + (timeout if link is not None else connect_timeout),
+            )
+            self._queue_sequence += 1
+            heapq.heappush(
+                self._queues.setdefault(client_id, []),
+                (-priority, self._queue_sequence, command.command_id),
+            )
+            if link is None:
+                logger.info(
+                    "Command queued for offline agent command_id=%s client_id=%s connect_timeout=%s",
+                    command.command_id, client_id, connect_timeout,
+                )
+            self._dispatch(client_id)
+            command = self._live.get(command.command_id, command)
+        await self.store.flush()
+        return command
+
+    async def get_command(self, command_id: str) -> Command:
+        """The command's current state. Raises :class:`CommandNotFound`."""
+        command = self._live.get(command_id)
+        if command is None:
+            command = await self.store.get(command_id)
+        if command is None:
+            raise CommandNotFound(command_id)
+        return command
+
+    async def list_commands(
+        self,
+        *,
+        client_id: str | None = None,
+        status: CommandStatus | str | None = None,
+        command_type: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> CommandPage:
+        """Commands, newest first, filtered; pass ``next_cursor`` for the next page."""
+        if not 1 <= limit <= 1000:
+            raise InvalidCommand("limit must be between 1 and 1000")
+        if isinstance(status, str):
+            try:
+                status = CommandStatus(status)
+            except ValueError:
+                raise InvalidCommand(
+                    f"unknown status {status!r}; one of "
+                    + ", ".join(s.value for s in CommandStatus)
+                ) from None
+        return await self.store.list(
+            CommandQuery(
+                client_id=client_id,
+                status=status,
+                command_type=command_type,
+                limit=limit,
+                cursor=cursor,
+            )
+        )
+
+    async def wait(self, command_id: str, timeout: float | None = None) -> Command:
+        """Wait until the command finishes or ``timeout`` seconds pass.
+
+        Returns the command's state at that moment (terminal unless the wait
+        ran out). Any number of callers may wait for one command. Raises
+        :class:`CommandNotFound`. If cancelled, only this wait ends; the
+        command is unaffected.
+        """
+        command = self._live.get(command_id)
+        if command is None:
+            return await self.get_command(command_id)
+        send, receive = trio.open_memory_channel[Command](1)
+        waiters = self._waiters.setdefault(command_id, [])
+        waiters.append(send)
+        try:
+            with trio.move_on_after(math.inf if timeout is None else timeout):
+                return await receive.receive()
+            return await self.get_command(command_id)
+        finally:
+            waiters.remove(send)
+            if not waiters and self._waiters.get(command_id) is waiters:
+                del self._waiters[command_id]
+
+    async def send_and_wait(
+        self, client_id: str, command_type: str, payload: Any = None, **options: Any
+    ) -> Command:
+        """:meth:`send_command`, then :meth:`wait` for its final state."""
+        command = await self.send_command(client_id, command_type, payload, **options)
+        if command.is_terminal:
+            return command
+        return await self.wait(command.command_id)
+
+    async def cancel(self, command_id: str, reason: str = "cancelled by operator") -> Command:
+        """Cancel a pending or executing command; returns it, ``cancelled``.
+
+        An executing command's agent is sent CANCEL. Raises
+        :class:`CommandNotFound`, or :class:`CommandAlreadyFinished` if it had
+        already finished.
+        """
+        command = self._live.get(command_id)
+        if command is None:
+            raise CommandAlreadyFinished(await self.get_command(command_id))
+        logger.info("Command cancelled command_id=%s client_id=%s", command_id, command.client_id)
+        return self._finish(
+            command, CommandStatus.CANCELLED, error=reason, error_code=ErrorCode.CANCELLED
+        )
+
+    def clients(self) -> list[ClientInfo]:
+        """The connected agents."""
+        return [
+            ClientInfo(
+                client_id=link.client_id or "",
+                labels=dict(link.hello.labels) if link.hello else {},
+                remote_address=link.remote_address,
+                connected_at=link.connected_at or 0.0,
+                in_flight=link.in_flight,
+                queued=self.queued_count(link.client_id or ""),
+            )
+            for link in self.registry.links()
+        ]
+
+    def queued_count(self, client_id: str) -> int:
+        return sum(
+            1
+            for _, _, command_id in self._queues.get(client_id, ())
+            if (c := self._live.get(command_id)) is not None and c.status is CommandStatus.PENDING
+        )
+
+    @property
+    def unfinished_count(self) -> int:
+        return len(self._live)
+
+    # -- what the agent links tell us ------------------------------------------
+
+    def agent_connected(self, link: AgentLink) -> None:
+        assert link.client_id is not None
+        self._dispatch(link.client_id)
+
+    def agent_disconnected(self, link: AgentLink) -> None:
+        # Executing commands keep their deadlines: the agent may reconnect and
+        # deliver. Pending ones stay queued for the next connection.
+        pass
+
+    def result_received(self, link: AgentLink, frame: ResultFrame) -> None:
+        command = self._live.get(frame.command_id)
+        if (
+            command is None
+            or command.status is not CommandStatus.EXECUTING
+            or command.client_id != link.client_id
+        ):
+            logger.debug("Late or unknown result ignored command_id=%s", frame.command_id)
+        else:
+            status = _RESULT_STATUS[frame.status]
+            error_code = frame.error_code
+            if status is CommandStatus.FAILED and error_code is None:
+                error_code = ErrorCode.EXECUTOR_ERROR
+            elif status is CommandStatus.CANCELLED and error_code is None:
+                error_code = ErrorCode.CANCELLED
+            self._finish(
+                command,
+                status,
+                result=frame.result,
+                error=frame.error if status is not CommandStatus.COMPLETED else None,
+                error_code=error_code if status is not CommandStatus.COMPLETED else None,
+            )
+        assert link.client_id is not None
+        self._dispatch(link.client_id)
+
+    def progress_received(self, link: AgentLink, frame: ProgressFrame) -> None:
+        logger.info(
+            "Command progress command_id=%s client_id=%s progress=%s",
+            frame.command_id, link.client_id, frame.progress,
+        )
+
+    # -- internals ---------------------------------------------------------------
+
+    def _validate(
+        self,
+        client_id: Any,
+        command_type: Any,
+        timeout: Any,
+        connect_timeout: Any,
+        priority: Any,
+    ) -> None:
+        if not isinstance(client_id, str) or not client_id:
+            raise InvalidCommand("client_id must be a non-empty string")
+        if not isinstance(command_type, str) or not command_type:
+            raise InvalidCommand("command_type must be a non-empty string")
+        limit = self.settings.max_timeout
+        for name, value, low_ok in (("timeout", timeout, False), ("connect_timeout", connect_timeout, True)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidCommand(f"{name} must be a number of seconds")
+            if value < 0 or (value == 0 and not low_ok) or value > limit:
+                raise InvalidCommand(
+                    f"{name} must be {'between 0' if low_ok else 'greater than 0'} "
+                    f"and at most {limit:g} seconds"
+                )
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidCommand("priority must be an integer")
+
+    def _update(self, command: Command) -> None:
+        self._live[command.command_id] = command
+        self.store.save(command)
+
+    def _dispatch(self, client_id: str) -> None:
+        """Send queued commands to the agent while its window has room."""
+        queue = self._queues.get(client_id)
+        if not queue:
+            return
+        link = self.registry.get(client_id)
+        if link is None:
+            return
+        window = self.settings.max_in_flight_per_agent
+        now = trio.current_time()
+        while queue and link.in_flight < window:
+            _, _, command_id = heapq.heappop(queue)
+            command = self._live.get(command_id)
+            if command is None or command.status is not CommandStatus.PENDING:
+                continue  # cancelled or timed out while queued
+            link.send_command(command, command.timeout)
+            command = transition(command, CommandStatus.EXECUTING, at=self._wall())
+            self._update(command)
+            self._set_deadline(command_id, now + command.timeout)
+            logger.info(
+                "Command sent command_id=%s client_id=%s command_type=%s",
+                command_id, client_id, command.command_type,
+            )
+            for observer in self._observers:
+                observer.command_sent(command)
+        if not queue:
+            del self._queues[client_id]
+
+    def _finish(
+        self,
+        command: Command,
+        status: CommandStatus,
+        *,
+        result: Any = None,
+        error: str | None = None,
+        error_code: str | None = None,
+    ) -> Command:
+        was_executing = command.status is CommandStatus.EXECUTING
+        command = transition(
+            command, status, at=self._wall(), result=result, error=error, error_code=error_code
+        )
+        del self._live[command.command_id]
+        self._deadline_of.pop(command.command_id, None)
+        self.store.save(command)
+        if was_executing and status is not CommandStatus.COMPLETED and status is not CommandStatus.FAILED:
+            # Timed out or cancelled here: stop the work on the agent too.
+            link = self.registry.get(command.client_id)
+            if link is not None:
+                link.cancel_command(command.command_id, error or status.value)
+        for waiter in self._waiters.get(command.command_id, ()):
+            waiter.send_nowait(command)
+        self._log_finished(command)
+        self._notify_finished(command)
+        if not self._live:
+            self._idle.set()
+        return command
+
+    def _log_finished(self, command: Command) -> None:
+        status = command.status
+        if status is CommandStatus.COMPLETED:
+            logger.info(
+                "Command execution completed command_id=%s client_id=%s status=completed",
+                command.command_id, command.client_id,
+            )
+        elif status is CommandStatus.TIMEOUT:
+            logger.warning(
+                "Command timeout command_id=%s client_id=%s error_code=%s",
+                command.command_id, command.client_id, command.error_code,
+            )
+        elif status is CommandStatus.FAILED:
+            logger.error(
+                "Command execution failed command_id=%s client_id=%s error_code=%s error=%r",
+                command.command_id, command.client_id, command.error_code, command.error,
+            )
+
+    def _notify_finished(self, command: Command) -> None:
+        for observer in self._observers:
+            observer.command_finished(command)
+
+    def _set_deadline(self, command_id: str, at: float) -> None:
+        self._deadline_of[command_id] = at
+        heapq.heappush(self._deadlines, (at, command_id))
+        scope = self._deadline_scope
+        if scope is not None and at < scope.deadline:
+            scope.deadline = at
+
+    async def _enforce_deadlines(self) -> None:
+        deadlines = self._deadlines
+        while True:
+            with trio.CancelScope(deadline=deadlines[0][0] if deadlines else math.inf) as scope:
+                self._deadline_scope = scope
+                await trio.sleep_forever()
+            self._deadline_scope = None
+            now = trio.current_time()
+            while deadlines and deadlines[0][0] <= now:
+                at, command_id = heapq.heappop(deadlines)
+                if self._deadline_of.get(command_id) != at:
+                    continue  # superseded or finished
+                command = self._live[command_id]
+                if command.status is CommandStatus.PENDING:
+                    self._finish(
+                        command,
+                        CommandStatus.TIMEOUT,
+                        error="the command was not delivered to the agent in time",
+                        error_code=ErrorCode.DELIVERY_TIMEOUT,
+                    )
+                else:
+                    self._finish(
+                        command,
+                        CommandStatus.TIMEOUT,
+                        error=f"no result within {command.timeout:g} s",
+                        error_code=ErrorCode.EXECUTION_TIMEOUT,
+                    )
+
+    async def _trim_history(self) -> None:
+        while True:
+            await trio.sleep(self.settings.cleanup_interval)
+            deleted = await self.store.purge(
+                finished_before=self._wall() - self.settings.history_retention,
+                keep_at_most=self.settings.max_history,
+            )
+            if deleted:
+                logger.info("Command history trimmed deleted=%d", deleted)

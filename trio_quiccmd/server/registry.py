@@ -1,0 +1,270 @@
+"""The server's side of agent connections: one ``AgentLink`` per QUIC session,
+and the ``AgentRegistry`` of links that said HELLO, by client_id.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+import attrs
+import trio
+
+from ..model import Command
+from ..quic.connection import QuicSession, SessionHandler
+from ..wire import (
+    PROTOCOL_VERSION,
+    CancelFrame,
+    CommandFrame,
+    Frame,
+    Hello,
+    ProgressFrame,
+    ProtocolError,
+    ProtocolErrorCode,
+    ResultFrame,
+    Welcome,
+)
+
+logger = logging.getLogger("trio_quiccmd.server")
+
+SERVER_VERSION = "trio_quiccmd/0.1"
+
+
+class LinkListener(Protocol):
+    """What the registry tells the command manager."""
+
+    def agent_connected(self, link: "AgentLink") -> None: ...
+
+    def agent_disconnected(self, link: "AgentLink") -> None: ...
+
+    def result_received(self, link: "AgentLink", frame: ResultFrame) -> None: ...
+
+    def progress_received(self, link: "AgentLink", frame: ProgressFrame) -> None: ...
+
+
+@attrs.frozen
+class ClientInfo:
+    """A connected agent, as ``GET /api/clients`` shows it."""
+
+    client_id: str
+    labels: dict[str, str]
+    remote_address: str
+    connected_at: float
+    in_flight: int
+    queued: int
+
+
+def _is_client_bidi(stream_id: int) -> bool:
+    return stream_id % 4 == 0
+
+
+class AgentLink(SessionHandler):
+    """One agent connection: its HELLO, its open command streams."""
+
+    def __init__(self, registry: "AgentRegistry", accepted_at: float):
+        self._registry = registry
+        self.accepted_at = accepted_at
+        self.session: QuicSession | None = None
+        self.hello: Hello | None = None
+        self.connected_at: float | None = None
+        self.session_id = ""
+        self._stream_of: dict[str, int] = {}  # command_id -> stream_id
+        self._command_on: dict[int, str] = {}  # stream_id -> command_id
+
+    @property
+    def client_id(self) -> str | None:
+        return self.hello.client_id if self.hello else None
+
+    @property
+    def in_flight(self) -> int:
+        """Commands open on this connection (each holds one QUIC stream)."""
+        return len(self._command_on)
+
+    @property
+    def is_open(self) -> bool:
+        return self.session is not None and not self.session.is_closing
+
+    @property
+    def remote_address(self) -> str:
+        addr = self.session.peer_address if self.session else None
+        if not addr:
+            return ""
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def send_command(self, command: Command, timeout: float) -> None:
+        """Open the command's stream and send COMMAND on it."""
+        assert self.session is not None
+        stream_id = self.session.open_stream(
+            CommandFrame(
+                command_id=command.command_id,
+                command_type=command.command_type,
+                payload=command.payload,
+                timeout=timeout,
+            )
+        )
+        self._stream_of[command.command_id] = stream_id
+        self._command_on[stream_id] = command.command_id
+
+    def cancel_command(self, command_id: str, reason: str) -> None:
+        """Send CANCEL on the command's stream, if it is open on this link."""
+        stream_id = self._stream_of.pop(command_id, None)
+        if stream_id is None:
+            return
+        del self._command_on[stream_id]
+        if self.session is not None:
+            self.session.send_frame(
+                stream_id, CancelFrame(command_id=command_id, reason=reason), end_stream=True
+            )
+
+    def close(self, code: ProtocolErrorCode, reason: str) -> None:
+        if self.session is not None:
+            self.session.close(code, reason)
+
+    # -- SessionHandler -----------------------------------------------------
+
+    def handshake_completed(self, session: QuicSession) -> None:
+        self.session = session
+
+    def frame_received(self, session: QuicSession, stream_id: int, frame: Frame) -> None:
+        self.session = session
+        if self.hello is None:
+            self._hello_received(session, stream_id, frame)
+        elif isinstance(frame, ResultFrame):
+            command_id = self._command_on.get(stream_id)
+            if command_id is None:
+                # Cancelled or timed out here already (our side of the stream
+                # ended with the CANCEL); the agent's late answer is moot.
+                return
+            if command_id != frame.command_id:
+                raise ProtocolError(
+                    ProtocolErrorCode.INVALID_FRAME,
+                    f"RESULT for {frame.command_id} on the stream of {command_id}",
+                )
+            del self._command_on[stream_id]
+            del self._stream_of[command_id]
+            session.end_stream(stream_id)
+            self._registry.listener.result_received(self, frame)
+        elif isinstance(frame, ProgressFrame):
+            if self._command_on.get(stream_id) == frame.command_id:
+                self._registry.listener.progress_received(self, frame)
+        else:
+            raise ProtocolError(
+                ProtocolErrorCode.UNEXPECTED_FRAME,
+                f"unexpected {frame.type} frame on stream {stream_id}",
+            )
+
+    def _hello_received(self, session: QuicSession, stream_id: int, frame: Frame) -> None:
+        if not isinstance(frame, Hello) or not _is_client_bidi(stream_id):
+            raise ProtocolError(
+                ProtocolErrorCode.UNEXPECTED_FRAME, "the first frame must be HELLO"
+            )
+        if frame.version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                ProtocolErrorCode.UNSUPPORTED_VERSION,
+                f"protocol version {frame.version} is not supported "
+                f"(this server speaks {PROTOCOL_VERSION})",
+            )
+        if not frame.client_id or len(frame.client_id) > 256:
+            raise ProtocolError(
+                ProtocolErrorCode.INVALID_FRAME, "client_id must be 1 to 256 characters"
+            )
+        self.hello = frame
+        self.connected_at = time.time()
+        self.session_id = f"{frame.client_id}@{self.connected_at:.6f}"
+        session.send_frame(
+            stream_id,
+            Welcome(
+                server_version=SERVER_VERSION,
+                session_id=self.session_id,
+                max_in_flight=self._registry.max_in_flight_per_agent,
+            ),
+        )
+        self._registry.attach(self)
+
+    def stream_reset(self, session: QuicSession, stream_id: int, error_code: int) -> None:
+        # The agent gave up on a command stream; the command keeps its
+        # deadline (its result may still come after a reconnect).
+        command_id = self._command_on.pop(stream_id, None)
+        if command_id is not None:
+            self._stream_of.pop(command_id, None)
+
+    def connection_lost(self, session: QuicSession, error_code: int, reason: str) -> None:
+        self._registry.detach(self, error_code, reason)
+
+
+class AgentRegistry:
+    """Connected agents by client_id. A new HELLO for a client_id replaces the old link."""
+
+    def __init__(
+        self,
+        listener: LinkListener,
+        *,
+        max_in_flight_per_agent: int = 256,
+        hello_timeout: float = 10.0,
+    ):
+        self.listener = listener
+        self.max_in_flight_per_agent = max_in_flight_per_agent
+        self.hello_timeout = hello_timeout
+        self._links: dict[str, AgentLink] = {}
+        self._unidentified: dict[AgentLink, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._links)
+
+    def get(self, client_id: str) -> AgentLink | None:
+        link = self._links.get(client_id)
+        return link if link is not None and link.is_open else None
+
+    def links(self) -> list[AgentLink]:
+        return [link for link in self._links.values() if link.is_open]
+
+    def new_link(self) -> AgentLink:
+        """Handler factory for the QUIC endpoint: one link per new connection."""
+        link = AgentLink(self, trio.current_time())
+        self._unidentified[link] = link.accepted_at
+        return link
+
+    def attach(self, link: AgentLink) -> None:
+        self._unidentified.pop(link, None)
+        client_id = link.client_id
+        assert client_id is not None
+        old = self._links.get(client_id)
+        if old is not None and old is not link:
+            logger.warning(
+                "Agent replaced client_id=%s old_remote=%s new_remote=%s",
+                client_id, old.remote_address, link.remote_address,
+            )
+            old.close(ProtocolErrorCode.REPLACED, "replaced by a newer connection")
+        self._links[client_id] = link
+        logger.info(
+            "Agent connected client_id=%s remote=%s labels=%s",
+            client_id, link.remote_address,
+            ",".join(f"{k}={v}" for k, v in sorted(link.hello.labels.items())),
+        )
+        self.listener.agent_connected(link)
+
+    def detach(self, link: AgentLink, error_code: int, reason: str) -> None:
+        self._unidentified.pop(link, None)
+        client_id = link.client_id
+        if client_id is None:
+            return
+        if self._links.get(client_id) is link:
+            del self._links[client_id]
+        logger.info(
+            "Agent disconnected client_id=%s remote=%s code=%s reason=%r",
+            client_id, link.remote_address, error_code, reason,
+        )
+        self.listener.agent_disconnected(link)
+
+    async def enforce_hello_timeout(self) -> None:
+        """Close connections that have not said HELLO in time. Runs until cancelled."""
+        while True:
+            await trio.sleep(self.hello_timeout / 2)
+            cutoff = trio.current_time() - self.hello_timeout
+            for link, accepted_at in list(self._unidentified.items()):
+                if accepted_at <= cutoff:
+                    del self._unidentified[link]
+                    logger.warning("Closing connection that sent no HELLO remote=%s", link.remote_address)
+                    link.close(ProtocolErrorCode.HELLO_TIMEOUT, "no HELLO received in time")

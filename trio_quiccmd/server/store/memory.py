@@ -1,0 +1,63 @@
+"""The in-memory store: fast, and gone when the process exits."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from ...model import Command
+from . import CommandPage, CommandQuery
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        # Insertion order is creation order (ids are created in order), so
+        # "newest first" is a reversed walk.
+        self._commands: dict[str, Command] = {}
+        # Finished commands in the order they finished, for retention.
+        self._finished: OrderedDict[str, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._commands)
+
+    def save(self, command: Command) -> None:
+        self._commands[command.command_id] = command
+        if command.is_terminal and command.command_id not in self._finished:
+            self._finished[command.command_id] = command.completed_at or 0.0
+
+    async def flush(self) -> None:
+        return None
+
+    async def get(self, command_id: str) -> Command | None:
+        return self._commands.get(command_id)
+
+    async def list(self, query: CommandQuery) -> CommandPage:
+        matches: list[Command] = []
+        limit = query.limit
+        for command in reversed(self._commands.values()):
+            if query.cursor is not None and command.command_id >= query.cursor:
+                continue
+            if query.client_id is not None and command.client_id != query.client_id:
+                continue
+            if query.status is not None and command.status is not query.status:
+                continue
+            if query.command_type is not None and command.command_type != query.command_type:
+                continue
+            if len(matches) == limit:
+                return CommandPage(matches, matches[-1].command_id)
+            matches.append(command)
+        return CommandPage(matches, None)
+
+    async def purge(self, *, finished_before: float, keep_at_most: int) -> int:
+        finished = self._finished
+        deleted = 0
+        while finished:
+            command_id, completed_at = next(iter(finished.items()))
+            if completed_at >= finished_before and len(finished) <= keep_at_most:
+                break
+            finished.popitem(last=False)
+            del self._commands[command_id]
+            deleted += 1
+        return deleted
+
+    async def aclose(self) -> None:
+        return None
