@@ -1,0 +1,319 @@
+"""CommandManager on a virtual clock, with agent links fed by a recording session.
+
+The session records what the manager sends instead of putting it on the
+network; the agent's answers are fed back as frames. This isolates the
+lifecycle, queue and deadline logic from QUIC (which the integration tests run
+for real).
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from trio_quiccmd import (
+    CommandAlreadyFinished,
+    CommandManager,
+    CommandNotFound,
+    CommandStatus,
+    InvalidCommand,
+    ManagerSettings,
+    ShuttingDown,
+)
+from trio_quiccmd.wire import CancelFrame, CommandFrame, Hello, ResultFrame
+
+
+class RecordingSession:
+    """Stands in for a QuicSession: records frames per stream."""
+
+    def __init__(self) -> None:
+        self.streams: dict[int, list] = {}
+        self.next_stream = 1
+        self.is_closing = False
+        self.peer_address = ("192.0.2.7", 4433)
+        self.closed_with = None
+
+    def open_stream(self, frame) -> int:
+        stream_id = self.next_stream
+        self.next_stream += 4
+        self.streams[stream_id] = [frame]
+        return stream_id
+
+    def send_frame(self, stream_id, frame, *, end_stream=False) -> None:
+        self.streams.setdefault(stream_id, []).append(frame)
+
+    def end_stream(self, stream_id) -> None:
+        pass
+
+    def close(self, code, reason="") -> None:
+        self.is_closing = True
+        self.closed_with = code
+
+    def commands(self) -> list[CommandFrame]:
+        return [f[0] for f in self.streams.values() if isinstance(f[0], CommandFrame)]
+
+    def stream_of(self, command_id: str) -> int:
+        return next(
+            s for s, f in self.streams.items()
+            if isinstance(f[0], CommandFrame) and f[0].command_id == command_id
+        )
+
+
+def connect_agent(manager: CommandManager, client_id: str) -> tuple:
+    link = manager.registry.new_link()
+    session = RecordingSession()
+    link.handshake_completed(session)
+    link.frame_received(session, 0, Hello(client_id=client_id, labels={"zone": "a"}))
+    return link, session
+
+
+def answer(link, session, command_id: str, status="completed", result=None, **kw) -> None:
+    link.frame_received(
+        session,
+        session.stream_of(command_id),
+        ResultFrame(command_id=command_id, status=status, result=result, **kw),
+    )
+
+
+@pytest.fixture
+async def manager(autojump_clock):
+    manager = CommandManager(
+        settings=ManagerSettings(
+            max_in_flight_per_agent=4, history_retention=100.0, max_history=50, cleanup_interval=10.0
+        )
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        yield manager
+        nursery.cancel_scope.cancel()
+
+
+async def test_result_resolves_the_promise(manager, autojump_clock):
+    link, session = connect_agent(manager, "c1")
+    command = await manager.send_command("c1", "echo", {"a": 1})
+    assert command.status is CommandStatus.EXECUTING
+    assert session.commands()[0].payload == {"a": 1}
+    answer(link, session, command.command_id, result={"a": 1})
+    done = await manager.wait(command.command_id, timeout=1)
+    assert done.status is CommandStatus.COMPLETED and done.result == {"a": 1}
+
+
+async def test_execution_deadline_is_enforced_without_waiters(manager, autojump_clock):
+    link, session = connect_agent(manager, "c1")
+    command = await manager.send_command("c1", "sleep", timeout=5)
+    await trio.sleep(4.9)
+    assert (await manager.get_command(command.command_id)).status is CommandStatus.EXECUTING
+    await trio.sleep(0.2)
+    timed_out = await manager.get_command(command.command_id)
+    assert timed_out.status is CommandStatus.TIMEOUT
+    assert timed_out.error_code == "execution_timeout"
+    # The agent is told to stop, and its late result changes nothing.
+    assert isinstance(session.streams[session.stream_of(command.command_id)][-1], CancelFrame)
+    link.frame_received(
+        session,
+        session.stream_of(command.command_id),
+        ResultFrame(command_id=command.command_id, status="completed", result=1),
+    )
+    assert (await manager.get_command(command.command_id)).status is CommandStatus.TIMEOUT
+
+
+async def test_waiter_patience_is_not_the_command_deadline(manager, autojump_clock):
+    connect_agent(manager, "c1")
+    start = trio.current_time()
+    command = await manager.send_command("c1", "sleep", timeout=10)
+    early = await manager.wait(command.command_id, timeout=1)
+    assert early.status is CommandStatus.EXECUTING
+    final = await manager.wait(command.command_id)
+    assert final.status is CommandStatus.TIMEOUT
+    assert trio.current_time() - start == pytest.approx(10, abs=0.01)
+
+
+async def test_many_waiters_all_resolved_and_table_emptied(manager, autojump_clock):
+    link, session = connect_agent(manager, "c1")
+    command = await manager.send_command("c1", "echo")
+    seen = []
+
+    async def waiter():
+        seen.append(await manager.wait(command.command_id))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(100):
+            nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        answer(link, session, command.command_id, result="ok")
+    assert len(seen) == 100 and {c.result for c in seen} == {"ok"}
+    assert manager._waiters == {}
+
+
+async def test_cancelled_waiter_leaves_nothing_behind(manager, autojump_clock):
+    connect_agent(manager, "c1")
+    command = await manager.send_command("c1", "echo")
+    with trio.move_on_after(1):
+        await manager.wait(command.command_id)
+    assert manager._waiters == {}
+    assert (await manager.get_command(command.command_id)).status is CommandStatus.EXECUTING
+
+
+async def test_window_then_priority_then_age(manager, autojump_clock):
+    link, session = connect_agent(manager, "c1")
+    first = [await manager.send_command("c1", "echo", i) for i in range(4)]
+    assert all(c.status is CommandStatus.EXECUTING for c in first)
+    low = await manager.send_command("c1", "echo", "low", priority=0)
+    high = await manager.send_command("c1", "echo", "high", priority=5)
+    low2 = await manager.send_command("c1", "echo", "low2", priority=0)
+    assert {low.status, high.status, low2.status} == {CommandStatus.PENDING}
+    assert manager.queued_count("c1") == 3
+    for command in first:
+        answer(link, session, command.command_id)
+    sent_order = [frame.payload for frame in session.commands()[4:]]
+    assert sent_order == ["high", "low", "low2"]
+
+
+async def test_pending_command_times_out_as_delivery_timeout(manager, autojump_clock):
+    link, session = connect_agent(manager, "c1")
+    for i in range(4):
+        await manager.send_command("c1", "sleep", timeout=100)
+    queued = await manager.send_command("c1", "echo", timeout=2)
+    final = await manager.wait(queued.command_id)
+    assert final.status is CommandStatus.TIMEOUT and final.error_code == "delivery_timeout"
+    assert final.sent_at is None
+
+
+async def test_cancel_pending_removes_it_from_the_queue(manager, autojump_clock):
+    link, session = connect_agent(manager, "c1")
+    busy = [await manager.send_command("c1", "sleep", timeout=100) for _ in range(4)]
+    queued = await manager.send_command("c1", "echo")
+    cancelled = await manager.cancel(queued.command_id)
+    assert cancelled.status is CommandStatus.CANCELLED
+    answer(link, session, busy[0].command_id)
+    assert queued.command_id not in [f.command_id for f in session.commands()]
+    with pytest.raises(CommandAlreadyFinished):
+        await manager.cancel(queued.command_id)
+
+
+async def test_offline_agent_and_connect_timeout(manager, autojump_clock):
+    offline = await manager.send_command("c9", "echo")
+    assert offline.status is CommandStatus.FAILED and offline.error_code == "agent_offline"
+    waiting = await manager.send_command("c9", "echo", 7, connect_timeout=30)
+    assert waiting.status is CommandStatus.PENDING
+    await trio.sleep(20)
+    link, session = connect_agent(manager, "c9")
+    assert session.commands()[0].payload == 7
+    answer(link, session, waiting.command_id, result=7)
+    assert (await manager.get_command(waiting.command_id)).status is CommandStatus.COMPLETED
+
+
+async def test_disconnect_keeps_executing_until_deadline(manager, autojump_clock):
+    link, session = connect_agent(manager, "c1")
+    command = await manager.send_command("c1", "sleep", timeout=10)
+    link.connection_lost(session, 0, "gone")
+    assert manager.registry.get("c1") is None
+    assert (await manager.get_command(command.command_id)).status is CommandStatus.EXECUTING
+    final = await manager.wait(command.command_id)
+    assert final.status is CommandStatus.TIMEOUT and final.error_code == "execution_timeout"
+
+
+async def test_failed_and_cancelled_results_keep_agent_codes(manager, autojump_clock):
+    link, session = connect_agent(manager, "c1")
+    failed = await manager.send_command("c1", "x")
+    answer(link, session, failed.command_id, status="failed", error="nope", error_code="unknown_command_type")
+    plain = await manager.send_command("c1", "x")
+    answer(link, session, plain.command_id, status="failed", error="boom")
+    failed = await manager.get_command(failed.command_id)
+    plain = await manager.get_command(plain.command_id)
+    assert (failed.status, failed.error_code) == (CommandStatus.FAILED, "unknown_command_type")
+    assert (plain.error, plain.error_code) == ("boom", "executor_error")
+
+
+async def test_history_is_trimmed_by_age_and_count(manager, autojump_clock):
+    link, session = connect_agent(manager, "c1")
+    old = await manager.send_command("c1", "echo")
+    answer(link, session, old.command_id)
+    for i in range(60):
+        c = await manager.send_command("c1", "echo", i)
+        answer(link, session, c.command_id)
+    unfinished = await manager.send_command("c1", "sleep", timeout=1000)
+    await trio.sleep(11)  # one cleanup pass: count limit
+    page = await manager.list_commands(limit=1000)
+    assert len([c for c in page.commands if c.is_terminal]) == 50
+    with pytest.raises(CommandNotFound):
+        await manager.get_command(old.command_id)
+    # Age limit: everything finished is gone after the retention period; the
+    # unfinished command is never purged.
+    manager._wall = lambda: 10**10
+    await trio.sleep(10)
+    page = await manager.list_commands(limit=1000)
+    assert [c.command_id for c in page.commands] == [unfinished.command_id]
+
+
+async def test_list_filters_and_paginates_newest_first(manager, autojump_clock):
+    link, session = connect_agent(manager, "c1")
+    connect_agent(manager, "c2")
+    ids = []
+    for i in range(7):
+        c = await manager.send_command("c1" if i % 2 == 0 else "c2", "echo" if i < 5 else "other", i)
+        ids.append(c.command_id)
+    answer(link, session, ids[0])
+    page = await manager.list_commands(limit=3)
+    assert [c.command_id for c in page.commands] == ids[::-1][:3]
+    page2 = await manager.list_commands(limit=3, cursor=page.next_cursor)
+    assert [c.command_id for c in page2.commands] == ids[::-1][3:6]
+    page3 = await manager.list_commands(limit=3, cursor=page2.next_cursor)
+    assert [c.command_id for c in page3.commands] == ids[:1] and page3.next_cursor is None
+    by_client = await manager.list_commands(client_id="c2")
+    assert [c.payload for c in by_client.commands] == [5, 3, 1]
+    by_status = await manager.list_commands(status="completed")
+    assert [c.command_id for c in by_status.commands] == [ids[0]]
+    by_type = await manager.list_commands(command_type="other")
+    assert [c.payload for c in by_type.commands] == [6, 5]
+    with pytest.raises(InvalidCommand):
+        await manager.list_commands(status="bogus")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(client_id="", command_type="echo"),
+        dict(client_id="c1", command_type=""),
+        dict(client_id="c1", command_type="echo", timeout=0),
+        dict(client_id="c1", command_type="echo", timeout=-1),
+        dict(client_id="c1", command_type="echo", timeout=float("nan")),
+        dict(client_id="c1", command_type="echo", timeout=10**9),
+        dict(client_id="c1", command_type="echo", timeout="5"),
+        dict(client_id="c1", command_type="echo", connect_timeout=-1),
+        dict(client_id="c1", command_type="echo", priority=1.5),
+    ],
+)
+async def test_bad_arguments_are_refused_and_create_nothing(manager, kwargs, autojump_clock):
+    client_id = kwargs.pop("client_id")
+    command_type = kwargs.pop("command_type")
+    with pytest.raises(InvalidCommand):
+        await manager.send_command(client_id, command_type, **kwargs)
+    assert (await manager.list_commands()).commands == []
+
+
+async def test_unknown_id_is_not_found(manager, autojump_clock):
+    with pytest.raises(CommandNotFound):
+        await manager.get_command("nope")
+    with pytest.raises(CommandNotFound):
+        await manager.wait("nope")
+    with pytest.raises(CommandNotFound):
+        await manager.cancel("nope")
+
+
+async def test_shutdown_refuses_new_and_drains(manager, autojump_clock):
+    link, session = connect_agent(manager, "c1")
+    running = await manager.send_command("c1", "sleep", timeout=100)
+    stuck = await manager.send_command("c1", "sleep", timeout=100)
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(manager.drain, 5.0)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(ShuttingDown):
+            await manager.send_command("c1", "echo")
+        answer(link, session, running.command_id, result="done")
+    assert (await manager.get_command(running.command_id)).status is CommandStatus.COMPLETED
+    left = await manager.get_command(stuck.command_id)
+    assert (left.status, left.error_code) == (CommandStatus.FAILED, "server_shutdown")
+    assert trio.current_time() - start == pytest.approx(5.0, abs=0.01)
