@@ -40,6 +40,12 @@ from ..wire import (
 
 logger = logging.getLogger("trio_quiccmd.quic")
 
+#: Frames written before a session transmits at once instead of waiting for
+#: the end of the scheduler batch. aioquic rescans every stream with unsent
+#: data for each packet it builds, so one flush of n frames costs O(n^2):
+#: coalescing pays up to about two packets' worth, then costs more than it saves.
+FLUSH_BATCH_FRAMES = 16
+
 #: Socket buffer size asked for; bursts of thousands of commands overflow the
 #: kernel's small default and every dropped datagram costs a loss-recovery RTT.
 SOCKET_BUFFER_BYTES = 4 << 20
@@ -188,6 +194,9 @@ class QuicSession:
         self._timer_scope: trio.CancelScope | None = None
         self._wake_pending = True
         self._quic_timer_at: float | None = None
+        self._unflushed_frames = 0
+        # Datagrams the kernel had no room for; sent by the timer task first.
+        self._backlog: list[tuple[bytes, NetworkAddress]] = []
         self._lost_notified = False
         #: Set once the handshake completed.
         self.handshake_done = trio.Event()
@@ -221,6 +230,9 @@ class QuicSession:
         if self._lost_notified:
             return
         self.quic.send_stream_data(stream_id, encode_frame(frame), end_stream)
+        self._unflushed_frames += 1
+        if self._unflushed_frames >= FLUSH_BATCH_FRAMES:
+            self._transmit_now()
         self._wake()
 
     def open_stream(self, frame: Frame) -> int:
@@ -327,8 +339,26 @@ class QuicSession:
         timer_at = self._quic_timer_at
         return min(self._ping_at, math.inf if timer_at is None else timer_at)
 
+    def _transmit_now(self) -> None:
+        """Send what is ready without waiting (synchronous; see FLUSH_BATCH_FRAMES)."""
+        self._unflushed_frames = 0
+        if self._backlog:
+            return  # the socket is full; the timer task is waiting to send
+        datagrams = self.quic.datagrams_to_send(trio.current_time())
+        for index, (data, addr) in enumerate(datagrams):
+            if not self._transport.try_send(data, addr):
+                self._backlog = datagrams[index:]
+                break
+
     async def _flush(self) -> None:
         transport = self._transport
+        while self._backlog:
+            data, addr = self._backlog[0]
+            if transport.try_send(data, addr):
+                del self._backlog[0]
+            else:
+                await transport.wait_writable()
+        self._unflushed_frames = 0
         for data, addr in self.quic.datagrams_to_send(trio.current_time()):
             while not transport.try_send(data, addr):
                 await transport.wait_writable()
