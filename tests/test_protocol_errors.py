@@ -1,0 +1,101 @@
+"""Bad peers over real QUIC: the offender's connection is closed with a clear
+code, and everyone else keeps being served."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+import pytest
+import trio
+from aioquic.quic.configuration import QuicConfiguration
+
+from trio_quiccmd import CommandStatus
+from trio_quiccmd.quic.connection import SessionHandler, connect
+from trio_quiccmd.wire import ALPN, CommandFrame, ProtocolErrorCode, encode_frame
+
+
+def raw_client_configuration(cert) -> QuicConfiguration:
+    configuration = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name="localhost")
+    configuration.load_verify_locations(cafile=str(cert))
+    return configuration
+
+
+async def send_raw_and_wait_close(cluster, data: bytes) -> int | None:
+    async with trio.open_nursery() as nursery:
+        session = await connect(
+            nursery, cluster.address, raw_client_configuration(cluster.cert), SessionHandler()
+        )
+        stream_id = session.quic.get_next_available_stream_id()
+        session.quic.send_stream_data(stream_id, data)
+        session._wake()
+        await session.terminated.wait()
+        return session.close_error_code
+
+
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (b"\x00\x00\x00\x05hello", ProtocolErrorCode.INVALID_JSON),
+        (struct.pack("!I", 50 << 20), ProtocolErrorCode.FRAME_TOO_LARGE),
+        (b"\x00\x00\x00\x0f{\"type\":\"nope\"}", ProtocolErrorCode.UNKNOWN_FRAME_TYPE),
+        (b"\x00\x00\x00\x10{\"type\":\"hello\"}", ProtocolErrorCode.INVALID_FRAME),
+        (
+            encode_frame(CommandFrame(command_id="x", command_type="echo", timeout=1)),
+            ProtocolErrorCode.UNEXPECTED_FRAME,
+        ),
+    ],
+)
+async def test_bad_frames_close_only_the_offender(cluster, data, code):
+    with trio.fail_after(15):
+        await cluster.start_agent("good")
+        assert await send_raw_and_wait_close(cluster, data) == code
+        command = await cluster.manager.send_and_wait("good", "echo", "still here")
+    assert command.status is CommandStatus.COMPLETED and command.result == "still here"
+
+
+async def test_non_quic_datagrams_and_unknown_versions(cluster):
+    with trio.fail_after(15):
+        await cluster.start_agent("good")
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await sock.bind(("127.0.0.1", 0))
+        await sock.sendto(b"not quic at all", cluster.address)
+        # A long-header Initial-sized packet with a version nobody speaks:
+        # the server answers with version negotiation listing its versions.
+        dcid, scid = os.urandom(8), os.urandom(8)
+        packet = bytes([0xC0]) + struct.pack("!I", 0x1A2A3A4A)
+        packet += bytes([8]) + dcid + bytes([8]) + scid
+        packet += b"\x00" * (1200 - len(packet))
+        await sock.sendto(packet, cluster.address)
+        reply, _ = await sock.recvfrom(2048)
+        sock.close()
+        command = await cluster.manager.send_and_wait("good", "echo", 1)
+    assert struct.unpack("!I", reply[1:5])[0] == 0  # a version negotiation packet
+    assert reply[6:14] == scid and reply[15:23] == dcid
+    versions = {struct.unpack("!I", reply[i : i + 4])[0] for i in range(23, len(reply), 4)}
+    assert 0x00000001 in versions
+    assert command.status is CommandStatus.COMPLETED
+
+
+async def test_wrong_alpn_is_refused_in_the_handshake(cluster):
+    configuration = raw_client_configuration(cluster.cert)
+    configuration.alpn_protocols = ["h3"]
+    from trio_quiccmd.quic.connection import ConnectionFailed
+
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(ConnectionFailed):
+                await connect(nursery, cluster.address, configuration, SessionHandler())
+
+
+async def test_agent_refuses_a_server_it_cannot_verify(cluster, tmp_path):
+    from trio_quiccmd.quic.tls import ensure_dev_certificate
+
+    other_cert, _, _ = ensure_dev_certificate(tmp_path / "other")
+    agent = cluster.agent("suspicious", ca_file=other_cert, handshake_timeout=2.0)
+    with trio.fail_after(15):
+        with trio.move_on_after(1.5):
+            await agent.run()
+    assert agent.sessions_established == 0
+    assert cluster.manager.registry.get("suspicious") is None
