@@ -5,6 +5,7 @@ from .agent import AgentRejected as AgentRejected
 from .agent import CommandExecutor as CommandExecutor
 from .agent import CommandFailed as CommandFailed
 from .agent import ExecutorRegistry as ExecutorRegistry
+from .agent import ServerFingerprintMismatch as ServerFingerprintMismatch
 from .agent import UnknownCommandType as UnknownCommandType
 from .agent import builtin_executor as builtin_executor
 from .errors import CommandAlreadyFinished as CommandAlreadyFinished
@@ -39,6 +40,7 @@ __all__ = [
     "ManagerSettings",
     "MemoryStore",
     "QuicCmdError",
+    "ServerFingerprintMismatch",
     "ShuttingDown",
     "UnknownCommandType",
     "builtin_executor",

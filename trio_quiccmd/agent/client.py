@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import trio
 from aioquic.quic.configuration import QuicConfiguration
 
 from ..quic.connection import ConnectionFailed, QuicSession, SessionHandler, connect, wait_any
+from ..quic.tls import fingerprint, fingerprint_matches, parse_fingerprint, system_ca_locations
 from ..wire import (
     ALPN,
     DEFAULT_MAX_FRAME_SIZE,
@@ -34,6 +36,22 @@ class AgentRejected(Exception):
     """The server refused this agent in a way retrying will not fix."""
 
 
+class ServerFingerprintMismatch(ConnectionFailed):
+    """The server's certificate is not the one this agent pinned.
+
+    Retried with backoff like any failed connection (the server may be
+    mid-rotation, or someone is in the way), and logged as an error each time.
+    """
+
+    def __init__(self, expected: str, presented: str | None):
+        super().__init__(
+            f"server certificate does not match the pinned fingerprint: "
+            f"expected {expected}, server presented {presented or 'no certificate'}"
+        )
+        self.expected = expected
+        self.presented = presented
+
+
 class _AgentSession(SessionHandler):
     """The agent's side of one connection: WELCOME, COMMAND and CANCEL frames."""
 
@@ -43,8 +61,30 @@ class _AgentSession(SessionHandler):
         self.welcome: Welcome | None = None
         self.welcomed = trio.Event()
         self.control_stream: int | None = None
+        #: Set (and the connection closed) when the pinned fingerprint does not match.
+        self.pin_mismatch: ServerFingerprintMismatch | None = None
+
+    def handshake_completed(self, session: QuicSession) -> None:
+        # Runs synchronously as the handshake completes, before any stream
+        # data from the server is handed to frame_received (aioquic queues the
+        # events in order), so nothing from an unpinned server is ever acted on.
+        pinned = self._agent._server_fingerprint
+        if pinned is None:
+            return
+        # aioquic keeps the server's leaf certificate on its TLS context and has
+        # no public accessor; a missing attribute fails closed.
+        tls = getattr(session.quic, "tls", None)
+        certificate = getattr(tls, "_peer_certificate", None)
+        if certificate is not None and fingerprint_matches(certificate, pinned):
+            return
+        self.pin_mismatch = ServerFingerprintMismatch(
+            pinned, fingerprint(certificate) if certificate is not None else None
+        )
+        session.close(ProtocolErrorCode.NO_ERROR, "server certificate rejected")
 
     def frame_received(self, session: QuicSession, stream_id: int, frame: Frame) -> None:
+        if self.pin_mismatch is not None:
+            return
         if stream_id == self.control_stream:
             if isinstance(frame, Welcome) and self.welcome is None:
                 self.welcome = frame
@@ -65,8 +105,30 @@ class Agent:
     """A connection to one server that runs the commands it is sent.
 
     ``executor`` does the work (default: the built-in ``echo``, ``sleep``,
-    ``fail`` and ``sysinfo``). The server's certificate is always verified,
-    against ``ca_file``/``ca_data`` (or the system's CAs if neither is given).
+    ``fail`` and ``sysinfo``).
+
+    The server is always authenticated, one of two ways:
+
+    * **CA verification** (the default): the certificate chain must lead to
+      ``ca_file``/``ca_data`` -- a development server's self-signed
+      ``server-cert.pem`` works as its own CA -- or, if neither is given, to
+      the operating system's CA store; and it must name ``server_name``
+      (default: the host in ``server``).
+    * **Pinning**, ``server_fingerprint="sha256:<hex>"``: the server's leaf
+      certificate must have exactly that SHA-256 fingerprint (as the server
+      logs it at startup). aioquic cannot pin, so with a pin and no CA the
+      chain check is switched off (``CERT_NONE``) and the pin is checked
+      instead, in constant time, as soon as the handshake completes and before
+      HELLO is sent or any frame from the server is acted on. This is still
+      verification, and the same one SSH does: TLS 1.3 makes the server sign
+      the handshake with the private key of the certificate it presents
+      (aioquic checks that CertificateVerify whatever the verify mode), so
+      only the holder of the pinned certificate's key can get past the pin.
+      Expiry and host name are not checked: the pin names the certificate
+      exactly. If a CA is given as well, both checks apply.
+
+    A pin mismatch raises :class:`ServerFingerprintMismatch` for that attempt;
+    :meth:`run` logs it as an error and retries with backoff.
     """
 
     def __init__(
@@ -87,9 +149,13 @@ class Agent:
         reconnect_max_delay: float = 30.0,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         token: str | None = None,
+        server_fingerprint: str | None = None,
     ):
         if not client_id:
             raise ValueError("client_id must not be empty")
+        self._server_fingerprint = (
+            parse_fingerprint(server_fingerprint) if server_fingerprint is not None else None
+        )
         self.client_id = client_id
         self.server = server
         self.labels = dict(labels or {})
@@ -109,6 +175,10 @@ class Agent:
         self._max_frame_size = max_frame_size
         self._token = token
         self._session: QuicSession | None = None
+        # The connection being set up or in use (welcomed or not), for stop().
+        self._current: QuicSession | None = None
+        self._attempt_scope: trio.CancelScope | None = None
+        self._stopping = False
         self._connected = trio.Event()
         #: How many sessions were established (1 after the first WELCOME).
         self.sessions_established = 0
@@ -135,38 +205,113 @@ class Agent:
         )
         if self._ca_file is not None or self._ca_data is not None:
             configuration.load_verify_locations(cafile=self._ca_file, cadata=self._ca_data)
+        elif self._server_fingerprint is not None:
+            # Authenticated by the pin instead: see the class docstring and
+            # _AgentSession.handshake_completed.
+            configuration.verify_mode = ssl.CERT_NONE
+        else:
+            cafile, capath = system_ca_locations()
+            if cafile is not None or capath is not None:
+                configuration.load_verify_locations(cafile=cafile, capath=capath)
+            # else aioquic falls back to certifi's bundle.
         return configuration
 
+    def stop(self) -> None:
+        """Close the connection politely and make :meth:`run` return.
+
+        Synchronous and idempotent, so a signal handler can call it. The server
+        is sent a CONNECTION_CLOSE (it sees the agent leave at once, instead of
+        at its idle timeout); commands still running are cancelled, their
+        results undelivered (the server times them out). If the agent is
+        between connections, :meth:`run` returns without another attempt.
+
+        Prefer this to cancelling :meth:`run`: cancellation also stops the
+        connection's own task, so the goodbye may never be sent.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        current = self._current
+        if current is not None and not current.is_closing:
+            current.close(ProtocolErrorCode.NO_ERROR, "agent shutting down")
+        elif self._attempt_scope is not None:
+            self._attempt_scope.cancel()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Stay connected until cancelled, reconnecting with backoff and jitter.
+        """Stay connected until :meth:`stop`, reconnecting with backoff and jitter.
 
         Reports ``started()`` once the first session is welcomed. Raises
-        :class:`AgentRejected` if the server refuses this agent for good. When
-        cancelled, running commands are cancelled and the connection is closed
-        politely.
+        :class:`AgentRejected` if the server refuses this agent for good. Returns
+        after :meth:`stop` once the connection is closed. If cancelled, running
+        commands are cancelled and the connection is abandoned.
         """
         attempt = 0
+        rejected: AgentRejected | None = None
         async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    await self._serve_one_session(nursery, task_status)
-                    task_status = trio.TASK_STATUS_IGNORED
-                    attempt = 0
-                except ConnectionFailed as exc:
-                    logger.warning(
-                        "Connection to server failed server=%s:%s error=%s",
-                        self.server[0], self.server[1], exc,
+            while not self._stopping:
+                with trio.CancelScope() as self._attempt_scope:
+                    try:
+                        await self._serve_one_session(nursery, task_status)
+                        task_status = trio.TASK_STATUS_IGNORED
+                        attempt = 0
+                    except AgentRejected as exc:
+                        rejected = exc
+                        break
+                    except ServerFingerprintMismatch as exc:
+                        logger.error(
+                            "Server certificate does not match the pinned fingerprint "
+                            "server=%s:%s expected=%s presented=%s",
+                            self.server[0], self.server[1], exc.expected, exc.presented,
+                        )
+                    except ConnectionFailed as exc:
+                        if not self._stopping:
+                            logger.warning(
+                                "Connection to server failed server=%s:%s error=%s",
+                                self.server[0], self.server[1], exc,
+                            )
+                    if self._stopping:
+                        break
+                    attempt += 1
+                    ceiling = min(
+                        self._reconnect_max, self._reconnect_initial * 2 ** min(attempt - 1, 30)
                     )
-                attempt += 1
-                ceiling = min(self._reconnect_max, self._reconnect_initial * 2 ** min(attempt - 1, 30))
-                # "Full jitter": a fleet cut off together does not return together.
-                delay = random.uniform(ceiling / 2, ceiling)
-                logger.info("Reconnecting in %.2f s attempt=%d", delay, attempt)
-                await trio.sleep(delay)
+                    # "Full jitter": a fleet cut off together does not return together.
+                    delay = random.uniform(ceiling / 2, ceiling)
+                    logger.info("Reconnecting in %.2f s attempt=%d", delay, attempt)
+                    await trio.sleep(delay)
+            self._attempt_scope = None
+            # Commands still running have no connection to report to.
+            nursery.cancel_scope.cancel()
+        if rejected is not None:
+            # Raised here, outside the nursery, so callers catch it as itself
+            # rather than inside an ExceptionGroup.
+            raise rejected
+        logger.info("Agent stopped client_id=%s", self.client_id)
 
     async def _serve_one_session(self, nursery: trio.Nursery, task_status: Any) -> None:
+        """One connection, from dialling to its end. Raises ConnectionFailed or
+        AgentRejected bare (not wrapped in an ExceptionGroup by the nursery)."""
+        failure: ConnectionFailed | AgentRejected | None = None
         async with trio.open_nursery() as connection_nursery:
-            link = _AgentSession(self, nursery)
+            try:
+                await self._one_session(connection_nursery, nursery, task_status)
+            except (ConnectionFailed, AgentRejected) as exc:
+                failure = exc
+            # The session's socket task ends with the connection; after the
+            # polite close (or its grace period) nothing is left to wait for.
+            connection_nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _one_session(
+        self, connection_nursery: trio.Nursery, nursery: trio.Nursery, task_status: Any
+    ) -> None:
+        link = _AgentSession(self, nursery)
+        try:
             session = await connect(
                 connection_nursery,
                 self.server,
@@ -177,41 +322,56 @@ class Agent:
                 keepalive_interval=self._keepalive_interval,
                 handshake_timeout=self._handshake_timeout,
             )
-            try:
-                link.control_stream = session.open_stream(
-                    Hello(
-                        client_id=self.client_id,
-                        labels=self.labels,
-                        agent_version=AGENT_VERSION,
-                        capabilities=["cancel"],
-                        token=self._token,
-                    )
+        except ConnectionFailed as exc:
+            if link.pin_mismatch is not None:
+                raise link.pin_mismatch from exc
+            raise
+        self._current = session
+        try:
+            if link.pin_mismatch is not None:
+                raise link.pin_mismatch
+            if self._stopping:
+                return
+            link.control_stream = session.open_stream(
+                Hello(
+                    client_id=self.client_id,
+                    labels=self.labels,
+                    agent_version=AGENT_VERSION,
+                    capabilities=["cancel"],
+                    token=self._token,
                 )
-                with trio.move_on_after(self._handshake_timeout):
-                    await _wait_any_event(link.welcomed, session.terminated)
-                if link.welcome is None:
-                    reason = session.close_reason or "no WELCOME from the server"
-                    code = session.close_error_code
-                    self._raise_if_fatal(code, reason)
-                    raise ConnectionFailed(f"session refused: {reason}", code)
-                self._session = session
-                self.sessions_established += 1
-                self._connected.set()
-                logger.info(
-                    "Connected to server server=%s:%s client_id=%s session_id=%s",
-                    self.server[0], self.server[1], self.client_id, link.welcome.session_id,
-                )
-                task_status.started()
-                await session.terminated.wait()
-                logger.warning(
-                    "Connection lost client_id=%s code=%s reason=%r",
-                    self.client_id, session.close_error_code, session.close_reason,
-                )
-                self._raise_if_fatal(session.close_error_code, session.close_reason)
-            finally:
-                self._session = None
-                self._connected = trio.Event()
-                await session.aclose()
+            )
+            with trio.move_on_after(self._handshake_timeout):
+                await _wait_any_event(link.welcomed, session.terminated)
+            if link.welcome is None:
+                reason = session.close_reason or "no WELCOME from the server"
+                code = session.close_error_code
+                self._raise_if_fatal(code, reason)
+                raise ConnectionFailed(f"session refused: {reason}", code)
+            self._session = session
+            self.sessions_established += 1
+            self._connected.set()
+            logger.info(
+                "Connected to server server=%s:%s client_id=%s session_id=%s",
+                self.server[0], self.server[1], self.client_id, link.welcome.session_id,
+            )
+            task_status.started()
+            await session.terminated.wait()
+            if self._stopping:
+                logger.info("Disconnected from server client_id=%s reason=stopping", self.client_id)
+                return
+            logger.warning(
+                "Connection lost client_id=%s code=%s reason=%r",
+                self.client_id, session.close_error_code, session.close_reason,
+            )
+            self._raise_if_fatal(session.close_error_code, session.close_reason)
+        finally:
+            self._session = None
+            self._current = None
+            self._connected = trio.Event()
+            await session.aclose(
+                ProtocolErrorCode.NO_ERROR, "agent shutting down" if self._stopping else ""
+            )
 
     @staticmethod
     def _raise_if_fatal(code: int | None, reason: str) -> None:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import hmac
 import ipaddress
 import os
+import re
+import ssl
 from pathlib import Path
 
 from cryptography import x509
@@ -91,3 +94,41 @@ def fingerprint(cert: x509.Certificate | bytes) -> str:
 def fingerprint_of_pem_file(path: Path) -> str:
     cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
     return fingerprint(cert)
+
+
+_FINGERPRINT_RE = re.compile(
+    r"sha256:((?:[0-9a-f]{64})|(?:[0-9a-f]{2}(?::[0-9a-f]{2}){31}))", re.IGNORECASE
+)
+
+
+def parse_fingerprint(text: str) -> str:
+    """Normalise a pinned fingerprint to ``sha256:<64 lowercase hex digits>``.
+
+    Accepts what the server logs (``sha256:ab12...``), in any case, and the
+    colon-separated form OpenSSL prints (``sha256:AB:12:...``). Raises
+    :class:`ValueError` with a message fit for an operator otherwise.
+    """
+    match = _FINGERPRINT_RE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(
+            f"bad fingerprint {text!r}: expected sha256:<64 hex digits>, "
+            "as the server logs it at startup"
+        )
+    return "sha256:" + match.group(1).replace(":", "").lower()
+
+
+def fingerprint_matches(cert: x509.Certificate | bytes, pinned: str) -> bool:
+    """Whether ``cert`` has the (normalised) fingerprint ``pinned``, compared in constant time."""
+    return hmac.compare_digest(fingerprint(cert).encode("ascii"), pinned.encode("ascii"))
+
+
+def system_ca_locations() -> tuple[str | None, str | None]:
+    """The operating system's CA bundle as (cafile, capath); (None, None) if it has none.
+
+    Honours ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` as OpenSSL does. (Left to
+    itself, aioquic would use certifi's bundle instead of the system's.)
+    """
+    paths = ssl.get_default_verify_paths()
+    cafile = paths.cafile if paths.cafile and os.path.isfile(paths.cafile) else None
+    capath = paths.capath if paths.capath and os.path.isdir(paths.capath) else None
+    return cafile, capath

@@ -1,0 +1,581 @@
+"""``python -m trio_quiccmd.agent`` as a user runs it: a real subprocess against a
+real in-process server; plus fingerprint pinning and the examples.
+
+Waiting is event-driven: the server side records (dis)connections through an
+observing CommandManager, and subprocess output is read line by line with a
+wake-up per line. Every test runs under ``trio.fail_after``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import signal
+import subprocess
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import AsyncIterator, Callable
+
+import pytest
+import trio
+
+from trio_quiccmd import (
+    Agent,
+    CommandManager,
+    CommandServer,
+    CommandStatus,
+    ServerFingerprintMismatch,
+)
+from trio_quiccmd.quic.tls import ensure_dev_certificate, fingerprint_of_pem_file, parse_fingerprint
+from trio_quiccmd.server.core import server_quic_configuration
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples" / "command"
+PROG = "python -m trio_quiccmd.agent: error:"
+#: Generous: each test starts at least one Python process that imports aioquic.
+TIMEOUT = 30
+WRONG_PIN = "sha256:" + "00" * 32
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+class ObservedManager(CommandManager):
+    """A CommandManager that records agents coming and going, with a wake-up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connects: list[str] = []
+        self.disconnects: list[tuple[str, int | None, str]] = []
+        self._changed = trio.Event()
+
+    def agent_connected(self, link) -> None:
+        super().agent_connected(link)
+        self.connects.append(link.client_id)
+        self._wake()
+
+    def agent_disconnected(self, link) -> None:
+        super().agent_disconnected(link)
+        session = link.session
+        self.disconnects.append((link.client_id, session.close_error_code, session.close_reason))
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            await self._changed.wait()
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[SimpleNamespace]:
+    """A server whose data dir is ``tmp_path/.quiccmd``, as ``python -m
+    trio_quiccmd.server`` started in ``tmp_path`` would have it."""
+    data_dir = tmp_path / ".quiccmd"
+    cert, key, _ = ensure_dev_certificate(data_dir)
+    manager = ObservedManager()
+    # The default 30 s idle timeout: a disconnect seen within the test's
+    # timeout was a polite close, not the idle timer.
+    command_server = CommandServer(manager, server_quic_configuration(cert, key))
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(command_server.serve, "127.0.0.1", 0)
+        yield SimpleNamespace(
+            manager=manager,
+            directory=tmp_path,
+            cert=cert,
+            address=f"127.0.0.1:{address[1]}",
+            port=address[1],
+            fingerprint=fingerprint_of_pem_file(cert),
+        )
+        with trio.fail_after(10):
+            await command_server.shutdown(grace=1.0)
+        nursery.cancel_scope.cancel()
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUICCMD_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra or {})
+    return env
+
+
+class Lines:
+    """The lines a subprocess writes to one pipe, with a wake-up per chunk."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.closed = False
+        self._changed = trio.Event()
+
+    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
+        pending = b""
+        try:
+            async for chunk in stream:
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                self.lines += [line.decode(errors="replace") for line in complete]
+                self._wake()
+        finally:
+            if pending:
+                self.lines.append(pending.decode(errors="replace"))
+            self.closed = True
+            self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def matching(self, text: str) -> list[str]:
+        return [line for line in self.lines if text in line]
+
+    async def wait_for(self, text: str, count: int = 1) -> str:
+        """The ``count``-th line containing ``text``, once it is written."""
+        while len(found := self.matching(text)) < count:
+            if self.closed:
+                raise AssertionError(f"output ended before {count} x {text!r}:\n{self}")
+            await self._changed.wait()
+        return found[count - 1]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
+
+@asynccontextmanager
+async def spawn(
+    argv: list[str], *, cwd: Path, env: dict[str, str] | None = None
+) -> AsyncIterator[SimpleNamespace]:
+    """Run ``argv``; yields (process, stdout Lines, stderr Lines). Killed on exit if still running."""
+    process = await trio.lowlevel.open_process(
+        argv,
+        cwd=str(cwd),
+        env=clean_env(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = Lines(), Lines()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(out.pump, process.stdout)
+        nursery.start_soon(err.pump, process.stderr)
+        try:
+            yield SimpleNamespace(process=process, stdout=out, stderr=err)
+        finally:
+            if process.returncode is None:
+                process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+
+
+def agent_cli(*args: str, cwd: Path, env: dict[str, str] | None = None):
+    return spawn([sys.executable, "-m", "trio_quiccmd.agent", *args], cwd=cwd, env=env)
+
+
+class LogWatch(logging.Handler):
+    """Records messages of one logger that contain ``text``; wakes waiters."""
+
+    def __init__(self, text: str):
+        super().__init__(logging.DEBUG)
+        self.text = text
+        self.messages: list[str] = []
+        self._changed = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.text in message:
+            self.messages.append(message)
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait(self, count: int) -> None:
+        while len(self.messages) < count:
+            await self._changed.wait()
+
+
+@pytest.fixture
+def agent_log() -> Callable[[str], LogWatch]:
+    logger = logging.getLogger("trio_quiccmd.agent")
+    watches: list[LogWatch] = []
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+
+    def watch(text: str) -> LogWatch:
+        handler = LogWatch(text)
+        logger.addHandler(handler)
+        watches.append(handler)
+        return handler
+
+    yield watch
+    for handler in watches:
+        logger.removeHandler(handler)
+    logger.setLevel(old_level)
+
+
+# -- the CLI, as a user runs it -------------------------------------------------------
+
+
+async def test_started_in_the_server_directory_it_connects_with_no_tls_flags(server):
+    with trio.fail_after(TIMEOUT):
+        async with agent_cli(
+            "--id", "cli-1", "--server", server.address, "--label", "env=test",
+            "--label", "rack=r7",
+            cwd=server.directory,
+        ) as agent:
+            await server.manager.until(lambda: "cli-1" in server.manager.connects)
+
+            command = await server.manager.send_and_wait("cli-1", "echo", {"hello": ["wörld", 1]})
+            assert command.status is CommandStatus.COMPLETED, command
+            assert command.result == {"hello": ["wörld", 1]}
+
+            [info] = server.manager.clients()
+            assert info.client_id == "cli-1"
+            assert info.labels == {"env": "test", "rack": "r7"}
+
+            await agent.stderr.wait_for("Connected to server")
+            assert agent.stderr.matching(
+                "Using the server certificate from the data dir as CA ca_file=.quiccmd/server-cert.pem"
+            ), str(agent.stderr)
+            assert agent.stderr.matching("tls=ca-file"), str(agent.stderr)
+            # key=value lines in the server's format: "<time>Z INFO <logger> <message>"
+            line = await agent.stderr.wait_for("Connected to server")
+            assert f"server={server.address} client_id=cli-1" in line
+            assert line.split()[1:3] == ["INFO", "trio_quiccmd.agent"]
+
+
+async def test_settings_come_from_the_environment_and_flags_win(server):
+    env = {
+        "QUICCMD_AGENT_ID": "env-agent",
+        "QUICCMD_AGENT_SERVER": server.address,
+        "QUICCMD_AGENT_LABELS": "env=prod, zone=eu-1",
+    }
+    with trio.fail_after(TIMEOUT):
+        async with agent_cli("--label", "env=test", cwd=server.directory, env=env):
+            await server.manager.until(lambda: "env-agent" in server.manager.connects)
+            [info] = server.manager.clients()
+            assert info.labels == {"env": "test", "zone": "eu-1"}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_closes_the_connection_politely_and_exits_zero(server, signum):
+    with trio.fail_after(TIMEOUT):
+        async with agent_cli("--id", "cli-sig", "--server", server.address,
+                             cwd=server.directory) as agent:
+            await server.manager.until(lambda: "cli-sig" in server.manager.connects)
+            # One command still running when the signal comes.
+            running = await server.manager.send_command("cli-sig", "sleep", {"seconds": 60},
+                                                        timeout=120)
+            assert running.status is CommandStatus.EXECUTING
+
+            agent.process.send_signal(signum)
+            assert await agent.process.wait() == 0, str(agent.stderr)
+
+            # The server hears a CONNECTION_CLOSE at once (its idle timeout is 30 s).
+            await server.manager.until(lambda: server.manager.disconnects)
+            assert server.manager.disconnects == [("cli-sig", 0, "agent shutting down")]
+            assert server.manager.clients() == []
+            assert agent.stderr.matching(f"Shutting down signal={signum.name} client_id=cli-sig")
+            assert agent.stderr.matching("Agent stopped client_id=cli-sig")
+            assert not agent.stderr.matching("Traceback"), str(agent.stderr)
+
+
+async def test_signal_while_still_connecting_exits_zero(tmp_path):
+    # Nothing listens on this port: the agent is stuck in its first handshake.
+    with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        with trio.fail_after(TIMEOUT):
+            async with agent_cli("--id", "lonely", "--server", f"127.0.0.1:{port}",
+                                 cwd=tmp_path) as agent:
+                await agent.stderr.wait_for("Agent starting client_id=lonely")
+                agent.process.send_signal(signal.SIGTERM)
+                assert await agent.process.wait() == 0, str(agent.stderr)
+                assert not agent.stderr.matching("Traceback"), str(agent.stderr)
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        ([], {}, "--id is required (or set QUICCMD_AGENT_ID)"),
+        (["--id", "a", "--label", "rack"], {}, "--label: bad label 'rack': expected KEY=VALUE"),
+        (["--id", "a", "--label", "=x"], {}, "bad label '=x'"),
+        (["--id", "a", "--server", "127.0.0.1:99999"], {}, "--server: bad port in '127.0.0.1:99999'"),
+        (["--id", "a", "--server", "localhost:quic"], {}, "bad port in 'localhost:quic'"),
+        (["--id", "a", "--server", ":8474"], {}, "no host"),
+        (["--id", "a", "--server-fingerprint", "md5:abcd"], {}, "bad fingerprint 'md5:abcd'"),
+        (["--id", "a", "--server-fingerprint", "sha256:" + "a" * 63], {}, "expected sha256:<64 hex digits>"),
+        (["--id", "a", "--ca-file", "missing.pem"], {}, "--ca-file missing.pem: no such file"),
+        (["--id", "a", "--ca-file", "not-a-cert.pem"], {}, "not a PEM certificate file"),
+        (["--id", "a", "--max-concurrent", "0"], {}, "--max-concurrent: expected a positive whole number"),
+        (["--id", "a", "--log-level", "loud"], {}, "bad log level 'loud'"),
+        (["--id", "a", "--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
+        (["--id", "a"], {"QUICCMD_AGENT_SERVER": "host:0"}, "QUICCMD_AGENT_SERVER: bad port"),
+        (["--id", "a"], {"QUICCMD_AGENT_LABELS": "ok=1,broken"}, "QUICCMD_AGENT_LABELS: bad label 'broken'"),
+    ],
+)
+async def test_bad_flags_exit_2_with_one_clear_line(tmp_path, args, env, message):
+    (tmp_path / "not-a-cert.pem").write_text("hello\n")
+    with trio.fail_after(TIMEOUT):
+        result = await trio.run_process(
+            [sys.executable, "-m", "trio_quiccmd.agent", *args],
+            cwd=str(tmp_path),
+            env=clean_env(env),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert len(stderr.splitlines()) == 1, stderr
+    assert stderr.startswith(PROG), stderr
+    assert message in stderr, stderr
+    assert result.stdout == b""
+
+
+async def test_wrong_fingerprint_never_connects_and_says_so_on_each_attempt(server):
+    with trio.fail_after(TIMEOUT):
+        # Started in the server's directory, so a usable CA is right there:
+        # the explicit pin still decides, and it is wrong.
+        async with agent_cli("--id", "pinned", "--server", server.address,
+                             "--server-fingerprint", WRONG_PIN, cwd=server.directory) as agent:
+            first = await agent.stderr.wait_for("does not match the pinned fingerprint")
+            # Retried with backoff, reported again: not fatal, not a hot loop.
+            await agent.stderr.wait_for("Reconnecting in", 1)
+            await agent.stderr.wait_for("does not match the pinned fingerprint", 2)
+            assert " ERROR trio_quiccmd.agent " in first
+            assert f"expected={WRONG_PIN}" in first
+            assert f"presented={server.fingerprint}" in first
+            assert agent.stderr.matching("tls=fingerprint")
+            assert not agent.stderr.matching("Connected to server")
+            assert server.manager.connects == []
+            assert server.manager.clients() == []
+
+            agent.process.send_signal(signal.SIGTERM)
+            assert await agent.process.wait() == 0, str(agent.stderr)
+
+
+@pytest.mark.parametrize("how", ["ca-file", "fingerprint"])
+async def test_from_another_directory_it_needs_and_uses_a_trust_flag(server, tmp_path, how):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    flag = (
+        ["--ca-file", str(server.cert)]
+        if how == "ca-file"
+        # Pasted as OpenSSL prints it: upper case, colon-separated.
+        else ["--server-fingerprint", "SHA256:" + ":".join(
+            server.fingerprint[7:][i:i + 2].upper() for i in range(0, 64, 2))]
+    )
+    with trio.fail_after(TIMEOUT):
+        async with agent_cli("--id", "far", "--server", server.address, *flag,
+                             cwd=elsewhere) as agent:
+            await server.manager.until(lambda: "far" in server.manager.connects)
+            command = await server.manager.send_and_wait("far", "echo", {"n": 1})
+            assert command.status is CommandStatus.COMPLETED
+            assert agent.stderr.matching(f"tls={how}")
+            assert not agent.stderr.matching("from the data dir")
+
+
+async def test_without_any_trust_anchor_verification_fails_loudly(server, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with trio.fail_after(TIMEOUT):
+        async with agent_cli("--id", "untrusting", "--server", server.address,
+                             cwd=elsewhere) as agent:
+            await agent.stderr.wait_for("Verifying the server against the system CA store")
+            failure = await agent.stderr.wait_for("Connection to server failed")
+            assert "certificate" in failure.lower(), failure
+            assert server.manager.connects == []
+
+
+# -- pinning in the library -------------------------------------------------------------
+
+
+def test_parse_fingerprint_normalises_what_operators_paste():
+    hexdigest = hashlib.sha256(b"x").hexdigest()
+    colons = ":".join(hexdigest[i:i + 2] for i in range(0, 64, 2))
+    for text in (f"sha256:{hexdigest}", f"SHA256:{hexdigest.upper()}", f"sha256:{colons.upper()}",
+                 f"  sha256:{hexdigest}\n"):
+        assert parse_fingerprint(text) == f"sha256:{hexdigest}"
+    for bad in ("", hexdigest, f"sha1:{hexdigest}", f"sha256:{hexdigest}00", "sha256:" + "g" * 64,
+                f"sha256:{colons}:"):
+        with pytest.raises(ValueError, match="expected sha256:<64 hex digits>"):
+            parse_fingerprint(bad)
+    with pytest.raises(ValueError):
+        Agent("x", ("127.0.0.1", 1), server_fingerprint="sha256:nope")
+
+
+async def test_pinned_fingerprint_is_enough_without_a_ca(cluster):
+    pin = fingerprint_of_pem_file(cluster.cert)
+    with trio.fail_after(TIMEOUT):
+        agent, scope = await cluster.start_agent("pin-ok", ca_file=None, server_fingerprint=pin)
+        command = await cluster.manager.send_and_wait("pin-ok", "echo", [1, 2, 3])
+        assert command.status is CommandStatus.COMPLETED and command.result == [1, 2, 3]
+        assert agent.sessions_established == 1
+        scope.cancel()
+
+
+@pytest.mark.parametrize("with_ca", [False, True], ids=["pin-only", "pin-and-ca"])
+async def test_pin_mismatch_is_refused_before_hello_and_retried(cluster, agent_log, with_ca):
+    mismatches = agent_log("does not match the pinned fingerprint")
+    agent = cluster.agent(
+        "pin-bad",
+        ca_file=cluster.cert if with_ca else None,
+        server_fingerprint=WRONG_PIN,
+        reconnect_initial_delay=0.02,
+    )
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(agent.run)
+            await mismatches.wait(3)
+            assert f"presented={fingerprint_of_pem_file(cluster.cert)}" in mismatches.messages[0]
+            # The server never got a HELLO: no agent, no session.
+            assert cluster.manager.clients() == []
+            assert cluster.manager.registry.get("pin-bad") is None
+            assert agent.sessions_established == 0 and not agent.connected
+            agent.stop()  # between attempts: run() returns without another one
+
+
+async def test_one_attempt_reports_the_mismatch_as_an_exception(cluster):
+    agent = cluster.agent("pin-bad", ca_file=None, server_fingerprint=WRONG_PIN)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(ServerFingerprintMismatch) as info:
+                await agent._serve_one_session(nursery, trio.TASK_STATUS_IGNORED)
+    assert info.value.expected == WRONG_PIN
+    assert info.value.presented == fingerprint_of_pem_file(cluster.cert)
+
+
+async def test_unreachable_server_is_retried_not_fatal(agent_log):
+    failures = agent_log("Connection to server failed")
+    with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sock:
+        await sock.bind(("127.0.0.1", 0))  # a port nobody answers on
+        agent = Agent("nobody", ("127.0.0.1", sock.getsockname()[1]), handshake_timeout=0.1,
+                      reconnect_initial_delay=0.01)
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(agent.run)
+                await failures.wait(2)
+                agent.stop()
+
+
+async def test_stop_closes_politely_and_run_returns(cluster):
+    agent = cluster.agent("stopper")
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            link = cluster.manager.registry.get("stopper")
+            agent.stop()
+        # run() returned; the server heard the goodbye (its idle timeout is 10 s).
+        assert not agent.connected
+        await link.session.terminated.wait()
+        assert (link.session.close_error_code, link.session.close_reason) == (0, "agent shutting down")
+        assert cluster.manager.clients() == []
+
+
+# -- the examples ---------------------------------------------------------------------
+
+
+def load_example_executor() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("example_executor", EXAMPLES / "executor.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_example_executor_through_an_in_process_agent(cluster, tmp_path):
+    example = load_example_executor()
+    registry = example.build_registry()
+    assert {"restart", "disk_usage", "file_checksum", "uptime", "echo"} <= set(registry.command_types)
+    data = tmp_path / "blob.bin"
+    data.write_bytes(b"quic" * 10_000)
+    manager = cluster.manager
+    with trio.fail_after(TIMEOUT):
+        _, scope = await cluster.start_agent("example", executor=registry)
+
+        restart = await manager.send_and_wait("example", "restart",
+                                              {"service": "nginx", "delay_seconds": 0.01})
+        assert restart.status is CommandStatus.COMPLETED, restart
+        assert restart.result["success"] is True and restart.result["service"] == "nginx"
+
+        usage = await manager.send_and_wait("example", "disk_usage", {"path": str(tmp_path)})
+        assert usage.status is CommandStatus.COMPLETED, usage
+        assert usage.result["total"] >= usage.result["free"] > 0
+
+        checksum = await manager.send_and_wait("example", "file_checksum", {"path": str(data)})
+        assert checksum.result == {
+            "path": str(data), "size": 40_000, "sha256": hashlib.sha256(data.read_bytes()).hexdigest()
+        }
+
+        uptime = await manager.send_and_wait("example", "uptime")
+        assert uptime.status is CommandStatus.COMPLETED and uptime.result["process_seconds"] >= 0
+
+        for command_type, payload, code in [
+            ("disk_usage", {"path": 42}, "invalid_payload"),
+            ("disk_usage", {"path": str(tmp_path / "missing")}, "not_found"),
+            ("file_checksum", {"path": str(tmp_path)}, "invalid_payload"),
+            ("restart", {"delay_seconds": -1}, "invalid_payload"),
+            ("reboot_the_moon", {}, "unknown_command_type"),
+        ]:
+            failed = await manager.send_and_wait("example", command_type, payload)
+            assert (failed.status, failed.error_code) == (CommandStatus.FAILED, code), failed
+
+        # The async restart is cancellable mid-delay.
+        slow = await manager.send_command("example", "restart", {"delay_seconds": 60})
+        await manager.cancel(slow.command_id)
+        assert (await manager.get_command(slow.command_id)).status is CommandStatus.CANCELLED
+        scope.cancel()
+
+
+async def test_example_seed_style_executor(cluster):
+    example = load_example_executor()
+    with trio.fail_after(TIMEOUT):
+        _, scope = await cluster.start_agent("seed", executor=example.SeedStyleExecutor())
+        done = await cluster.manager.send_and_wait("seed", "disk_usage", {"path": "/"})
+        assert done.status is CommandStatus.COMPLETED
+        unknown = await cluster.manager.send_and_wait("seed", "echo")
+        assert unknown.error_code == "unknown_command_type"
+        scope.cancel()
+
+
+async def test_server_example_and_client_example_run_together(tmp_path):
+    python = sys.executable
+    with trio.fail_after(60):
+        async with spawn(
+            [python, str(EXAMPLES / "server_example.py"), "--quic", "127.0.0.1:0",
+             "--wait-for-agent", "30"],
+            cwd=tmp_path,
+        ) as server_run:
+            line = await server_run.stdout.wait_for("QUIC endpoint listening on")
+            address = line.rsplit(" ", 1)[1]
+            async with spawn(
+                [python, str(EXAMPLES / "client_example.py"), "--id", "client-001",
+                 "--server", address],
+                cwd=tmp_path,
+            ) as client_run:
+                assert await server_run.process.wait() == 0, f"{server_run.stdout}\n{server_run.stderr}"
+                output = str(server_run.stdout)
+                for expected in [
+                    "== echo (waited for the agent)",
+                    'result={"hello": "world"}',
+                    "type=restart status=completed",
+                    "type=disk_usage status=completed",
+                    "type=file_checksum status=completed",
+                    "error_code=execution_timeout",
+                    "error_code=cancelled error=changed my mind",
+                    "error_code=unknown_command_type",
+                    "error_code=invalid_payload",
+                    "history for client-001: 11 commands",
+                    "Server stopped.",
+                ]:
+                    assert expected in output, output
+                assert client_run.stderr.matching("Trusting the server's dev certificate")
+                # Logged inside its signal handling, so SIGINT now means agent.stop().
+                await client_run.stderr.wait_for("Agent status client_id=client-001")
+                client_run.process.send_signal(signal.SIGINT)
+                assert await client_run.process.wait() == 0, str(client_run.stderr)
+                assert not client_run.stderr.matching("Traceback"), str(client_run.stderr)

@@ -1,0 +1,344 @@
+"""``python -m trio_quiccmd.agent``: run an agent with the built-in commands.
+
+::
+
+    python -m trio_quiccmd.agent --id client-001 [--server HOST:PORT]
+        [--label k=v ...] [--data-dir DIR] [--ca-file PEM]
+        [--server-fingerprint sha256:HEX] [--server-name NAME]
+        [--log-level LEVEL] [--max-concurrent N]
+
+Every flag also has an environment variable, ``QUICCMD_AGENT_<FLAG>`` (e.g.
+``QUICCMD_AGENT_ID``, ``QUICCMD_AGENT_SERVER``; ``QUICCMD_AGENT_LABELS`` holds
+comma-separated ``k=v`` pairs). A flag wins over its variable; ``--label`` flags
+are added to the variable's labels, replacing the same keys.
+
+The server is always verified, by the first of:
+
+1. ``--ca-file``: the chain must lead to these CA certificates (and, if
+   ``--server-fingerprint`` is given too, the pin must match as well);
+2. ``--server-fingerprint``: the server's certificate must be exactly this one;
+3. ``<data-dir>/server-cert.pem``, if it exists: the development certificate a
+   server started from the same directory generated, used as the CA;
+4. the operating system's CA store.
+
+Exit status: 0 after SIGINT/SIGTERM (the connection is closed politely), 2 for
+bad flags, 1 if the server refuses this agent for good.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import attrs
+import trio
+from cryptography import x509
+
+from ..logs import configure_logging
+from ..quic.tls import DEV_CERT_NAME, parse_fingerprint
+from .client import Agent, AgentRejected
+
+logger = logging.getLogger("trio_quiccmd.agent")
+
+PROG = "python -m trio_quiccmd.agent"
+ENV_PREFIX = "QUICCMD_AGENT_"
+DEFAULT_PORT = 8474
+DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_DATA_DIR = "./.quiccmd"
+DEFAULT_MAX_CONCURRENT = 1024
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class UsageError(Exception):
+    """A bad flag or environment variable: reported on one line, exit status 2."""
+
+
+@attrs.frozen(kw_only=True)
+class AgentSettings:
+    client_id: str
+    server: tuple[str, int]
+    labels: dict[str, str]
+    data_dir: Path
+    ca_file: Path | None
+    server_fingerprint: str | None
+    server_name: str | None
+    log_level: str
+    max_concurrent: int
+
+    def tls_description(self) -> str:
+        """How the server will be verified, for the startup log line."""
+        if self.ca_file is not None and self.server_fingerprint is not None:
+            return "ca-file+fingerprint"
+        if self.ca_file is not None:
+            return "ca-file"
+        if self.server_fingerprint is not None:
+            return "fingerprint"
+        return "system-ca"
+
+
+# -- parsing ---------------------------------------------------------------------
+
+
+def parse_address(text: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT``, or a bare host (default port) -> (host, port)."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty address")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad address {text!r}: expected [IPV6]:PORT")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") > 1:  # a bare IPv6 address
+        host, port_text = text, None
+    else:
+        host, _, port_text = text.partition(":")
+        port_text = port_text if ":" in text else None
+    if not host:
+        raise ValueError(f"bad address {text!r}: no host")
+    if port_text is None:
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"bad port in {text!r}: expected a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def parse_label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"bad label {text!r}: expected KEY=VALUE")
+    return key, value.strip()
+
+
+def _check_ca_file(path: Path, source: str) -> Path:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{source} {path}: no such file") from None
+    except OSError as exc:
+        raise UsageError(f"{source} {path}: cannot read it: {exc.strerror}") from None
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certificates = []
+    if not certificates:
+        raise UsageError(f"{source} {path}: not a PEM certificate file")
+    return path
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line an operator can act on, not the whole usage block.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Connect to a trio_quiccmd server over QUIC and run the commands it sends "
+        "(built-in command types: echo, sleep, fail, sysinfo).",
+        epilog="Each flag can also be set as QUICCMD_AGENT_<FLAG> in the environment "
+        "(QUICCMD_AGENT_LABELS=k=v,k2=v2 for labels).",
+    )
+    parser.add_argument("--id", dest="client_id", metavar="CLIENT_ID",
+                        help="this agent's client id (required) [QUICCMD_AGENT_ID]")
+    parser.add_argument("--server", metavar="HOST:PORT",
+                        help=f"the server's QUIC address (default {DEFAULT_SERVER})")
+    parser.add_argument("--label", dest="labels", action="append", metavar="KEY=VALUE",
+                        help="a label the server shows for this agent; repeatable")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help=f"where to look for the server's dev certificate "
+                        f"(default {DEFAULT_DATA_DIR})")
+    parser.add_argument("--ca-file", metavar="PEM",
+                        help="verify the server's certificate chain against these CA certificates")
+    parser.add_argument("--server-fingerprint", metavar="sha256:HEX",
+                        help="accept exactly the server certificate with this SHA-256 "
+                        "fingerprint (the server logs it at startup)")
+    parser.add_argument("--server-name", metavar="NAME",
+                        help="the name the server's certificate must carry "
+                        "(default: the host in --server)")
+    parser.add_argument("--log-level", type=str.lower, metavar="LEVEL",
+                        help="debug, info, warning, error or critical (default info)")
+    parser.add_argument("--max-concurrent", metavar="N",
+                        help=f"commands run at once (default {DEFAULT_MAX_CONCURRENT})")
+    return parser
+
+
+def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentSettings:
+    """Flags, then ``QUICCMD_AGENT_*`` variables, then defaults. Raises UsageError."""
+
+    def pick(flag: str, value: str | None, default: str | None = None) -> tuple[str | None, str]:
+        if value is not None:
+            return value, flag
+        env = ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+        if environ.get(env, "").strip():
+            return environ[env].strip(), env
+        return default, flag
+
+    client_id, _ = pick("--id", args.client_id)
+    if not client_id:
+        raise UsageError("--id is required (or set QUICCMD_AGENT_ID)")
+    if len(client_id) > 256:
+        raise UsageError("--id must be at most 256 characters")
+
+    server_text, source = pick("--server", args.server, DEFAULT_SERVER)
+    try:
+        server = parse_address(server_text or "")
+    except ValueError as exc:
+        raise UsageError(f"{source}: {exc}") from None
+
+    labels: dict[str, str] = {}
+    env_labels = environ.get(ENV_PREFIX + "LABELS", "")
+    for item in filter(None, (part.strip() for part in env_labels.split(","))):
+        try:
+            key, value = parse_label(item)
+        except ValueError as exc:
+            raise UsageError(f"{ENV_PREFIX}LABELS: {exc}") from None
+        labels[key] = value
+    for item in args.labels or ():
+        try:
+            key, value = parse_label(item)
+        except ValueError as exc:
+            raise UsageError(f"--label: {exc}") from None
+        labels[key] = value
+
+    data_dir_text, _ = pick("--data-dir", args.data_dir, DEFAULT_DATA_DIR)
+    data_dir = Path(data_dir_text or DEFAULT_DATA_DIR)
+
+    ca_text, source = pick("--ca-file", args.ca_file)
+    ca_file = _check_ca_file(Path(ca_text), source) if ca_text else None
+
+    pin_text, source = pick("--server-fingerprint", args.server_fingerprint)
+    try:
+        pin = parse_fingerprint(pin_text) if pin_text else None
+    except ValueError as exc:
+        raise UsageError(f"{source}: {exc}") from None
+
+    server_name, _ = pick("--server-name", args.server_name)
+
+    level, source = pick("--log-level", args.log_level, "info")
+    level = (level or "info").lower()
+    if level not in LOG_LEVELS:
+        raise UsageError(f"{source}: bad log level {level!r}: one of {', '.join(LOG_LEVELS)}")
+
+    concurrent_text, source = pick("--max-concurrent", args.max_concurrent,
+                                   str(DEFAULT_MAX_CONCURRENT))
+    if not (concurrent_text or "").isdigit() or int(concurrent_text or 0) < 1:
+        raise UsageError(f"{source}: expected a positive whole number, got {concurrent_text!r}")
+
+    return AgentSettings(
+        client_id=client_id,
+        server=server,
+        labels=labels,
+        data_dir=data_dir,
+        ca_file=ca_file,
+        server_fingerprint=pin,
+        server_name=server_name,
+        log_level=level,
+        max_concurrent=int(concurrent_text or DEFAULT_MAX_CONCURRENT),
+    )
+
+
+def with_dev_certificate(settings: AgentSettings) -> AgentSettings:
+    """Trust ``<data-dir>/server-cert.pem`` when nothing else was said and it exists."""
+    if settings.ca_file is not None or settings.server_fingerprint is not None:
+        return settings
+    candidate = settings.data_dir / DEV_CERT_NAME
+    if not candidate.is_file():
+        return settings
+    _check_ca_file(candidate, "data dir certificate")
+    logger.info(
+        "Using the server certificate from the data dir as CA ca_file=%s", candidate
+    )
+    return attrs.evolve(settings, ca_file=candidate)
+
+
+def _format_host(host: str) -> str:
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host
+
+
+# -- running ---------------------------------------------------------------------
+
+
+async def run_agent(settings: AgentSettings) -> int:
+    """Run until SIGINT/SIGTERM (-> 0) or a final refusal (-> 1)."""
+    agent = Agent(
+        settings.client_id,
+        settings.server,
+        labels=settings.labels,
+        ca_file=settings.ca_file,
+        server_fingerprint=settings.server_fingerprint,
+        server_name=settings.server_name,
+        max_concurrent_commands=settings.max_concurrent,
+    )
+    # Signals are ours from here on; "Agent starting" says so.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        logger.info(
+            "Agent starting client_id=%s server=%s:%s tls=%s labels=%s",
+            settings.client_id, _format_host(settings.server[0]), settings.server[1],
+            settings.tls_description(),
+            ",".join(f"{k}={v}" for k, v in sorted(settings.labels.items())),
+        )
+        if settings.tls_description() == "system-ca":
+            logger.info(
+                "Verifying the server against the system CA store "
+                "(no --ca-file, no --server-fingerprint, no %s in the data dir) data_dir=%s",
+                DEV_CERT_NAME, settings.data_dir,
+            )
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    if not agent.stopping:
+                        logger.info(
+                            "Shutting down signal=%s client_id=%s",
+                            signal.Signals(signum).name, settings.client_id,
+                        )
+                        agent.stop()
+                    else:  # a second signal: stop waiting for the goodbye
+                        nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_signals)
+            try:
+                await agent.run()
+            except AgentRejected as exc:
+                logger.error("Agent rejected by the server client_id=%s error=%s",
+                             settings.client_id, exc)
+                return 1
+            finally:
+                nursery.cancel_scope.cancel()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = resolve_settings(args, os.environ if environ is None else environ)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    if settings.log_level != "debug":
+        # aioquic logs every handshake at INFO; that is debugging detail here.
+        logging.getLogger("quic").setLevel(logging.WARNING)
+    try:
+        settings = with_dev_certificate(settings)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    return trio.run(run_agent, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Log lines an operator can grep: ``<UTC time> <LEVEL> <logger> <message key=value ...>``.
+
+For example::
+
+    2026-11-28T10:00:00.123Z INFO trio_quiccmd.command Command sent command_id=... client_id=...
+
+The messages themselves carry the ``key=value`` pairs (the library logs them
+that way); this module only frames them. Shared by the server and agent CLIs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import sys
+from typing import TextIO
+
+
+class KeyValueFormatter(logging.Formatter):
+    """One line per record, RFC 3339 UTC timestamp first; tracebacks indented below."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        moment = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    def formatException(self, ei) -> str:  # type: ignore[no-untyped-def]
+        # Indented, so a grep for the log line's start never matches a traceback line.
+        return "\n".join("    " + line for line in super().formatException(ei).splitlines())
+
+
+def configure_logging(level: str | int = "INFO", stream: TextIO | None = None) -> logging.Handler:
+    """Send every log record at ``level`` and above to ``stream`` (stderr), one line each.
+
+    Replaces the root logger's handlers (a CLI owns its process's logging).
+    Returns the handler.
+    """
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(KeyValueFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level if isinstance(level, int) else level.upper())
+    return handler
