@@ -187,7 +187,7 @@ async def test_agent_reconnects_after_the_connection_drops(cluster):
         old_link.close(ProtocolErrorCode.NO_ERROR, "test drops the connection")
         assert manager.registry.get("flaky") is None
         await wait_until(lambda: manager.registry.get("flaky") not in (None, old_link))
-        assert agent.sessions_established == 2
+        await wait_until(lambda: agent.sessions_established == 2)
         second = await manager.send_and_wait("flaky", "echo", 2)
     assert second.status is CommandStatus.COMPLETED and second.result == 2
 
@@ -229,7 +229,7 @@ async def test_waiters_all_get_the_result(cluster):
         async with trio.open_nursery() as nursery:
             for _ in range(20):
                 nursery.start_soon(waiter)
-            await wait_until(lambda: len(cluster.manager._waiters.get(command.command_id, ())) == 20)
+            await wait_until(lambda: cluster.manager.waiter_count(command.command_id) == 20)
             gate.set()
     assert len(seen) == 20
     assert all(c.status is CommandStatus.COMPLETED and c.result == "open" for c in seen)

@@ -34,7 +34,7 @@ class RecordingSession:
         self.peer_address = ("192.0.2.7", 4433)
         self.closed_with = None
 
-    def open_stream(self, frame) -> int:
+    def open_stream(self, frame, *, end_stream=False) -> int:
         stream_id = self.next_stream
         self.next_stream += 4
         self.streams[stream_id] = [frame]
@@ -108,8 +108,11 @@ async def test_execution_deadline_is_enforced_without_waiters(manager, autojump_
     timed_out = await manager.get_command(command.command_id)
     assert timed_out.status is CommandStatus.TIMEOUT
     assert timed_out.error_code == "execution_timeout"
-    # The agent is told to stop, and its late result changes nothing.
-    assert isinstance(session.streams[session.stream_of(command.command_id)][-1], CancelFrame)
+    # The agent is told to stop (on the control stream), and its late result
+    # changes nothing.
+    assert session.streams[0][-1] == CancelFrame(
+        command_id=command.command_id, reason="no result within 5 s"
+    )
     link.frame_received(
         session,
         session.stream_of(command.command_id),

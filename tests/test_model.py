@@ -264,3 +264,18 @@ def test_ids_keep_order_when_the_wall_clock_steps_back(monkeypatch):
     _fake_clock(monkeypatch, [now, now - 5.0, now - 4.0, now + 1.0])
     ids = [new_command_id() for _ in range(4)]
     assert len(set(ids)) == 4 and ids == sorted(ids)
+
+
+def test_transition_keeps_every_field_it_does_not_change():
+    command = Command(
+        command_id="id-1", client_id="c", command_type="t", payload={"p": 1},
+        priority=7, timeout=12.5, connect_timeout=3.0, created_at=100.0,
+    )
+    executing = transition(command, CommandStatus.EXECUTING, at=101.0)
+    done = transition(executing, CommandStatus.FAILED, at=102.0, result=[1], error="e", error_code="x")
+    changed = {"status", "sent_at", "completed_at", "result", "error", "error_code"}
+    for field in attrs.fields(Command):
+        if field.name not in changed:
+            assert getattr(done, field.name) == getattr(command, field.name), field.name
+    assert (executing.sent_at, done.sent_at, done.completed_at) == (101.0, 101.0, 102.0)
+    assert (done.result, done.error, done.error_code) == ([1], "e", "x")

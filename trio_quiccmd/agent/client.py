@@ -90,11 +90,11 @@ class _AgentSession(SessionHandler):
                 self.welcome = frame
                 self.welcomed.set()
                 return
+            if isinstance(frame, CancelFrame) and self.welcome is not None:
+                self._agent.handler.cancel(frame.command_id)
+                return
         elif isinstance(frame, CommandFrame):
             self._nursery.start_soon(self._agent._execute, session, stream_id, frame)
-            return
-        elif isinstance(frame, CancelFrame):
-            self._agent.handler.cancel(frame.command_id)
             return
         raise ProtocolError(
             ProtocolErrorCode.UNEXPECTED_FRAME, f"unexpected {frame.type} frame on stream {stream_id}"

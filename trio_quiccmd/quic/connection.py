@@ -235,22 +235,15 @@ class QuicSession:
             self._transmit_now()
         self._wake()
 
-    def open_stream(self, frame: Frame) -> int:
+    def open_stream(self, frame: Frame, *, end_stream: bool = False) -> int:
         """Open a bidirectional stream and send ``frame`` on it; returns its id.
 
         Allocation and first send happen together: aioquic does not reserve an
         id until data is sent on it.
         """
         stream_id = self.quic.get_next_available_stream_id()
-        self.send_frame(stream_id, frame)
+        self.send_frame(stream_id, frame, end_stream=end_stream)
         return stream_id
-
-    def end_stream(self, stream_id: int) -> None:
-        if self._lost_notified:
-            return
-        self.quic.send_stream_data(stream_id, b"", end_stream=True)
-        self._decoders.pop(stream_id, None)
-        self._wake()
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
         if self._lost_notified:

@@ -53,6 +53,17 @@ class ManagerSettings:
     hello_timeout: float = 10.0
 
 
+class _Promise:
+    """The promise of one unfinished command: its waiters park on ``settled``."""
+
+    __slots__ = ("settled", "command", "waiters")
+
+    def __init__(self) -> None:
+        self.settled = trio.Event()
+        self.command: Command | None = None
+        self.waiters = 0
+
+
 class CommandObserver(Protocol):
     """Told of lifecycle events (metrics hang off this)."""
 
@@ -93,8 +104,8 @@ class CommandManager:
         # Pending commands per client: heap of (-priority, sequence, command_id).
         self._queues: dict[str, list[tuple[int, int, str]]] = {}
         self._queue_sequence = 0
-        # Promise table: command_id -> one-shot channels of its waiters.
-        self._waiters: dict[str, list[trio.MemorySendChannel[Command]]] = {}
+        # Promise table: command_id -> promise, while anyone waits for it.
+        self._waiters: dict[str, _Promise] = {}
         # Deadlines: heap of (trio time, command_id); the current one per command
         # in _deadline_of (older heap entries are skipped when they surface).
         self._deadlines: list[tuple[float, str]] = []
@@ -268,16 +279,22 @@ class CommandManager:
         command = self._live.get(command_id)
         if command is None:
             return await self.get_command(command_id)
-        send, receive = trio.open_memory_channel[Command](1)
-        waiters = self._waiters.setdefault(command_id, [])
-        waiters.append(send)
+        promise = self._waiters.get(command_id)
+        if promise is None:
+            promise = self._waiters[command_id] = _Promise()
+        promise.waiters += 1
         try:
-            with trio.move_on_after(math.inf if timeout is None else timeout):
-                return await receive.receive()
+            if timeout is None:
+                await promise.settled.wait()
+            else:
+                with trio.move_on_after(timeout):
+                    await promise.settled.wait()
+            if promise.command is not None:
+                return promise.command
             return await self.get_command(command_id)
         finally:
-            waiters.remove(send)
-            if not waiters and self._waiters.get(command_id) is waiters:
+            promise.waiters -= 1
+            if promise.waiters == 0 and self._waiters.get(command_id) is promise:
                 del self._waiters[command_id]
 
     async def send_and_wait(
@@ -324,6 +341,11 @@ class CommandManager:
             for _, _, command_id in self._queues.get(client_id, ())
             if (c := self._live.get(command_id)) is not None and c.status is CommandStatus.PENDING
         )
+
+    def waiter_count(self, command_id: str) -> int:
+        """How many callers are in :meth:`wait` for this command now."""
+        promise = self._waiters.get(command_id)
+        return promise.waiters if promise is not None else 0
 
     @property
     def unfinished_count(self) -> int:
@@ -450,8 +472,10 @@ class CommandManager:
             link = self.registry.get(command.client_id)
             if link is not None:
                 link.cancel_command(command.command_id, error or status.value)
-        for waiter in self._waiters.get(command.command_id, ()):
-            waiter.send_nowait(command)
+        promise = self._waiters.pop(command.command_id, None)
+        if promise is not None:
+            promise.command = command
+            promise.settled.set()
         self._log_finished(command)
         self._notify_finished(command)
         if not self._live:

@@ -69,6 +69,7 @@ class AgentLink(SessionHandler):
         self.hello: Hello | None = None
         self.connected_at: float | None = None
         self.session_id = ""
+        self._control_stream: int | None = None
         self._stream_of: dict[str, int] = {}  # command_id -> stream_id
         self._command_on: dict[int, str] = {}  # stream_id -> command_id
 
@@ -94,7 +95,11 @@ class AgentLink(SessionHandler):
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def send_command(self, command: Command, timeout: float) -> None:
-        """Open the command's stream and send COMMAND on it."""
+        """Open the command's stream and send COMMAND on it.
+
+        Our side of the stream ends with the COMMAND: the agent's RESULT then
+        finishes the stream without another round of packets.
+        """
         assert self.session is not None
         stream_id = self.session.open_stream(
             CommandFrame(
@@ -102,20 +107,25 @@ class AgentLink(SessionHandler):
                 command_type=command.command_type,
                 payload=command.payload,
                 timeout=timeout,
-            )
+            ),
+            end_stream=True,
         )
         self._stream_of[command.command_id] = stream_id
         self._command_on[stream_id] = command.command_id
 
     def cancel_command(self, command_id: str, reason: str) -> None:
-        """Send CANCEL on the command's stream, if it is open on this link."""
+        """Tell the agent to stop executing ``command_id`` (CANCEL on the control stream).
+
+        The control stream, not the command's: the command's stream is already
+        ended on our side, and a command still running on the agent from an
+        earlier connection has no stream on this one.
+        """
         stream_id = self._stream_of.pop(command_id, None)
-        if stream_id is None:
-            return
-        del self._command_on[stream_id]
-        if self.session is not None:
+        if stream_id is not None:
+            del self._command_on[stream_id]
+        if self.session is not None and self._control_stream is not None:
             self.session.send_frame(
-                stream_id, CancelFrame(command_id=command_id, reason=reason), end_stream=True
+                self._control_stream, CancelFrame(command_id=command_id, reason=reason)
             )
 
     def close(self, code: ProtocolErrorCode, reason: str) -> None:
@@ -134,8 +144,7 @@ class AgentLink(SessionHandler):
         elif isinstance(frame, ResultFrame):
             command_id = self._command_on.get(stream_id)
             if command_id is None:
-                # Cancelled or timed out here already (our side of the stream
-                # ended with the CANCEL); the agent's late answer is moot.
+                # Cancelled or timed out here already; the late answer is moot.
                 return
             if command_id != frame.command_id:
                 raise ProtocolError(
@@ -144,7 +153,6 @@ class AgentLink(SessionHandler):
                 )
             del self._command_on[stream_id]
             del self._stream_of[command_id]
-            session.end_stream(stream_id)
             self._registry.listener.result_received(self, frame)
         elif isinstance(frame, ProgressFrame):
             if self._command_on.get(stream_id) == frame.command_id:
@@ -171,6 +179,7 @@ class AgentLink(SessionHandler):
                 ProtocolErrorCode.INVALID_FRAME, "client_id must be 1 to 256 characters"
             )
         self.hello = frame
+        self._control_stream = stream_id
         self.connected_at = time.time()
         self.session_id = f"{frame.client_id}@{self.connected_at:.6f}"
         session.send_frame(
