@@ -1,0 +1,156 @@
+"""Many agents on one server: handshake rate, memory per agent, fan-out time.
+
+Starts a server (CommandManager + CommandServer, as in the real service) in
+this process, then N agents spread over several agent processes, each running
+many `Agent` instances (each its own UDP socket and QUIC connection, TLS
+verified). Measures:
+
+* handshake rate: agents connected (HELLO done) per second while they connect;
+* server memory per connected agent: growth of the server's RSS / N;
+* fan-out: one `echo` command sent to every agent at once, time until every
+  result is back.
+
+    python benchmarks/scale.py                  # 1,000 agents
+    python benchmarks/scale.py --agents 10000   # the big one
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit  # noqa: E402
+
+from trio_quiccmd import Agent, CommandManager, CommandServer, CommandStatus, ManagerSettings  # noqa: E402
+from trio_quiccmd.quic.tls import ensure_dev_certificate  # noqa: E402
+from trio_quiccmd.server.core import server_quic_configuration  # noqa: E402
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def run_server(args: argparse.Namespace) -> None:
+    raise_fd_limit()
+    data = Path(tempfile.mkdtemp(prefix="quiccmd-scale-"))
+    cert, key, _ = ensure_dev_certificate(data)
+    manager = CommandManager(settings=ManagerSettings(hello_timeout=60.0))
+    server = CommandServer(manager, server_quic_configuration(cert, key, idle_timeout=60.0))
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(server.serve, "127.0.0.1", 0)
+        for _ in range(3):  # settle allocator before the baseline
+            await trio.sleep(0.1)
+        baseline = rss_mib()
+        per_proc = -(-args.agents // args.procs)
+        procs = []
+        started = time.perf_counter()
+        for p in range(args.procs):
+            count = min(per_proc, args.agents - p * per_proc)
+            procs.append(
+                await trio.lowlevel.open_process(
+                    [sys.executable, __file__, "agents", "--port", str(address[1]),
+                     "--ca-file", str(cert), "--offset", str(p * per_proc), "--count", str(count),
+                     "--connect-concurrency", str(args.connect_concurrency)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
+            )
+        first_at = None
+        with trio.fail_after(args.connect_timeout):
+            while (connected := len(manager.registry)) < args.agents:
+                if connected and first_at is None:
+                    first_at = time.perf_counter()
+                await trio.sleep(0.05)
+        all_at = time.perf_counter()
+        await trio.sleep(0.5)
+        connected_rss = rss_mib()
+
+        ids = [f"scale-{i}" for i in range(args.agents)]
+        fanout_start = time.perf_counter()
+        commands = [await manager.send_command(client_id, "echo", {"n": 1}) for client_id in ids]
+        sent_at = time.perf_counter()
+        finished = 0
+        async with trio.open_nursery() as waiters:
+            async def wait_one(command_id: str) -> None:
+                nonlocal finished
+                if (await manager.wait(command_id)).status is CommandStatus.COMPLETED:
+                    finished += 1
+            for command in commands:
+                waiters.start_soon(wait_one, command.command_id)
+        fanout = time.perf_counter() - fanout_start
+
+        emit({
+            "agents": args.agents,
+            "agent_processes": args.procs,
+            "connect_seconds": all_at - started,
+            "handshakes_per_second": args.agents / (all_at - (first_at or started)),
+            "server_rss_baseline_mib": baseline,
+            "server_rss_connected_mib": connected_rss,
+            "server_kib_per_agent": (connected_rss - baseline) * 1024 / args.agents,
+            "fanout_send_seconds": sent_at - fanout_start,
+            "fanout_seconds": fanout,
+            "fanout_completed": finished,
+        })
+        for proc in procs:
+            proc.terminate()
+        with trio.move_on_after(10):
+            for proc in procs:
+                await proc.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def run_agents(args: argparse.Namespace) -> None:
+    raise_fd_limit()
+    limiter = trio.Semaphore(args.connect_concurrency)
+
+    async def connect(nursery: trio.Nursery, agent: Agent) -> None:
+        async with limiter:  # bounded connects in flight, so handshakes do not time out
+            await nursery.start(agent.run)
+
+    async with trio.open_nursery() as nursery:
+        for index in range(args.offset, args.offset + args.count):
+            agent = Agent(
+                f"scale-{index}", ("127.0.0.1", args.port), ca_file=args.ca_file,
+                idle_timeout=60.0, handshake_timeout=30.0, keepalive_interval=20.0,
+                max_concurrent_commands=16,
+            )
+            nursery.start_soon(connect, nursery, agent)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("role", nargs="?", default="server", choices=["server", "agents"])
+    parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--procs", type=int, default=4)
+    parser.add_argument("--connect-concurrency", type=int, default=64)
+    parser.add_argument("--connect-timeout", type=float, default=600.0)
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--ca-file")
+    parser.add_argument("--offset", type=int, default=0)
+    parser.add_argument("--count", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    trio.run(run_server if args.role == "server" else run_agents, args)
+
+
+if __name__ == "__main__":
+    main()
