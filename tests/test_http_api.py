@@ -1,0 +1,783 @@
+"""The HTTP API end to end: the real service (``serve``) on free ports, real
+agents over QUIC with TLS verified, and a real HTTP/1.1 client over TCP.
+
+Synchronisation is by events, never by sleeping: a "gate" command type on the
+agent signals when it starts and waits until the test opens it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterable
+
+import attrs
+import h11
+import pytest
+import trio
+
+from trio_quiccmd import Agent, builtin_executor
+from trio_quiccmd.config import ServerSettings
+from trio_quiccmd.server.openapi import openapi_document
+from trio_quiccmd.server.service import ServerAddresses, serve
+
+pytestmark = pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning")
+
+#: Every test ends well within this, or it hangs somewhere.
+TEST_TIMEOUT = 20
+
+COMMAND_FIELDS = [
+    "command_id", "client_id", "command_type", "payload", "status", "result", "error",
+    "error_code", "priority", "timeout", "connect_timeout", "created_at", "sent_at",
+    "completed_at",
+]
+
+
+# -- a tiny HTTP/1.1 client: h11 over trio TCP ------------------------------------
+
+
+@attrs.frozen
+class HttpResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        assert self.headers.get("content-type", "").startswith("application/json"), self.headers
+        return json.loads(self.body)
+
+
+_NO_BODY = object()
+
+
+async def http(
+    address: tuple[str, int],
+    method: str,
+    target: str,
+    json_body: Any = _NO_BODY,
+    *,
+    body: bytes | None = None,
+    headers: Iterable[tuple[str, str]] = (),
+    chunks: list[bytes] | None = None,
+    finish_body: bool = True,
+) -> HttpResponse:
+    """One request on a fresh connection (``Connection: close``).
+
+    ``chunks`` sends a chunked body; ``finish_body=False`` sends the headers
+    (and ``body``) but never ends the request, for a lying Content-Length.
+    """
+    host, port = address
+    host_header = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    all_headers = [("Host", host_header), ("Connection", "close"), *headers]
+    if json_body is not _NO_BODY:
+        body = json.dumps(json_body).encode()
+        all_headers.append(("Content-Type", "application/json"))
+    if chunks is not None:
+        all_headers.append(("Transfer-Encoding", "chunked"))
+    elif body is not None and not any(k.lower() == "content-length" for k, _ in all_headers):
+        all_headers.append(("Content-Length", str(len(body))))
+    elif body is None and method in {"POST", "PUT"} and not any(
+        k.lower() == "content-length" for k, _ in all_headers
+    ):
+        all_headers.append(("Content-Length", "0"))
+
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        conn = h11.Connection(h11.CLIENT)
+        await stream.send_all(conn.send(h11.Request(method=method, target=target, headers=all_headers)))
+        for piece in chunks if chunks is not None else ([body] if body else []):
+            await stream.send_all(conn.send(h11.Data(data=piece)))
+        if finish_body:
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+        status, response_headers, data = 0, {}, bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                response_headers = {k.decode().lower(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                data += event.data
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                break
+    return HttpResponse(status, response_headers, bytes(data))
+
+
+# -- OpenAPI: every response checked against the document the server serves ---------
+
+
+def check_openapi(document: dict, method: str, path: str, response: HttpResponse) -> None:
+    """Validate ``response`` against the document's schema for (path, method, status)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    referencing = pytest.importorskip("referencing")
+    from referencing.jsonschema import DRAFT202012
+
+    responses = document["paths"][path][method.lower()]["responses"]
+    assert str(response.status) in responses, f"{method} {path} {response.status} undocumented"
+    content = responses[str(response.status)]["content"]
+    media = "application/json" if "application/json" in content else next(iter(content))
+    assert response.headers["content-type"].startswith(media)
+    if media != "application/json":
+        return
+    resource = referencing.Resource.from_contents(document, default_specification=DRAFT202012)
+    registry = referencing.Registry().with_resource("urn:openapi", resource)
+    schema = dict(content[media]["schema"])
+    if "$ref" in schema:
+        schema = {"$ref": "urn:openapi" + schema["$ref"]}
+    else:
+        schema["$id"] = "urn:openapi-inline"
+    # Refs inside the components are relative ("#/components/..."): resolve
+    # them against the whole document.
+    validator = jsonschema.Draft202012Validator(schema, registry=registry, format_checker=jsonschema.FormatChecker())
+    errors = sorted(validator.iter_errors(response.json()), key=str)
+    assert not errors, f"{method} {path} {response.status}: {errors[0]}"
+
+
+# -- the gate executor: commands the test starts and finishes ------------------------
+
+
+class Gates:
+    """``gate`` commands (payload ``{"name": ...}``) run until the test opens their gate."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, trio.Event] = defaultdict(trio.Event)
+        self.opened: dict[str, trio.Event] = defaultdict(trio.Event)
+        self.cancelled: dict[str, trio.Event] = defaultdict(trio.Event)
+
+    def executor(self):
+        registry = builtin_executor()
+
+        @registry.register("gate")
+        async def gate(payload: Any) -> Any:
+            name = payload["name"]
+            self.started[name].set()
+            try:
+                await self.opened[name].wait()
+            except trio.Cancelled:
+                self.cancelled[name].set()
+                raise
+            return {"opened": name}
+
+        @registry.register("not_a_number")
+        async def not_a_number(payload: Any) -> Any:
+            return {"value": float("nan"), "big": float("inf"), "ok": 1.5}
+
+        return registry
+
+
+# -- the harness: the real service in a nursery ----------------------------------------
+
+
+@attrs.define
+class Harness:
+    settings: ServerSettings
+    addresses: ServerAddresses
+    shutdown: trio.Event
+    agents_nursery: trio.Nursery
+    gates: Gates
+    document: dict
+    served: trio.Event
+
+    @property
+    def http_address(self) -> tuple[str, int]:
+        return self.addresses.http
+
+    async def request(self, method: str, target: str, json_body: Any = _NO_BODY, **kw: Any) -> HttpResponse:
+        return await http(self.http_address, method, target, json_body, **kw)
+
+    async def start_agent(self, client_id: str, **options: Any) -> Agent:
+        """A real agent; returns once the server has welcomed it."""
+        options.setdefault("executor", self.gates.executor())
+        options.setdefault("ca_file", self.settings.data_dir / "server-cert.pem")
+        options.setdefault("reconnect_initial_delay", 0.05)
+        options.setdefault("reconnect_max_delay", 0.2)
+        agent = Agent(client_id, ("127.0.0.1", self.addresses.quic[1]), **options)
+        await self.agents_nursery.start(agent.run)
+        return agent
+
+    async def send(self, expect: int | None = 202, **fields: Any) -> dict:
+        response = await self.request("POST", "/api/command", fields)
+        if expect is not None:
+            assert response.status == expect, response.body
+        check_openapi(self.document, "POST", "/api/command", response)
+        return response.json()
+
+
+@asynccontextmanager
+async def running_server(tmp_path: Path, **overrides: Any) -> AsyncIterator[Harness]:
+    overrides.setdefault("shutdown_grace", 0.0)
+    settings = ServerSettings(
+        http_host="127.0.0.1",
+        http_port=0,
+        quic_host="127.0.0.1",
+        quic_port=0,
+        data_dir=tmp_path / "data",
+        **overrides,
+    )
+    shutdown = trio.Event()
+    served = trio.Event()
+
+    async def run_service(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await serve(settings, shutdown_event=shutdown, task_status=task_status)
+        served.set()
+
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(run_service)
+        async with trio.open_nursery() as agents:
+            harness = Harness(
+                settings, addresses, shutdown, agents, Gates(),
+                openapi_document(
+                    default_timeout=settings.default_timeout,
+                    max_timeout=settings.max_timeout,
+                    max_payload_bytes=settings.max_payload_bytes,
+                ),
+                served,
+            )
+            yield harness
+            # Agents first: after the server is gone they would only retry.
+            agents.cancel_scope.cancel()
+        shutdown.set()
+    # The nursery only closes once serve() returned: nothing left running.
+    assert served.is_set()
+
+
+# -- sending, getting, waiting -----------------------------------------------------------
+
+
+async def test_send_then_get_and_long_poll_to_completion(tmp_path):
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            await h.start_agent("client-001")
+            sent = await h.send(client_id="client-001", command_type="gate", payload={"name": "g"})
+            assert list(sent) == COMMAND_FIELDS
+            assert sent["status"] == "executing"
+            assert sent["payload"] == {"name": "g"}
+            assert sent["timeout"] == 30 and sent["connect_timeout"] == 0 and sent["priority"] == 0
+            assert sent["sent_at"] is not None and sent["completed_at"] is None
+            await h.gates.started["g"].wait()
+
+            url = f"/api/command/{sent['command_id']}"
+            now = await h.request("GET", url)
+            assert now.status == 200 and now.json()["status"] == "executing"
+            check_openapi(h.document, "GET", "/api/command/{command_id}", now)
+
+            # A long poll that runs out returns the current state, after the wait.
+            start = trio.current_time()
+            short = await h.request("GET", url + "?wait=0.2")
+            assert trio.current_time() - start >= 0.2
+            assert short.status == 200 and short.json()["status"] == "executing"
+
+            # A long poll returns as soon as the command finishes, well before its wait.
+            async with trio.open_nursery() as nursery:
+                results: list[HttpResponse] = []
+
+                async def poll() -> None:
+                    results.append(await h.request("GET", url + "?wait=60"))
+
+                nursery.start_soon(poll)
+                h.gates.opened["g"].set()
+            final = results[0].json()
+            assert results[0].status == 200
+            assert final["status"] == "completed"
+            assert final["result"] == {"opened": "g"}
+            assert final["error"] is None and final["error_code"] is None
+            check_openapi(h.document, "GET", "/api/command/{command_id}", results[0])
+
+
+async def test_timestamps_are_rfc3339_utc_and_ordered(tmp_path):
+    from datetime import datetime
+
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            await h.start_agent("a")
+            before = time.time()
+            done = await h.send(200, client_id="a", command_type="echo", payload=[1], wait=True)
+    stamps = [done["created_at"], done["sent_at"], done["completed_at"]]
+    for stamp in stamps:
+        assert stamp.endswith("Z")
+    parsed = [datetime.fromisoformat(s.replace("Z", "+00:00")) for s in stamps]
+    assert all(p.utcoffset().total_seconds() == 0 for p in parsed)
+    assert parsed == sorted(parsed)
+    assert abs(parsed[0].timestamp() - before) < 5
+
+
+async def test_wait_true_returns_the_final_state_of_each_outcome(tmp_path):
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            await h.start_agent("a")
+            ok = await h.send(200, client_id="a", command_type="echo", payload={"x": "é"}, wait=True)
+            assert ok["status"] == "completed" and ok["result"] == {"x": "é"}
+
+            failed = await h.send(
+                200, client_id="a", command_type="fail", payload={"message": "disk full"}, wait=True
+            )
+            assert failed["status"] == "failed"
+            assert failed["error"] == "disk full" and failed["error_code"] == "executor_error"
+
+            deep: Any = "bottom"
+            for _ in range(99):  # 100 levels: the deepest a payload may be
+                deep = [deep]
+            echoed = await h.send(200, client_id="a", command_type="echo", payload=deep, wait=True)
+            assert echoed["status"] == "completed" and echoed["result"] == deep
+
+            unknown = await h.send(200, client_id="a", command_type="no-such-type", wait=True)
+            assert unknown["status"] == "failed" and unknown["error_code"] == "unknown_command_type"
+
+            # The wait is bounded by the command's own deadline.
+            start = trio.current_time()
+            timed_out = await h.send(
+                200, client_id="a", command_type="gate", payload={"name": "t"}, timeout=0.3, wait=True
+            )
+            assert 0.3 <= trio.current_time() - start < 5
+            assert timed_out["status"] == "timeout"
+            assert timed_out["error_code"] == "execution_timeout"
+            with trio.fail_after(5):
+                await h.gates.cancelled["t"].wait()  # and the agent was told to stop
+
+
+async def test_non_finite_numbers_in_a_result_come_back_as_valid_json(tmp_path):
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            await h.start_agent("a")
+            response = await h.request(
+                "POST", "/api/command", {"client_id": "a", "command_type": "not_a_number", "wait": True}
+            )
+    assert response.status == 200
+    assert b"NaN" not in response.body and b"Infinity" not in response.body
+    assert response.json()["result"] == {"value": None, "big": None, "ok": 1.5}
+
+
+async def test_offline_agent_is_409_with_the_failed_command(tmp_path):
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            body = await h.send(409, client_id="nobody", command_type="echo")
+            assert body["status"] == "failed"
+            assert body["error_code"] == "agent_offline"
+            assert "nobody" in body["error"]
+            assert body["sent_at"] is None and body["completed_at"] is not None
+            # It is a real command: it can be fetched later.
+            again = await h.request("GET", f"/api/command/{body['command_id']}")
+            assert again.status == 200 and again.json() == body
+            # wait=true changes nothing: still 409 at once.
+            assert (await h.send(409, client_id="nobody", command_type="echo", wait=True))["status"] == "failed"
+
+
+async def test_connect_timeout_holds_the_command_until_the_agent_connects(tmp_path):
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            queued = await h.send(
+                client_id="late", command_type="echo", payload="hi", connect_timeout=30, priority=5
+            )
+            assert queued["status"] == "pending" and queued["sent_at"] is None
+            assert queued["connect_timeout"] == 30 and queued["priority"] == 5
+            await h.start_agent("late")
+            done = await h.request("GET", f"/api/command/{queued['command_id']}?wait=10")
+            assert done.json()["status"] == "completed" and done.json()["result"] == "hi"
+
+            # Nobody comes: it times out at its connect_timeout, as delivery_timeout.
+            never = await h.send(client_id="never", command_type="echo", connect_timeout=0.2)
+            final = await h.request("GET", f"/api/command/{never['command_id']}?wait=10")
+            assert final.json()["status"] == "timeout"
+            assert final.json()["error_code"] == "delivery_timeout"
+
+
+# -- 400: bad input never reaches the manager, never a 500 ----------------------------------
+
+BAD_SEND_BODIES: list[tuple[str, bytes, str]] = [
+    ("not JSON", b"{bad", "invalid_json"),
+    ("empty body", b"", "invalid_json"),
+    ("JSON array", b"[1, 2]", "invalid_json"),
+    ("JSON string", b'"client_id"', "invalid_json"),
+    ("not UTF-8", b'{"client_id": "\xff\xfe", "command_type": "echo"}', "invalid_json"),
+    ("NaN literal", b'{"client_id": "a", "command_type": "echo", "timeout": NaN}', "invalid_json"),
+    ("Infinity in payload", b'{"client_id": "a", "command_type": "echo", "payload": [Infinity]}', "invalid_json"),
+    ("float overflow", b'{"client_id": "a", "command_type": "echo", "payload": 1e999}', "invalid_json"),
+    ("deep nesting", b'{"client_id": "a", "command_type": "echo", "payload": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "invalid_json"),
+    ("payload nested 101 deep", b'{"client_id": "a", "command_type": "echo", "payload": ' + b"[" * 101 + b"]" * 101 + b"}", "invalid_command"),
+    ("missing client_id", b'{"command_type": "echo"}', "invalid_command"),
+    ("missing command_type", b'{"client_id": "a"}', "invalid_command"),
+    ("empty client_id", b'{"client_id": "", "command_type": "echo"}', "invalid_command"),
+    ("numeric client_id", b'{"client_id": 7, "command_type": "echo"}', "invalid_command"),
+    ("null command_type", b'{"client_id": "a", "command_type": null}', "invalid_command"),
+    ("huge client_id", json.dumps({"client_id": "x" * 257, "command_type": "echo"}).encode(), "invalid_command"),
+    ("timeout as string", b'{"client_id": "a", "command_type": "echo", "timeout": "5"}', "invalid_command"),
+    ("timeout as bool", b'{"client_id": "a", "command_type": "echo", "timeout": true}', "invalid_command"),
+    ("negative timeout", b'{"client_id": "a", "command_type": "echo", "timeout": -1}', "invalid_command"),
+    ("zero timeout", b'{"client_id": "a", "command_type": "echo", "timeout": 0}', "invalid_command"),
+    ("absurd timeout", b'{"client_id": "a", "command_type": "echo", "timeout": 1e12}', "invalid_command"),
+    ("negative connect_timeout", b'{"client_id": "a", "command_type": "echo", "connect_timeout": -0.5}', "invalid_command"),
+    ("absurd connect_timeout", b'{"client_id": "a", "command_type": "echo", "connect_timeout": 1e9}', "invalid_command"),
+    ("fractional priority", b'{"client_id": "a", "command_type": "echo", "priority": 1.5}', "invalid_command"),
+    ("bool priority", b'{"client_id": "a", "command_type": "echo", "priority": false}', "invalid_command"),
+    ("huge priority", b'{"client_id": "a", "command_type": "echo", "priority": 99999999999999999999}', "invalid_command"),
+    ("wait as string", b'{"client_id": "a", "command_type": "echo", "wait": "yes"}', "invalid_command"),
+    ("misspelt field", b'{"client_id": "a", "command_type": "echo", "timout": 5}', "invalid_command"),
+]
+
+
+async def test_bad_send_bodies_are_400_with_a_json_error(tmp_path):
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            await h.start_agent("a")
+            for name, body, code in BAD_SEND_BODIES:
+                response = await h.request("POST", "/api/command", body=body)
+                assert response.status == 400, (name, response.status, response.body[:200])
+                error = response.json()["error"]
+                assert error["code"] == code, (name, error)
+                assert error["message"] and "\n" not in error["message"], name
+                check_openapi(h.document, "POST", "/api/command", response)
+            # Nothing was created by any of them.
+            listing = (await h.request("GET", "/api/commands")).json()
+            assert listing == {"commands": [], "next_cursor": None}
+
+
+async def test_bad_query_parameters_are_400(tmp_path):
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            offline = await h.send(409, client_id="x", command_type="echo")
+            url = f"/api/command/{offline['command_id']}"
+            cases = [
+                ("/api/commands?status=bogus", "/api/commands", "unknown status"),
+                ("/api/commands?limit=0", "/api/commands", "limit"),
+                ("/api/commands?limit=1001", "/api/commands", "limit"),
+                ("/api/commands?limit=ten", "/api/commands", "limit"),
+                ("/api/commands?limit=-1", "/api/commands", "limit"),
+                ("/api/commands?clientid=x", "/api/commands", "unknown query parameter"),
+                ("/api/commands?status=failed&status=pending", "/api/commands", "more than once"),
+                (url + "?wait=-1", "/api/command/{command_id}", "wait"),
+                (url + "?wait=soon", "/api/command/{command_id}", "wait"),
+                (url + "?wait=nan", "/api/command/{command_id}", "wait"),
+                (url + "?wait=1e12", "/api/command/{command_id}", "wait"),
+                (url + "?wiat=1", "/api/command/{command_id}", "unknown query parameter"),
+            ]
+            for target, path, fragment in cases:
+                response = await h.request("GET", target)
+                assert response.status == 400, (target, response.body)
+                assert response.json()["error"]["code"] == "invalid_request", target
+                assert fragment in response.json()["error"]["message"], (target, response.body)
+                check_openapi(h.document, "GET", path, response)
+
+
+async def test_unknown_ids_are_404_and_unknown_routes_are_json(tmp_path):
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            for method, target, path in [
+                ("GET", "/api/command/nope", "/api/command/{command_id}"),
+                ("GET", "/api/command/nope?wait=5", "/api/command/{command_id}"),
+                ("POST", "/api/command/nope/cancel", "/api/command/{command_id}/cancel"),
+            ]:
+                response = await h.request(method, target)
+                assert response.status == 404, target
+                assert response.json()["error"]["code"] == "not_found"
+                check_openapi(h.document, method, path, response)
+
+            page = await h.request("GET", "/no/such/page")
+            assert page.status == 404
+            assert page.json()["error"] == {"code": "not_found", "message": "no such endpoint: GET /no/such/page"}
+
+            wrong_method = await h.request("DELETE", "/api/command")
+            assert wrong_method.status == 405
+            assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+            assert "POST" in wrong_method.headers["allow"]
+
+
+# -- 413 --------------------------------------------------------------------------------------
+
+
+async def test_bodies_over_the_limit_are_413(tmp_path):
+    limit = 4096
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path, max_payload_bytes=limit) as h:
+            big = {"client_id": "a", "command_type": "echo", "payload": "x" * limit}
+            # A truthful Content-Length over the limit.
+            response = await h.request("POST", "/api/command", big)
+            assert response.status == 413
+            assert response.json()["error"]["code"] == "payload_too_large"
+            check_openapi(h.document, "POST", "/api/command", response)
+            # A Content-Length that announces a huge body the client never sends:
+            # refused from the header alone.
+            response = await h.request(
+                "POST", "/api/command", headers=[("Content-Length", str(10**9))], finish_body=False
+            )
+            assert response.status == 413
+            assert response.json()["error"]["code"] == "payload_too_large"
+            # No Content-Length at all (chunked): refused once the body outgrows the limit.
+            response = await h.request(
+                "POST", "/api/command", chunks=[b'{"client_id": "a", "command_type": "echo", "payload": "', b"y" * limit, b'"}']
+            )
+            assert response.status == 413
+            assert response.json()["error"]["code"] == "payload_too_large"
+            # Just under the limit is fine (the agent is offline: 409, but accepted).
+            ok = {"client_id": "a", "command_type": "echo", "payload": "x" * (limit - 100)}
+            assert (await h.request("POST", "/api/command", ok)).status == 409
+
+
+async def test_payload_too_big_for_an_agent_frame_is_413(tmp_path):
+    # The body limit allows it, but a COMMAND frame this large would be
+    # refused by the agent's frame limit (1 MiB): refuse it here instead.
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path, max_payload_bytes=2 << 20) as h:
+            await h.start_agent("a")
+            body = {"client_id": "a", "command_type": "echo", "payload": "z" * (1 << 20)}
+            response = await h.request("POST", "/api/command", body)
+            assert response.status == 413
+            assert "frame" in response.json()["error"]["message"]
+            # The agent is still connected and working.
+            done = await h.send(200, client_id="a", command_type="echo", payload="small", wait=True)
+            assert done["result"] == "small"
+
+
+# -- cancel -------------------------------------------------------------------------------------
+
+
+async def test_cancel_an_executing_command_then_409_when_terminal(tmp_path):
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            await h.start_agent("a")
+            sent = await h.send(client_id="a", command_type="gate", payload={"name": "c"})
+            await h.gates.started["c"].wait()
+            url = f"/api/command/{sent['command_id']}/cancel"
+
+            bad = await h.request("POST", url, {"reason": 5})
+            assert bad.status == 400 and bad.json()["error"]["code"] == "invalid_request"
+            bad = await h.request("POST", url, {"why": "x"})
+            assert bad.status == 400
+            assert (await h.request("GET", f"/api/command/{sent['command_id']}")).json()["status"] == "executing"
+
+            cancelled = await h.request("POST", url, {"reason": "wrong host"})
+            assert cancelled.status == 200
+            check_openapi(h.document, "POST", "/api/command/{command_id}/cancel", cancelled)
+            body = cancelled.json()
+            assert body["status"] == "cancelled"
+            assert body["error"] == "wrong host" and body["error_code"] == "cancelled"
+            await h.gates.cancelled["c"].wait()  # the agent stopped the executor
+
+            again = await h.request("POST", url)
+            assert again.status == 409
+            check_openapi(h.document, "POST", "/api/command/{command_id}/cancel", again)
+            assert again.json()["error"]["code"] == "already_finished"
+            assert again.json()["command"]["status"] == "cancelled"
+
+            # A pending (queued for an offline agent) command can be cancelled too.
+            pending = await h.send(client_id="later", command_type="echo", connect_timeout=60)
+            response = await h.request("POST", f"/api/command/{pending['command_id']}/cancel")
+            assert response.status == 200 and response.json()["status"] == "cancelled"
+            assert response.json()["error"] == "cancelled by operator"
+
+
+# -- listing ------------------------------------------------------------------------------------
+
+
+async def test_list_is_newest_first_filtered_and_paginated(tmp_path):
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            await h.start_agent("a")
+            created = []
+            for i in range(5):
+                created.append((await h.send(409, client_id="ghost", command_type="echo", payload=i))["command_id"])
+            done = await h.send(200, client_id="a", command_type="echo", wait=True)
+            newest = await h.send(client_id="a", command_type="gate", payload={"name": "l"})
+
+            everything = (await h.request("GET", "/api/commands")).json()
+            ids = [c["command_id"] for c in everything["commands"]]
+            assert ids == [newest["command_id"], done["command_id"], *reversed(created)]
+            assert everything["next_cursor"] is None
+
+            # Pages of two, following next_cursor, add up to the whole list.
+            seen: list[str] = []
+            target = "/api/commands?limit=2"
+            while True:
+                response = await h.request("GET", target)
+                check_openapi(h.document, "GET", "/api/commands", response)
+                page = response.json()
+                assert len(page["commands"]) <= 2
+                seen += [c["command_id"] for c in page["commands"]]
+                if page["next_cursor"] is None:
+                    break
+                target = f"/api/commands?limit=2&cursor={page['next_cursor']}"
+            assert seen == ids
+
+            by_client = (await h.request("GET", "/api/commands?client_id=ghost&limit=3")).json()
+            assert [c["command_id"] for c in by_client["commands"]] == list(reversed(created))[:3]
+            rest = (await h.request("GET", f"/api/commands?client_id=ghost&cursor={by_client['next_cursor']}")).json()
+            assert [c["command_id"] for c in rest["commands"]] == list(reversed(created))[3:]
+            assert rest["next_cursor"] is None
+
+            failed = (await h.request("GET", "/api/commands?status=failed")).json()["commands"]
+            assert {c["command_id"] for c in failed} == set(created)
+            executing = (await h.request("GET", "/api/commands?status=executing&command_type=gate")).json()
+            assert [c["command_id"] for c in executing["commands"]] == [newest["command_id"]]
+            # Blank parameters (a template left empty) are no filter at all.
+            blank = (await h.request("GET", "/api/commands?client_id=&status=&command_type=&limit=&cursor=")).json()
+            assert [c["command_id"] for c in blank["commands"]] == ids
+            h.gates.opened["l"].set()
+
+
+# -- clients, health, openapi, metrics ------------------------------------------------------
+
+
+async def test_clients_lists_connected_agents_with_their_load(tmp_path):
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            empty = await h.request("GET", "/api/clients")
+            assert empty.json() == {"clients": []}
+            await h.start_agent("b-agent", labels={"role": "db", "zone": "eu"})
+            await h.start_agent("a-agent")
+            await h.send(client_id="b-agent", command_type="gate", payload={"name": "k"})
+            await h.gates.started["k"].wait()
+
+            response = await h.request("GET", "/api/clients")
+            check_openapi(h.document, "GET", "/api/clients", response)
+            clients = response.json()["clients"]
+            assert [c["client_id"] for c in clients] == ["a-agent", "b-agent"]
+            b = clients[1]
+            assert b["labels"] == {"role": "db", "zone": "eu"}
+            assert b["remote_address"].startswith("127.0.0.1:")
+            assert b["connected_at"].endswith("Z")
+            assert (b["in_flight"], b["queued"]) == (1, 0)
+            assert (clients[0]["in_flight"], clients[0]["queued"]) == (0, 0)
+            h.gates.opened["k"].set()
+
+
+async def test_healthz_and_openapi_document(tmp_path):
+    openapi_spec_validator = pytest.importorskip("openapi_spec_validator")
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            health = await h.request("GET", "/healthz")
+            assert health.status == 200
+            assert health.json() == {"status": "ok", "connected_agents": 0, "unfinished_commands": 0}
+            check_openapi(h.document, "GET", "/healthz", health)
+
+            response = await h.request("GET", "/openapi.json")
+            assert response.status == 200
+            document = response.json()
+    openapi_spec_validator.validate(document)
+    assert document == h.document
+    assert set(document["paths"]) == {
+        "/api/command", "/api/command/{command_id}", "/api/command/{command_id}/cancel",
+        "/api/commands", "/api/clients", "/healthz", "/metrics", "/openapi.json",
+    }
+
+
+def _samples(text: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = sample.name + (
+                "{" + ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items())) + "}"
+                if sample.labels else ""
+            )
+            values[key] = sample.value
+    return values
+
+
+async def test_metrics_count_commands_by_outcome(tmp_path):
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            await h.start_agent("a")
+            await h.send(200, client_id="a", command_type="echo", wait=True)
+            await h.send(200, client_id="a", command_type="echo", wait=True)
+            await h.send(200, client_id="a", command_type="fail", wait=True)
+            await h.send(409, client_id="offline", command_type="echo")
+            await h.send(200, client_id="a", command_type="gate", payload={"name": "slow"}, timeout=0.2, wait=True)
+            pending = await h.send(client_id="a", command_type="gate", payload={"name": "c"})
+            await h.gates.started["c"].wait()
+            await h.request("POST", f"/api/command/{pending['command_id']}/cancel")
+
+            response = await h.request("GET", "/metrics")
+            assert response.status == 200
+            assert response.headers["content-type"].startswith("text/plain")
+            check_openapi(h.document, "GET", "/metrics", response)
+            values = _samples(response.body.decode())
+    assert values["command_sent_total"] == 5
+    assert values["command_completed_total"] == 2
+    assert values["command_failed_total"] == 2  # the executor failure and the offline agent
+    assert values["command_timeout_total"] == 1
+    assert values["command_cancelled_total"] == 1
+    assert values["connected_agents"] == 1
+    assert values["commands_unfinished"] == 0
+    assert values["command_duration_seconds_count{status=completed}"] == 2
+    assert values["command_duration_seconds_count{status=timeout}"] == 1
+    assert values["command_duration_seconds_sum{status=timeout}"] >= 0.2
+    # Never delivered, so not timed.
+    assert values["command_duration_seconds_count{status=failed}"] == 1
+
+
+async def test_two_servers_in_one_process_have_separate_metrics(tmp_path):
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path / "one") as one, running_server(tmp_path / "two") as two:
+            await one.send(409, client_id="x", command_type="echo")
+            first = _samples((await one.request("GET", "/metrics")).body.decode())
+            second = _samples((await two.request("GET", "/metrics")).body.decode())
+    assert first["command_failed_total"] == 1
+    assert second["command_failed_total"] == 0
+
+
+# -- shutdown ------------------------------------------------------------------------------------
+
+
+async def test_shutdown_refuses_new_commands_and_drains_in_flight_ones(tmp_path):
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path, shutdown_grace=15) as h:
+            await h.start_agent("a")
+            sent = await h.send(client_id="a", command_type="gate", payload={"name": "d"})
+            await h.gates.started["d"].wait()
+
+            h.shutdown.set()
+            # serve() reacts to the event in its own task; the first request
+            # virtually always sees it, a few are allowed (requests, not sleeps).
+            for _ in range(20):
+                health = await h.request("GET", "/healthz")
+                if health.status == 503:
+                    break
+            assert health.status == 503
+            assert health.json()["status"] == "shutting_down"
+            assert health.json()["error"]["code"] == "shutting_down"
+            check_openapi(h.document, "GET", "/healthz", health)
+
+            refused = await h.request("POST", "/api/command", {"client_id": "a", "command_type": "echo"})
+            assert refused.status == 503
+            assert refused.json()["error"]["code"] == "shutting_down"
+            check_openapi(h.document, "POST", "/api/command", refused)
+
+            # Reads still work during the drain, and the in-flight command finishes.
+            async with trio.open_nursery() as nursery:
+                results: list[HttpResponse] = []
+
+                async def poll() -> None:
+                    results.append(await h.request("GET", f"/api/command/{sent['command_id']}?wait=60"))
+
+                nursery.start_soon(poll)
+                h.gates.opened["d"].set()
+            assert results[0].status == 200
+            assert results[0].json()["status"] == "completed"
+            # The drain is over: serve() returns on its own, well within the grace.
+            await h.served.wait()
+
+
+async def test_shutdown_grace_ends_unfinished_commands_and_releases_long_polls(tmp_path):
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path, shutdown_grace=0.3) as h:
+            await h.start_agent("a")
+            sent = await h.send(client_id="a", command_type="gate", payload={"name": "stuck"}, timeout=3600)
+            await h.gates.started["stuck"].wait()
+            async with trio.open_nursery() as nursery:
+                results: list[HttpResponse] = []
+
+                async def poll(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                    task_status.started()
+                    results.append(await h.request("GET", f"/api/command/{sent['command_id']}?wait=3600"))
+
+                await nursery.start(poll)
+                h.shutdown.set()
+            # The one-hour command and the one-hour wait ended with the grace period.
+            final = results[0].json()
+            assert final["status"] == "failed"
+            assert final["error_code"] == "server_shutdown"
+            await h.served.wait()

@@ -1,0 +1,559 @@
+"""The operators' HTTP API: a Quart-Trio app over a :class:`CommandManager`.
+
+Every answer is JSON (except ``/metrics``). Errors are always
+``{"error": {"code": ..., "message": ...}}`` with a 4xx/5xx status; bad input
+never reaches the manager and never produces a 500. The one documented
+exception to the error shape is the 409 of ``POST /api/command`` for an
+offline agent, whose body is the (failed) command itself, as the issue asks.
+
+The routes only translate HTTP to :class:`CommandManager` calls; the manager
+owns every state change. See ``docs/API.md``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+from typing import Any, Iterable, Mapping, NoReturn
+
+import attrs
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from ..errors import CommandAlreadyFinished, CommandNotFound, InvalidCommand, QuicCmdError, ShuttingDown
+from ..model import Command, CommandStatus, ErrorCode
+from ..wire import DEFAULT_MAX_FRAME_SIZE, CommandFrame, encode_frame
+from .manager import CommandManager
+from .metrics import Metrics
+from .openapi import openapi_document
+from .registry import ClientInfo
+
+logger = logging.getLogger("trio_quiccmd.http")
+
+#: client_id longer than this can never connect (HELLO refuses it), so a
+#: command for it is a mistake, not a wait.
+MAX_ID_LENGTH = 256
+#: ``priority`` is kept to a signed 32-bit range so every store can index it.
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)
+MAX_REASON_LENGTH = 1024
+#: Deepest nesting of arrays/objects a payload may have. Encoding a command
+#: frame recurses once per level; far below Python's recursion limit, so a
+#: hostile payload gets a 400 here instead of failing inside the dispatcher.
+MAX_PAYLOAD_DEPTH = 100
+
+_SEND_FIELDS = frozenset(
+    {"client_id", "command_type", "payload", "timeout", "connect_timeout", "priority", "wait"}
+)
+_LIST_PARAMS = frozenset({"client_id", "status", "command_type", "limit", "cursor"})
+
+#: Error codes for statuses werkzeug raises (routing, body size, timeouts).
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "payload_too_large",
+    500: "internal_error",
+}
+
+
+@attrs.frozen(kw_only=True)
+class ApiLimits:
+    """What the HTTP layer enforces beyond the manager's own checks.
+
+    The largest timeout a command may ask for is the manager's
+    (``manager.settings.max_timeout``): one number, one place.
+    """
+
+    #: Largest request body, bytes (Quart's MAX_CONTENT_LENGTH). Over it: 413.
+    max_payload_bytes: int = 1 << 20
+    #: ``timeout`` of a command that does not give one, seconds.
+    default_timeout: float = 30.0
+    #: Largest COMMAND frame an agent accepts (the agents' wire frame limit);
+    #: a payload whose frame would exceed it is refused with 413 here rather
+    #: than breaking the agent's connection later.
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    default_list_limit: int = 100
+    max_list_limit: int = 1000
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, machine-readable code, one-line message."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+# -- JSON in and out ---------------------------------------------------------------
+
+
+def rfc3339(timestamp: float | None) -> str | None:
+    """Epoch seconds -> ``2026-11-28T10:00:00.123Z`` (UTC), or None."""
+    if timestamp is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def command_json(command: Command) -> dict[str, Any]:
+    """A command as the API shows it (the fields and order of issue 3)."""
+    code = command.error_code
+    return {
+        "command_id": command.command_id,
+        "client_id": command.client_id,
+        "command_type": command.command_type,
+        "payload": command.payload,
+        "status": command.status.value,
+        "result": command.result,
+        "error": command.error,
+        "error_code": getattr(code, "value", code),
+        "priority": command.priority,
+        "timeout": command.timeout,
+        "connect_timeout": command.connect_timeout,
+        "created_at": rfc3339(command.created_at),
+        "sent_at": rfc3339(command.sent_at),
+        "completed_at": rfc3339(command.completed_at),
+    }
+
+
+def client_json(client: ClientInfo) -> dict[str, Any]:
+    return {
+        "client_id": client.client_id,
+        "labels": dict(client.labels),
+        "remote_address": client.remote_address,
+        "connected_at": rfc3339(client.connected_at),
+        "in_flight": client.in_flight,
+        "queued": client.queued,
+    }
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN/Infinity replaced by null (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _dumps(body: Any) -> str:
+    try:
+        return json.dumps(body, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        # Only an agent's result can get here (requests are checked on the way
+        # in): Python's json reads NaN from the wire, strict clients choke on it.
+        return json.dumps(_finite(body), ensure_ascii=False, allow_nan=False)
+
+
+def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(
+        _dumps(body), status=status, headers=dict(headers or {}), content_type="application/json"
+    )
+
+
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None, **extra: Any
+) -> Response:
+    return json_response({"error": {"code": code, "message": message}, **extra}, status, headers)
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def parse_json(data: bytes) -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity, no float overflow. Raises ApiError(400)."""
+    try:
+        return json.loads(
+            data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_parse_float
+        )
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_json", "the request body is not UTF-8") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the request body is nested too deeply") from None
+    except ValueError as exc:
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+
+
+async def _read_json_object(*, required: bool) -> dict[str, Any]:
+    # get_data raises RequestEntityTooLarge (-> 413) both for a Content-Length
+    # over MAX_CONTENT_LENGTH and for a chunked body that grows past it.
+    data = await request.get_data(as_text=False)
+    if not data.strip():
+        if required:
+            raise ApiError(400, "invalid_json", "the request body must be a JSON object")
+        return {}
+    body = parse_json(data)
+    if not isinstance(body, dict):
+        raise ApiError(
+            400, "invalid_json", f"the request body must be a JSON object, not {_json_type(body)}"
+        )
+    return body
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+# -- field and parameter checks ----------------------------------------------------
+
+
+def _invalid(message: str, code: str = "invalid_command") -> ApiError:
+    return ApiError(400, code, message)
+
+
+def _check_unknown(given: Iterable[str], allowed: frozenset[str], what: str, code: str) -> None:
+    # Strict on purpose: a misspelt "timout" would otherwise silently run with
+    # the default timeout.
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise _invalid(
+            f"unknown {what} {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}",
+            code,
+        )
+
+
+def _string_field(body: Mapping[str, Any], name: str) -> str:
+    value = body.get(name)
+    if name not in body:
+        raise _invalid(f"{name} is required")
+    if not isinstance(value, str) or not value:
+        raise _invalid(f"{name} must be a non-empty string, not {_json_type(value)}")
+    if len(value) > MAX_ID_LENGTH:
+        raise _invalid(f"{name} must be at most {MAX_ID_LENGTH} characters")
+    return value
+
+
+def _seconds_field(
+    body: Mapping[str, Any], name: str, default: float, *, zero_ok: bool, maximum: float
+) -> float:
+    if name not in body:
+        return default
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _invalid(f"{name} must be a number of seconds, not {_json_type(value)}")
+    if value < 0 or (value == 0 and not zero_ok):
+        raise _invalid(f"{name} must be {'0 or more' if zero_ok else 'greater than 0'} seconds")
+    if value > maximum:
+        raise _invalid(f"{name} must be at most {maximum:g} seconds")
+    return float(value)
+
+
+def _payload_depth(payload: Any) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    deepest = 0
+    stack = [(payload, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Iterable[Any] = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_PAYLOAD_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _priority_field(body: Mapping[str, Any]) -> int:
+    value = body.get("priority", 0)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid(f"priority must be an integer, not {_json_type(value)}")
+    low, high = PRIORITY_RANGE
+    if not low <= value <= high:
+        raise _invalid(f"priority must be between {low} and {high}")
+    return value
+
+
+def _query(allowed: frozenset[str]) -> dict[str, str]:
+    """The query parameters, each at most once, empty ones dropped."""
+    args = request.args
+    _check_unknown(args.keys(), allowed, "query parameter", "invalid_request")
+    params: dict[str, str] = {}
+    for key in args:
+        values = args.getlist(key)
+        if len(values) > 1:
+            raise _invalid(f"query parameter {key!r} is given more than once", "invalid_request")
+        # ``?client_id=&status=`` (a template with blanks) means "no filter".
+        if values[0] != "":
+            params[key] = values[0]
+    return params
+
+
+def _query_number(params: Mapping[str, str], name: str, *, maximum: float) -> float | None:
+    text = params.get(name)
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise _invalid(f"{name} must be a number of seconds, not {text!r}", "invalid_request") from None
+    if not math.isfinite(value) or value < 0 or value > maximum:
+        raise _invalid(f"{name} must be between 0 and {maximum:g} seconds", "invalid_request")
+    return value
+
+
+def _query_int(params: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    text = params.get(name)
+    if text is None:
+        return default
+    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
+        raise _invalid(f"{name} must be an integer from {low} to {high}, not {text!r}", "invalid_request")
+    return int(text)
+
+
+def _wait_bound(command: Command) -> float:
+    """Longest a command can stay unfinished, from the manager's deadline rules.
+
+    A command gets ``connect_timeout`` (offline agent) or ``timeout`` (agent's
+    window full) to be delivered, then ``timeout`` to answer; the manager ends
+    it at those deadlines whether anyone waits. Bounding a waiting request by
+    the same sum (plus slack for the deadline task to run) means a wait can
+    never outlive its command, so it never holds up a shutdown.
+    """
+    return max(command.connect_timeout, command.timeout) + command.timeout + 1.0
+
+
+# -- the app --------------------------------------------------------------------------
+
+
+def create_app(
+    manager: CommandManager,
+    *,
+    limits: ApiLimits | None = None,
+    metrics: Metrics | None = None,
+) -> QuartTrio:
+    """The HTTP API over ``manager``. ``metrics`` feeds ``GET /metrics`` (404 without it).
+
+    The app holds no state of its own; serve it with ``hypercorn.trio.serve``.
+    """
+    limits = limits or ApiLimits()
+    max_timeout = manager.settings.max_timeout
+    app = QuartTrio(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = limits.max_payload_bytes
+    # Errors are JSON responses, never re-raised into hypercorn's HTML page.
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    document = openapi_document(
+        default_timeout=limits.default_timeout,
+        max_timeout=max_timeout,
+        max_payload_bytes=limits.max_payload_bytes,
+        default_list_limit=limits.default_list_limit,
+        max_list_limit=limits.max_list_limit,
+    )
+    # A frame with a placeholder id of the real length, to measure payloads.
+    id_placeholder = "0" * 30
+
+    def refuse_if_shutting_down() -> None:
+        if manager.shutting_down:
+            raise ShuttingDown()
+
+    def check_frame_size(command_type: str, payload: Any, timeout: float) -> None:
+        frame = CommandFrame(
+            command_id=id_placeholder, command_type=command_type, payload=payload, timeout=timeout
+        )
+        # 4 bytes of length prefix are not part of the limit; keep 64 bytes of
+        # slack for a longer command id.
+        try:
+            size = len(encode_frame(frame)) - 4 + 64
+        except RecursionError:  # belt and braces: the depth check comes first
+            raise _invalid("payload is nested too deeply") from None
+        if size > limits.max_frame_size:
+            raise ApiError(
+                413,
+                "payload_too_large",
+                f"the payload encodes to a {size}-byte command frame; agents accept "
+                f"at most {limits.max_frame_size} bytes",
+            )
+
+    # -- routes ---------------------------------------------------------------
+
+    @app.post("/api/command")
+    async def send_command() -> Response:
+        refuse_if_shutting_down()
+        body = await _read_json_object(required=True)
+        _check_unknown(body.keys(), _SEND_FIELDS, "field", "invalid_command")
+        client_id = _string_field(body, "client_id")
+        command_type = _string_field(body, "command_type")
+        payload = body.get("payload", {})
+        timeout = _seconds_field(
+            body, "timeout", limits.default_timeout, zero_ok=False, maximum=max_timeout
+        )
+        connect_timeout = _seconds_field(
+            body, "connect_timeout", 0.0, zero_ok=True, maximum=max_timeout
+        )
+        priority = _priority_field(body)
+        wait = body.get("wait", False)
+        if not isinstance(wait, bool):
+            raise _invalid(f"wait must be true or false, not {_json_type(wait)}")
+        if _payload_depth(payload) > MAX_PAYLOAD_DEPTH:
+            raise _invalid(f"payload is nested more than {MAX_PAYLOAD_DEPTH} levels deep")
+        check_frame_size(command_type, payload, timeout)
+
+        command = await manager.send_command(
+            client_id,
+            command_type,
+            payload,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            priority=priority,
+        )
+        if command.status is CommandStatus.FAILED and command.error_code == ErrorCode.AGENT_OFFLINE.value:
+            return json_response(command_json(command), 409)
+        if not wait:
+            return json_response(command_json(command), 202)
+        if not command.is_terminal:
+            command = await manager.wait(command.command_id, _wait_bound(command))
+        # 200 means "final"; should the bound ever be hit, say "still running".
+        return json_response(command_json(command), 200 if command.is_terminal else 202)
+
+    @app.get("/api/command/<command_id>")
+    async def get_command(command_id: str) -> Response:
+        params = _query(frozenset({"wait"}))
+        wait = _query_number(params, "wait", maximum=max_timeout)
+        if wait:
+            # The command's own deadline ends the wait at the latest.
+            command = await manager.wait(command_id, wait)
+        else:
+            command = await manager.get_command(command_id)
+        return json_response(command_json(command))
+
+    @app.get("/api/commands")
+    async def list_commands() -> Response:
+        params = _query(_LIST_PARAMS)
+        status = params.get("status")
+        if status is not None and status not in {s.value for s in CommandStatus}:
+            raise _invalid(
+                f"unknown status {status!r}; one of {', '.join(s.value for s in CommandStatus)}",
+                "invalid_request",
+            )
+        limit = _query_int(
+            params, "limit", limits.default_list_limit, 1, limits.max_list_limit
+        )
+        page = await manager.list_commands(
+            client_id=params.get("client_id"),
+            status=status,
+            command_type=params.get("command_type"),
+            limit=limit,
+            cursor=params.get("cursor"),
+        )
+        return json_response(
+            {"commands": [command_json(c) for c in page.commands], "next_cursor": page.next_cursor}
+        )
+
+    @app.post("/api/command/<command_id>/cancel")
+    async def cancel_command(command_id: str) -> Response:
+        body = await _read_json_object(required=False)
+        _check_unknown(body.keys(), frozenset({"reason"}), "field", "invalid_request")
+        reason = body.get("reason", "cancelled by operator")
+        if not isinstance(reason, str) or not reason or len(reason) > MAX_REASON_LENGTH:
+            raise _invalid(
+                f"reason must be a string of 1 to {MAX_REASON_LENGTH} characters", "invalid_request"
+            )
+        command = await manager.cancel(command_id, reason)
+        return json_response(command_json(command))
+
+    @app.get("/api/clients")
+    async def list_clients() -> Response:
+        clients = sorted(manager.clients(), key=lambda c: c.client_id)
+        return json_response({"clients": [client_json(c) for c in clients]})
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        body: dict[str, Any] = {
+            "status": "shutting_down" if manager.shutting_down else "ok",
+            "connected_agents": len(manager.clients()),
+            "unfinished_commands": manager.unfinished_count,
+        }
+        if manager.shutting_down:
+            # 503 so a load balancer stops sending new work here while we drain.
+            body["error"] = {"code": ShuttingDown.code, "message": str(ShuttingDown())}
+            return json_response(body, 503)
+        return json_response(body)
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        if metrics is None:
+            raise ApiError(404, "not_found", "metrics are not enabled on this server")
+        return Response(metrics.render(), status=200, content_type=metrics.content_type)
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return json_response(document)
+
+    # -- errors ---------------------------------------------------------------
+
+    @app.errorhandler(ApiError)
+    async def api_error(error: ApiError) -> Response:
+        return error_response(error.status, error.code, error.message, **error.extra)
+
+    @app.errorhandler(QuicCmdError)
+    async def manager_error(error: QuicCmdError) -> Response:
+        if isinstance(error, CommandNotFound):
+            return error_response(404, error.code, str(error))
+        if isinstance(error, CommandAlreadyFinished):
+            # The command rides along so the caller sees how it ended.
+            return error_response(409, error.code, str(error), command=command_json(error.command))
+        if isinstance(error, ShuttingDown):
+            return error_response(503, error.code, str(error))
+        if isinstance(error, InvalidCommand):
+            return error_response(400, error.code, str(error))
+        return error_response(400, error.code, str(error))
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        code = _HTTP_CODES.get(status) or (error.name or "error").lower().replace(" ", "_")
+        if isinstance(error, InternalServerError):
+            # Quart has logged the original exception; the client gets no details.
+            message = "internal server error"
+        elif status == 404:
+            message = f"no such endpoint: {request.method} {request.path}"
+        elif status == 405:
+            allowed = ", ".join(sorted(getattr(error, "valid_methods", None) or ()))
+            message = f"method {request.method} is not allowed on {request.path}; allowed: {allowed}"
+        elif status == 413:
+            message = f"the request body is larger than {limits.max_payload_bytes} bytes"
+        else:
+            message = error.description or error.name
+        headers = {
+            name: value
+            for name, value in error.get_headers()
+            if name.lower() not in {"content-type", "content-length"}
+        }
+        if status == 413:
+            # The unread rest of the body makes the connection unusable.
+            headers["Connection"] = "close"
+        return error_response(status, code, message, headers)
+
+    return app

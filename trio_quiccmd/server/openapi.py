@@ -1,0 +1,312 @@
+"""The OpenAPI 3.1 document ``GET /openapi.json`` serves.
+
+Hand-written rather than generated: the routes validate by hand (to give
+precise messages and strict unknown-field checks), so a generator would have
+nothing to read. The tests validate real responses against these schemas, so
+the document cannot drift from what the endpoints return.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..model import CommandStatus
+
+API_VERSION = "1.0.0"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+def openapi_document(
+    *,
+    default_timeout: float = 30.0,
+    max_timeout: float = 86400.0,
+    max_payload_bytes: int = 1 << 20,
+    default_list_limit: int = 100,
+    max_list_limit: int = 1000,
+) -> dict[str, Any]:
+    """The document, with this server's limits filled into the schemas."""
+    statuses = [s.value for s in CommandStatus]
+    timestamp = {"type": "string", "format": "date-time", "description": "RFC 3339, UTC"}
+    nullable_timestamp = {"type": ["string", "null"], "format": "date-time", "description": "RFC 3339, UTC; null until it happens"}
+    command_id_param = {
+        "name": "command_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+    bad_request = _error("Bad JSON, a wrong type, an unknown field or parameter, or a value out of range")
+    not_found = _error("No command with this id (or it was purged from the history)")
+
+    schemas: dict[str, Any] = {
+        "Command": {
+            "type": "object",
+            "required": [
+                "command_id", "client_id", "command_type", "payload", "status", "result",
+                "error", "error_code", "priority", "timeout", "connect_timeout",
+                "created_at", "sent_at", "completed_at",
+            ],
+            "additionalProperties": False,
+            "properties": {
+                "command_id": {"type": "string", "description": "Unique; sorts in creation order"},
+                "client_id": {"type": "string"},
+                "command_type": {"type": "string"},
+                "payload": {"description": "Any JSON value, as sent"},
+                "status": {"type": "string", "enum": statuses},
+                "result": {"description": "The executor's return value (null until completed)"},
+                "error": {"type": ["string", "null"], "description": "Human-readable reason, when not completed"},
+                "error_code": {
+                    "type": ["string", "null"],
+                    "description": "Machine-readable reason: agent_offline, delivery_timeout, "
+                    "execution_timeout, unknown_command_type, executor_error, cancelled, "
+                    "server_shutdown, or one an executor chose",
+                },
+                "priority": {"type": "integer"},
+                "timeout": {"type": "number"},
+                "connect_timeout": {"type": "number"},
+                "created_at": timestamp,
+                "sent_at": nullable_timestamp,
+                "completed_at": nullable_timestamp,
+            },
+        },
+        "SendCommand": {
+            "type": "object",
+            "required": ["client_id", "command_type"],
+            "additionalProperties": False,
+            "properties": {
+                "client_id": {"type": "string", "minLength": 1, "maxLength": 256},
+                "command_type": {"type": "string", "minLength": 1, "maxLength": 256},
+                "payload": {"description": "Any JSON value", "default": {}},
+                "timeout": {
+                    "type": "number", "exclusiveMinimum": 0, "maximum": max_timeout,
+                    "default": default_timeout,
+                    "description": "Seconds to deliver and then seconds to answer",
+                },
+                "connect_timeout": {
+                    "type": "number", "minimum": 0, "maximum": max_timeout, "default": 0,
+                    "description": "Seconds to wait for an offline agent to connect; 0 fails at once",
+                },
+                "priority": {
+                    "type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1, "default": 0,
+                    "description": "Higher is sent first when the agent's window is full",
+                },
+                "wait": {"type": "boolean", "default": False, "description": "Answer with the final state"},
+            },
+        },
+        "CancelCommand": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 1024}},
+        },
+        "CommandPage": {
+            "type": "object",
+            "required": ["commands", "next_cursor"],
+            "additionalProperties": False,
+            "properties": {
+                "commands": {"type": "array", "items": _ref("Command")},
+                "next_cursor": {
+                    "type": ["string", "null"],
+                    "description": "Pass as ?cursor= for the next (older) page; null on the last",
+                },
+            },
+        },
+        "Client": {
+            "type": "object",
+            "required": ["client_id", "labels", "remote_address", "connected_at", "in_flight", "queued"],
+            "additionalProperties": False,
+            "properties": {
+                "client_id": {"type": "string"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "remote_address": {"type": "string", "description": "host:port or [v6]:port"},
+                "connected_at": timestamp,
+                "in_flight": {"type": "integer", "minimum": 0},
+                "queued": {"type": "integer", "minimum": 0},
+            },
+        },
+        "ClientList": {
+            "type": "object",
+            "required": ["clients"],
+            "additionalProperties": False,
+            "properties": {"clients": {"type": "array", "items": _ref("Client")}},
+        },
+        "Health": {
+            "type": "object",
+            "required": ["status", "connected_agents", "unfinished_commands"],
+            "additionalProperties": False,
+            "properties": {
+                "status": {"type": "string", "enum": ["ok", "shutting_down"]},
+                "connected_agents": {"type": "integer", "minimum": 0},
+                "unfinished_commands": {"type": "integer", "minimum": 0},
+                "error": _ref("ErrorDetail"),
+            },
+        },
+        "ErrorDetail": {
+            "type": "object",
+            "required": ["code", "message"],
+            "additionalProperties": False,
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+            },
+        },
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "additionalProperties": False,
+            "properties": {
+                "error": _ref("ErrorDetail"),
+                "command": _ref("Command"),
+            },
+        },
+    }
+
+    paths: dict[str, Any] = {
+        "/api/command": {
+            "post": {
+                "operationId": "sendCommand",
+                "summary": "Send a command to an agent",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("SendCommand")}},
+                },
+                "responses": {
+                    "200": _json(_ref("Command"), "wait was true: the command in its final state"),
+                    "202": _json(_ref("Command"), "Accepted: executing or pending"),
+                    "400": bad_request,
+                    "409": _json(
+                        _ref("Command"),
+                        "The agent is offline and connect_timeout is 0: the failed command "
+                        "(status failed, error_code agent_offline)",
+                    ),
+                    "413": _error(f"The body is over {max_payload_bytes} bytes, or the payload "
+                                  "is over the agents' frame limit"),
+                    "503": _error("The server is shutting down"),
+                },
+            }
+        },
+        "/api/command/{command_id}": {
+            "get": {
+                "operationId": "getCommand",
+                "summary": "A command's current state, optionally waiting for the final one",
+                "parameters": [
+                    command_id_param,
+                    {
+                        "name": "wait",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "number", "minimum": 0, "maximum": max_timeout},
+                        "description": "Seconds to wait for a terminal state (long poll)",
+                    },
+                ],
+                "responses": {
+                    "200": _json(_ref("Command"), "The command (terminal, or as it is when the wait ended)"),
+                    "400": bad_request,
+                    "404": not_found,
+                },
+            }
+        },
+        "/api/command/{command_id}/cancel": {
+            "post": {
+                "operationId": "cancelCommand",
+                "summary": "Cancel a pending or executing command",
+                "parameters": [command_id_param],
+                "requestBody": {
+                    "required": False,
+                    "content": {"application/json": {"schema": _ref("CancelCommand")}},
+                },
+                "responses": {
+                    "200": _json(_ref("Command"), "The command, cancelled"),
+                    "400": bad_request,
+                    "404": not_found,
+                    "409": _error("Already finished; the error carries the command"),
+                },
+            }
+        },
+        "/api/commands": {
+            "get": {
+                "operationId": "listCommands",
+                "summary": "Commands, newest first, filtered and paginated",
+                "parameters": [
+                    {"name": "client_id", "in": "query", "schema": {"type": "string"}},
+                    {"name": "status", "in": "query", "schema": {"type": "string", "enum": statuses}},
+                    {"name": "command_type", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {
+                            "type": "integer", "minimum": 1, "maximum": max_list_limit,
+                            "default": default_list_limit,
+                        },
+                    },
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "next_cursor of the previous page",
+                    },
+                ],
+                "responses": {"200": _json(_ref("CommandPage"), "A page of commands"), "400": bad_request},
+            }
+        },
+        "/api/clients": {
+            "get": {
+                "operationId": "listClients",
+                "summary": "Connected agents",
+                "responses": {"200": _json(_ref("ClientList"), "The connected agents")},
+            }
+        },
+        "/healthz": {
+            "get": {
+                "operationId": "health",
+                "summary": "Liveness and readiness",
+                "responses": {
+                    "200": _json(_ref("Health"), "Serving"),
+                    "503": _json(_ref("Health"), "Shutting down: send no new work here"),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text exposition format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document",
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1 document")},
+            }
+        },
+    }
+
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "trio_quiccmd server API",
+            "version": API_VERSION,
+            "description": (
+                "Send commands to agents connected over QUIC and follow them to their "
+                "result. Errors are {\"error\": {\"code\", \"message\"}}, except the 409 "
+                "of POST /api/command (agent offline), which returns the failed command."
+            ),
+        },
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }

@@ -1,0 +1,237 @@
+"""The whole server in one nursery: QUIC endpoint + manager, and the HTTP API.
+
+:func:`serve` wires the pieces from :class:`~trio_quiccmd.config.ServerSettings`
+and runs them until a shutdown event, then shuts down in order:
+
+1. the manager refuses new commands (HTTP answers 503, ``/healthz`` too);
+2. in-flight commands get ``shutdown_grace`` seconds to finish; the rest end
+   ``failed``/``server_shutdown`` (which also releases every long-poll);
+3. agent connections are closed with an application close;
+4. hypercorn stops through its ``shutdown_trigger`` (finishing the requests
+   it has, closing idle keep-alive connections);
+5. the QUIC endpoint and the manager's tasks are cancelled, and ``serve`` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import attrs
+import hypercorn.trio
+import trio
+from hypercorn.config import Config as HypercornConfig
+
+from ..config import ServerSettings, format_host_port
+from ..quic.tls import ensure_dev_certificate, fingerprint_of_pem_file
+from ..wire import DEFAULT_MAX_FRAME_SIZE
+from .core import CommandServer, server_quic_configuration
+from .http_api import ApiLimits, create_app
+from .manager import CommandManager, ManagerSettings
+from .metrics import Metrics
+from .store import MemoryStore, Store
+
+logger = logging.getLogger("trio_quiccmd.server")
+
+#: Seconds hypercorn gives requests still open once it is told to stop. By
+#: then the drain has settled every command, so any long-poll has returned.
+HTTP_GRACEFUL_TIMEOUT = 3.0
+
+
+class StartupError(Exception):
+    """The server could not start (unusable certificate, address in use, ...). One line."""
+
+
+@attrs.frozen
+class ServerAddresses:
+    """Where a started server listens (the real ports when 0 was asked)."""
+
+    http: tuple[str, int]
+    quic: tuple[str, int]
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{format_host_port(*self.http)}"
+
+
+def manager_settings(settings: ServerSettings) -> ManagerSettings:
+    return ManagerSettings(
+        max_in_flight_per_agent=settings.max_in_flight_per_agent,
+        max_timeout=settings.max_timeout,
+        history_retention=settings.history_retention,
+        max_history=settings.max_history,
+    )
+
+
+def api_limits(settings: ServerSettings) -> ApiLimits:
+    return ApiLimits(
+        max_payload_bytes=settings.max_payload_bytes,
+        default_timeout=settings.default_timeout,
+        max_frame_size=DEFAULT_MAX_FRAME_SIZE,
+    )
+
+
+async def _certificate(settings: ServerSettings) -> tuple[Path, Path]:
+    """The certificate and key to serve QUIC with; a dev one is made if none is given."""
+    created = False
+    if settings.cert_file is not None and settings.key_file is not None:
+        cert_file, key_file = settings.cert_file, settings.key_file
+    else:
+        try:
+            # Key generation and file writes: off the event loop.
+            cert_file, key_file, created = await trio.to_thread.run_sync(
+                ensure_dev_certificate, settings.data_dir
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"cannot create the development certificate in {settings.data_dir}: {exc}"
+            ) from None
+    try:
+        fingerprint = await trio.to_thread.run_sync(fingerprint_of_pem_file, cert_file)
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"cannot read the TLS certificate {cert_file}: {exc}") from None
+    # Agents elsewhere pin this (--server-fingerprint); agents started in the
+    # same directory load the certificate file itself.
+    logger.info(
+        "%s TLS certificate path=%s fingerprint=%s",
+        "Created development" if created else ("Using development" if settings.cert_file is None else "Using"),
+        cert_file, fingerprint,
+    )
+    return cert_file, key_file
+
+
+def _first_leaf(group: BaseExceptionGroup, kind: type[BaseException]) -> BaseException | None:
+    matched, _ = group.split(kind)
+    while isinstance(matched, BaseExceptionGroup):
+        matched = matched.exceptions[0]
+    return matched
+
+
+def _parse_bind(bind: str) -> tuple[str, int]:
+    """hypercorn reports ``http://127.0.0.1:8080`` / ``http://[::1]:8080``."""
+    parts = urlsplit(bind)
+    assert parts.hostname is not None and parts.port is not None, bind
+    return parts.hostname, parts.port
+
+
+def _hypercorn_config(settings: ServerSettings) -> HypercornConfig:
+    config = HypercornConfig()
+    config.bind = [settings.http_address]
+    config.graceful_timeout = HTTP_GRACEFUL_TIMEOUT
+    # Through logging, so the operator's handlers and format apply.
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.accesslog = logging.getLogger("trio_quiccmd.http.access")
+    config.access_log_format = (
+        'HTTP request remote=%(h)s method=%(m)s path=%(U)s query="%(q)s" '
+        "status=%(s)s bytes=%(b)s duration_us=%(D)s"
+    )
+    return config
+
+
+async def serve(
+    settings: ServerSettings,
+    *,
+    task_status: trio.TaskStatus[ServerAddresses] = trio.TASK_STATUS_IGNORED,
+    shutdown_event: trio.Event | None = None,
+    store: Store | None = None,
+) -> None:
+    """Run the server until ``shutdown_event`` is set, then shut down gracefully.
+
+    ``store`` keeps the commands (default: a new in-memory store, closed on
+    return; a store passed in is left open for its owner).
+
+    Reports :class:`ServerAddresses` (the bound ports, also when port 0 was
+    asked) through ``task_status.started`` once both listeners are up. Raises
+    :class:`StartupError` if the certificate is unusable or an address cannot
+    be bound. Returns when everything it started has stopped.
+
+    If cancelled instead, everything stops at once: no drain, agent
+    connections are dropped without a close, open HTTP requests are cut. Set
+    ``shutdown_event`` for a polite stop.
+    """
+    shutdown_event = shutdown_event if shutdown_event is not None else trio.Event()
+    cert_file, key_file = await _certificate(settings)
+    try:
+        quic_configuration = server_quic_configuration(
+            cert_file, key_file, idle_timeout=settings.idle_timeout
+        )
+    except Exception as exc:  # OSError, ssl/cryptography ValueError: all mean "bad files"
+        raise StartupError(f"cannot load the TLS certificate {cert_file} / key {key_file}: {exc}") from None
+
+    owns_store = store is None
+    manager = CommandManager(store if store is not None else MemoryStore(), manager_settings(settings))
+    metrics = Metrics(
+        connected_agents=lambda: len(manager.registry.links()),
+        unfinished_commands=lambda: manager.unfinished_count,
+    )
+    manager.add_observer(metrics)
+    app = create_app(manager, limits=api_limits(settings), metrics=metrics)
+    # The agents' frame limit bounds COMMAND frames (the API refuses bigger
+    # payloads); the server reads RESULT frames up to the same size.
+    command_server = CommandServer(manager, quic_configuration, max_frame_size=DEFAULT_MAX_FRAME_SIZE)
+
+    http_stop = trio.Event()
+    http_stopped = trio.Event()
+
+    async def run_http(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await hypercorn.trio.serve(
+                app,
+                _hypercorn_config(settings),
+                shutdown_trigger=http_stop.wait,
+                task_status=task_status,
+            )
+        finally:
+            http_stopped.set()
+
+    started = False
+    listening_on = f"QUIC (UDP) {settings.quic_address}"
+    try:
+        async with trio.open_nursery() as nursery:
+            quic_address = await nursery.start(
+                command_server.serve, settings.quic_host, settings.quic_port
+            )
+            listening_on = f"HTTP (TCP) {settings.http_address}"
+            binds = await nursery.start(run_http)
+            addresses = ServerAddresses(
+                http=_parse_bind(binds[0]), quic=(quic_address[0], quic_address[1])
+            )
+            logger.info("HTTP API listening url=%s", addresses.http_url)
+            started = True
+            task_status.started(addresses)
+
+            # hypercorn may stop on its own (e.g. lifespan failure): shut down then too.
+            async with trio.open_nursery() as waiters:
+
+                async def wait_then_stop_waiting(event: trio.Event) -> None:
+                    await event.wait()
+                    waiters.cancel_scope.cancel()
+
+                waiters.start_soon(wait_then_stop_waiting, shutdown_event)
+                waiters.start_soon(wait_then_stop_waiting, http_stopped)
+
+            logger.info(
+                "Shutting down grace=%s unfinished=%d", settings.shutdown_grace, manager.unfinished_count
+            )
+            # Drains commands (HTTP keeps answering: 503 for new ones, reads and
+            # long-polls for the rest), then closes agent connections politely.
+            await command_server.shutdown(settings.shutdown_grace)
+            http_stop.set()
+            with trio.move_on_after(HTTP_GRACEFUL_TIMEOUT + 2):
+                await http_stopped.wait()
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # A bind failure arrives wrapped in the nurseries of hypercorn and the
+        # endpoint; before we are started it is a startup error, said in one line.
+        error = _first_leaf(group, OSError)
+        if started or error is None:
+            raise
+        raise StartupError(f"cannot listen on {listening_on}: {error}") from group
+    finally:
+        if owns_store:
+            with trio.move_on_after(5, shield=True):
+                await manager.store.aclose()
+    logger.info("Server stopped")
+
+
