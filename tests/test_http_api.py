@@ -339,7 +339,9 @@ async def test_wait_true_returns_the_final_state_of_each_outcome(tmp_path):
                 await h.gates.cancelled["t"].wait()  # and the agent was told to stop
 
 
-async def test_non_finite_numbers_in_a_result_come_back_as_valid_json(tmp_path):
+async def test_non_finite_numbers_in_a_result_fail_the_command_clearly(tmp_path):
+    # NaN and Infinity are not JSON: the agent will not put them on the wire
+    # (a non-Python peer could not read them), and says why instead.
     with trio.fail_after(TEST_TIMEOUT):
         async with running_server(tmp_path) as h:
             await h.start_agent("a")
@@ -348,7 +350,9 @@ async def test_non_finite_numbers_in_a_result_come_back_as_valid_json(tmp_path):
             )
     assert response.status == 200
     assert b"NaN" not in response.body and b"Infinity" not in response.body
-    assert response.json()["result"] == {"value": None, "big": None, "ok": 1.5}
+    command = response.json()
+    assert command["status"] == "failed" and command["error_code"] == "invalid_result"
+    assert "JSON" in command["error"]
 
 
 async def test_offline_agent_is_409_with_the_failed_command(tmp_path):

@@ -320,3 +320,33 @@ async def test_shutdown_refuses_new_and_drains(manager, autojump_clock):
     left = await manager.get_command(stuck.command_id)
     assert (left.status, left.error_code) == (CommandStatus.FAILED, "server_shutdown")
     assert trio.current_time() - start == pytest.approx(5.0, abs=0.01)
+
+
+def _deep(levels: int):
+    value: object = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [object(), {"x": float("nan")}, {"x": float("inf")}, _deep(5000), {1j: 2}],
+    ids=["object", "nan", "inf", "deep", "complex-key"],
+)
+async def test_payload_that_is_not_json_is_refused(manager, payload, autojump_clock):
+    connect_agent(manager, "c1")
+    with pytest.raises(InvalidCommand, match="payload"):
+        await manager.send_command("c1", "echo", payload)
+    assert (await manager.list_commands()).commands == []
+
+
+async def test_payload_too_large_for_a_frame_is_refused(manager, autojump_clock):
+    from trio_quiccmd.errors import PayloadTooLarge
+
+    link, session = connect_agent(manager, "c1")
+    with pytest.raises(PayloadTooLarge):
+        await manager.send_command("c1", "echo", "x" * (1 << 20))
+    fits = await manager.send_command("c1", "echo", "x" * ((1 << 20) - 1000))
+    assert fits.status is CommandStatus.EXECUTING
+    assert len(session.commands()) == 1

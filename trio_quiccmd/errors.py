@@ -18,6 +18,12 @@ class InvalidCommand(QuicCmdError, ValueError):
     code = "invalid_command"
 
 
+class PayloadTooLarge(InvalidCommand):
+    """The payload would not fit in one COMMAND frame an agent accepts."""
+
+    code = "payload_too_large"
+
+
 class CommandNotFound(QuicCmdError, LookupError):
     code = "not_found"
 

@@ -136,6 +136,9 @@ RESULT_STATUSES = frozenset({"completed", "failed", "cancelled"})
 
 _converter = cattrs.Converter(forbid_extra_keys=False)
 _converter.register_structure_hook(Any, lambda value, _: value)
+# Payloads and results are already JSON values: pass them through untouched
+# (cattrs would walk them, recursing once per nesting level).
+_converter.register_unstructure_hook(Any, lambda value: value)
 
 
 def _strict(kind: type, accepted: tuple[type, ...]):
@@ -166,7 +169,24 @@ _converter.register_structure_hook_func(
     lambda cls: cls == list[str], _structure_str_list
 )
 
-_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# allow_nan=False: NaN and Infinity are not JSON, and a peer may rightly refuse them.
+_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+#: Bytes a COMMAND frame adds around its payload and command type, with room
+#: for a long command id.
+COMMAND_FRAME_OVERHEAD = 160
+
+
+def json_size(value: Any) -> int:
+    """Bytes of ``value`` as compact UTF-8 JSON on the wire.
+
+    Raises ValueError if it is not JSON (unserialisable, NaN, nested deeper
+    than the encoder can go).
+    """
+    try:
+        return len(_json_encoder.encode(value).encode("utf-8"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"not JSON-serialisable: {exc}") from None
 
 
 def encode_frame(frame: Frame) -> bytes:

@@ -23,9 +23,15 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from ..errors import CommandAlreadyFinished, CommandNotFound, InvalidCommand, QuicCmdError, ShuttingDown
+from ..errors import (
+    CommandAlreadyFinished,
+    CommandNotFound,
+    InvalidCommand,
+    PayloadTooLarge,
+    QuicCmdError,
+    ShuttingDown,
+)
 from ..model import Command, CommandStatus, ErrorCode
-from ..wire import DEFAULT_MAX_FRAME_SIZE, CommandFrame, encode_frame
 from .manager import CommandManager
 from .metrics import Metrics
 from .openapi import openapi_document
@@ -72,10 +78,6 @@ class ApiLimits:
     max_payload_bytes: int = 1 << 20
     #: ``timeout`` of a command that does not give one, seconds.
     default_timeout: float = 30.0
-    #: Largest COMMAND frame an agent accepts (the agents' wire frame limit);
-    #: a payload whose frame would exceed it is refused with 413 here rather
-    #: than breaking the agent's connection later.
-    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     default_list_limit: int = 100
     max_list_limit: int = 1000
 
@@ -371,30 +373,9 @@ def create_app(
         default_list_limit=limits.default_list_limit,
         max_list_limit=limits.max_list_limit,
     )
-    # A frame with a placeholder id of the real length, to measure payloads.
-    id_placeholder = "0" * 30
-
     def refuse_if_shutting_down() -> None:
         if manager.shutting_down:
             raise ShuttingDown()
-
-    def check_frame_size(command_type: str, payload: Any, timeout: float) -> None:
-        frame = CommandFrame(
-            command_id=id_placeholder, command_type=command_type, payload=payload, timeout=timeout
-        )
-        # 4 bytes of length prefix are not part of the limit; keep 64 bytes of
-        # slack for a longer command id.
-        try:
-            size = len(encode_frame(frame)) - 4 + 64
-        except RecursionError:  # belt and braces: the depth check comes first
-            raise _invalid("payload is nested too deeply") from None
-        if size > limits.max_frame_size:
-            raise ApiError(
-                413,
-                "payload_too_large",
-                f"the payload encodes to a {size}-byte command frame; agents accept "
-                f"at most {limits.max_frame_size} bytes",
-            )
 
     # -- routes ---------------------------------------------------------------
 
@@ -418,7 +399,6 @@ def create_app(
             raise _invalid(f"wait must be true or false, not {_json_type(wait)}")
         if _payload_depth(payload) > MAX_PAYLOAD_DEPTH:
             raise _invalid(f"payload is nested more than {MAX_PAYLOAD_DEPTH} levels deep")
-        check_frame_size(command_type, payload, timeout)
 
         command = await manager.send_command(
             client_id,
@@ -526,6 +506,8 @@ def create_app(
             return error_response(409, error.code, str(error), command=command_json(error.command))
         if isinstance(error, ShuttingDown):
             return error_response(503, error.code, str(error))
+        if isinstance(error, PayloadTooLarge):
+            return error_response(413, error.code, str(error))
         if isinstance(error, InvalidCommand):
             return error_response(400, error.code, str(error))
         return error_response(400, error.code, str(error))

@@ -16,7 +16,13 @@ from typing import Any, Callable, Protocol
 import attrs
 import trio
 
-from ..errors import CommandAlreadyFinished, CommandNotFound, InvalidCommand, ShuttingDown
+from ..errors import (
+    CommandAlreadyFinished,
+    CommandNotFound,
+    InvalidCommand,
+    PayloadTooLarge,
+    ShuttingDown,
+)
 from ..model import (
     Command,
     CommandStatus,
@@ -24,7 +30,13 @@ from ..model import (
     new_command_id,
     transition,
 )
-from ..wire import ProgressFrame, ResultFrame
+from ..wire import (
+    COMMAND_FRAME_OVERHEAD,
+    DEFAULT_MAX_FRAME_SIZE,
+    ProgressFrame,
+    ResultFrame,
+    json_size,
+)
 from .registry import AgentLink, AgentRegistry, ClientInfo
 from .store import CommandPage, CommandQuery, MemoryStore, Store
 
@@ -51,6 +63,8 @@ class ManagerSettings:
     cleanup_interval: float = 60.0
     #: Seconds a new connection has to send HELLO.
     hello_timeout: float = 10.0
+    #: Largest frame the agents accept; a command that would not fit is refused.
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
 
 
 class _Promise:
@@ -180,13 +194,16 @@ class CommandManager:
         only the wait for its storage is abandoned.
         """
         self._validate(client_id, command_type, timeout, connect_timeout, priority)
+        if payload is None:
+            payload = {}
+        self._validate_payload(command_type, payload)
         if self._shutting_down:
             raise ShuttingDown()
         command = Command(
             command_id=new_command_id(),
             client_id=client_id,
             command_type=command_type,
-            payload={} if payload is None else payload,
+            payload=payload,
             priority=priority,
             timeout=float(timeout),
             connect_timeout=float(connect_timeout),
@@ -418,6 +435,17 @@ class CommandManager:
                 )
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InvalidCommand("priority must be an integer")
+
+    def _validate_payload(self, command_type: str, payload: Any) -> None:
+        try:
+            size = json_size(payload) + len(command_type.encode()) + COMMAND_FRAME_OVERHEAD
+        except ValueError as exc:
+            raise InvalidCommand(f"payload is {exc}") from None
+        if size > self.settings.max_frame_size:
+            raise PayloadTooLarge(
+                f"the command would be a {size}-byte frame; agents accept at most "
+                f"{self.settings.max_frame_size} bytes"
+            )
 
     def _update(self, command: Command) -> None:
         self._live[command.command_id] = command

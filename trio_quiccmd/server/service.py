@@ -68,7 +68,6 @@ def api_limits(settings: ServerSettings) -> ApiLimits:
     return ApiLimits(
         max_payload_bytes=settings.max_payload_bytes,
         default_timeout=settings.default_timeout,
-        max_frame_size=DEFAULT_MAX_FRAME_SIZE,
     )
 
 
