@@ -22,6 +22,7 @@ import errno
 import logging
 import math
 import socket
+from collections import deque
 from typing import Awaitable, Callable
 
 import trio
@@ -121,21 +122,37 @@ class DatagramSocket:
         await trio.lowlevel.wait_writable(self.sock)
 
     async def receive_forever(
-        self, on_datagram: Callable[[bytes, NetworkAddress], None], *, batch: int = 512
+        self,
+        on_datagram: Callable[[bytes, NetworkAddress], None],
+        *,
+        batch: int = 64,
+        max_queued: int = 8192,
     ) -> None:
-        """Call ``on_datagram`` for every datagram until cancelled."""
+        """Call ``on_datagram`` for every datagram until cancelled.
+
+        The kernel's queue is emptied into our own before each batch is
+        handled: a burst (thousands of agents answering at once) then waits in
+        process memory instead of overflowing the socket buffer, where every
+        drop costs the sender a loss-recovery timeout and a retransmission.
+        Batches are small so that sessions get to acknowledge what arrived.
+        """
         sock = self.sock
+        queue: deque[tuple[bytes, NetworkAddress]] = deque()
+        receive = sock.recvfrom
         while True:
-            await trio.lowlevel.wait_readable(sock)
-            for _ in range(batch):
+            if not queue:
+                await trio.lowlevel.wait_readable(sock)
+            while len(queue) < max_queued:
                 try:
-                    data, addr = sock.recvfrom(65536)
+                    queue.append(receive(65536))
                 except BlockingIOError:
                     break
                 except ConnectionRefusedError:
                     continue  # ICMP from an earlier send; nothing to do with it
+            for _ in range(min(batch, len(queue))):
+                data, addr = queue.popleft()
                 on_datagram(data, addr)
-            else:
+            if queue:
                 await trio.lowlevel.checkpoint()  # let the sessions flush
 
     def close(self) -> None:
