@@ -120,7 +120,10 @@ def _hypercorn_config(settings: ServerSettings) -> HypercornConfig:
     config.graceful_timeout = HTTP_GRACEFUL_TIMEOUT
     # Through logging, so the operator's handlers and format apply.
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.accesslog = logging.getLogger("trio_quiccmd.http.access")
+    access_logger = logging.getLogger("trio_quiccmd.http.access")
+    # hypercorn formats every access line before the logger decides whether to
+    # drop it (~8% of a request's CPU): give it no logger when INFO is off.
+    config.accesslog = access_logger if access_logger.isEnabledFor(logging.INFO) else None
     config.access_log_format = (
         'HTTP request remote=%(h)s method=%(m)s path=%(U)s query="%(q)s" '
         "status=%(s)s bytes=%(b)s duration_us=%(D)s"
