@@ -233,3 +233,25 @@ async def test_waiters_all_get_the_result(cluster):
             gate.set()
     assert len(seen) == 20
     assert all(c.status is CommandStatus.COMPLETED and c.result == "open" for c in seen)
+
+
+async def test_keepalive_follows_a_short_server_idle_timeout(dev_cert):
+    # A server idle timeout below the agent's keepalive interval must not
+    # drop quiet agents: the agent pings at a third of the negotiated timeout.
+    from trio_quiccmd import CommandManager, CommandServer
+    from trio_quiccmd.server.core import server_quic_configuration
+    from trio_quiccmd import Agent
+
+    cert, key = dev_cert
+    server = CommandServer(CommandManager(), server_quic_configuration(cert, key, idle_timeout=1.5))
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(server.serve, "127.0.0.1", 0)
+            agent = Agent("quiet", ("127.0.0.1", address[1]), ca_file=cert, keepalive_interval=10.0)
+            await nursery.start(agent.run)
+            await trio.sleep(4.0)  # the test is about what happens to an idle connection
+            assert agent.sessions_established == 1
+            command = await server.manager.send_and_wait("quiet", "echo", "still here")
+            assert command.result == "still here"
+            await server.shutdown(grace=0.5)
+            nursery.cancel_scope.cancel()

@@ -350,3 +350,18 @@ async def test_payload_too_large_for_a_frame_is_refused(manager, autojump_clock)
     fits = await manager.send_command("c1", "echo", "x" * ((1 << 20) - 1000))
     assert fits.status is CommandStatus.EXECUTING
     assert len(session.commands()) == 1
+
+
+async def test_a_timed_out_or_cancelled_command_frees_its_slot_for_the_queue(manager, autojump_clock):
+    link, session = connect_agent(manager, "c1")
+    slow = [await manager.send_command("c1", "sleep", timeout=5) for _ in range(3)]
+    stuck = await manager.send_command("c1", "sleep", timeout=100)
+    queued = [await manager.send_command("c1", "echo", i, timeout=100) for i in range(4)]
+    assert all(c.status is CommandStatus.PENDING for c in queued)
+    await manager.cancel(stuck.command_id)
+    assert (await manager.get_command(queued[0].command_id)).status is CommandStatus.EXECUTING
+    await trio.sleep(5.1)  # the three slow ones time out
+    statuses = [(await manager.get_command(c.command_id)).status for c in queued]
+    assert statuses == [CommandStatus.EXECUTING] * 4
+    assert manager.queued_count("c1") == 0
+    assert {(await manager.get_command(c.command_id)).status for c in slow} == {CommandStatus.TIMEOUT}

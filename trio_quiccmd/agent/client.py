@@ -279,7 +279,7 @@ class Agent:
                     ceiling = min(
                         self._reconnect_max, self._reconnect_initial * 2 ** min(attempt - 1, 30)
                     )
-                    # "Full jitter": a fleet cut off together does not return together.
+                    # Jitter: a fleet cut off together does not return together.
                     delay = random.uniform(ceiling / 2, ceiling)
                     logger.info("Reconnecting in %.2f s attempt=%d", delay, attempt)
                     await trio.sleep(delay)
@@ -377,6 +377,12 @@ class Agent:
     def _raise_if_fatal(code: int | None, reason: str) -> None:
         if code == ProtocolErrorCode.UNSUPPORTED_VERSION:
             raise AgentRejected(f"the server refused this agent: {reason}")
+        if code == ProtocolErrorCode.REPLACED:
+            # Another agent said HELLO with our client_id. Reconnecting would
+            # replace it in turn, and the two would evict each other forever.
+            raise AgentRejected(
+                "another agent connected with the same client_id and replaced this one"
+            )
 
     async def _execute(self, session: QuicSession, stream_id: int, command: CommandFrame) -> None:
         result = await self.handler.handle(command)

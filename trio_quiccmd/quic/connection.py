@@ -387,6 +387,7 @@ class QuicSession:
                     self._decoders.pop(event.stream_id, None)
                     handler.stream_reset(self, event.stream_id, event.error_code)
                 elif isinstance(event, events.HandshakeCompleted):
+                    self._fit_keepalive_to_idle_timeout()
                     self.handshake_done.set()
                     handler.handshake_completed(self)
                 elif isinstance(event, events.ConnectionIdIssued):
@@ -404,6 +405,17 @@ class QuicSession:
                     self.peer_address, exc.code.name, exc.message,
                 )
                 self.close(exc.code, exc.message)
+
+    def _fit_keepalive_to_idle_timeout(self) -> None:
+        # The peer's idle timeout is only known now (transport parameters); a
+        # server configured below our keepalive interval would otherwise drop
+        # every quiet connection. aioquic exposes the negotiated value only
+        # through this private helper.
+        if self._keepalive_interval is None:
+            return
+        idle_timeout = self.quic._idle_timeout()
+        self._keepalive_interval = min(self._keepalive_interval, idle_timeout / 3)
+        self._ping_at = trio.current_time() + self._keepalive_interval
 
     def _stream_data(self, event: events.StreamDataReceived) -> None:
         stream_id = event.stream_id

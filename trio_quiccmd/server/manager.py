@@ -159,7 +159,9 @@ class CommandManager:
         self.begin_shutdown()
         with trio.move_on_after(grace):
             await self._idle.wait()
-        left = list(self._live.values())
+        # Pending ones first, so that failing an executing one does not hand
+        # its window slot to a queued command only to fail that one too.
+        left = sorted(self._live.values(), key=lambda c: c.status is not CommandStatus.PENDING)
         for command in left:
             self._finish(
                 command,
@@ -333,7 +335,6 @@ class CommandManager:
         command = self._live.get(command_id)
         if command is None:
             raise CommandAlreadyFinished(await self.get_command(command_id))
-        logger.info("Command cancelled command_id=%s client_id=%s", command_id, command.client_id)
         return self._finish(
             command, CommandStatus.CANCELLED, error=reason, error_code=ErrorCode.CANCELLED
         )
@@ -496,10 +497,12 @@ class CommandManager:
         self._deadline_of.pop(command.command_id, None)
         self.store.save(command)
         if was_executing and status is not CommandStatus.COMPLETED and status is not CommandStatus.FAILED:
-            # Timed out or cancelled here: stop the work on the agent too.
+            # Timed out or cancelled here: stop the work on the agent too, and
+            # give its window slot to the next queued command.
             link = self.registry.get(command.client_id)
             if link is not None:
                 link.cancel_command(command.command_id, error or status.value)
+                self._dispatch(command.client_id)
         promise = self._waiters.pop(command.command_id, None)
         if promise is not None:
             promise.command = command
@@ -520,6 +523,11 @@ class CommandManager:
         elif status is CommandStatus.TIMEOUT:
             logger.warning(
                 "Command timeout command_id=%s client_id=%s error_code=%s",
+                command.command_id, command.client_id, command.error_code,
+            )
+        elif status is CommandStatus.CANCELLED:
+            logger.info(
+                "Command cancelled command_id=%s client_id=%s error_code=%s",
                 command.command_id, command.client_id, command.error_code,
             )
         elif status is CommandStatus.FAILED:
