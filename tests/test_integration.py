@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from trio_quiccmd import CommandStatus, ExecutorRegistry, builtin_executor
+from trio_quiccmd import AgentRejected, CommandStatus, ExecutorRegistry, builtin_executor
 from trio_quiccmd.wire import ProtocolErrorCode
 
 from .conftest import wait_until
@@ -198,15 +198,27 @@ async def test_second_connection_with_same_id_replaces_the_first(cluster):
     first_registry.register("who", lambda p: "first")
     second_registry = ExecutorRegistry()
     second_registry.register("who", lambda p: "second")
+    first = cluster.agent("dup", executor=first_registry)
+    outcome = []
+
+    async def run_first(task_status=trio.TASK_STATUS_IGNORED):
+        try:
+            await first.run(task_status=task_status)
+        except AgentRejected as exc:
+            outcome.append(exc)
+
     with trio.fail_after(20):
-        first_agent, first_scope = await cluster.start_agent("dup", executor=first_registry)
-        first_link = manager.registry.get("dup")
-        await cluster.start_agent("dup", executor=second_registry)
-        await wait_until(lambda: manager.registry.get("dup") not in (None, first_link))
-        first_scope.cancel()  # the replaced agent would otherwise keep reconnecting
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_first)
+            first_link = manager.registry.get("dup")
+            second, _ = await cluster.start_agent("dup", executor=second_registry)
+            await wait_until(lambda: manager.registry.get("dup") not in (None, first_link))
+        # The replaced agent stops instead of evicting the new one in turn.
+        assert len(outcome) == 1 and "same client_id" in str(outcome[0])
         command = await manager.send_and_wait("dup", "who")
     assert command.result == "second"
     assert [c.client_id for c in manager.clients()] == ["dup"]
+    assert (first.sessions_established, second.sessions_established) == (1, 1)
 
 
 async def test_waiters_all_get_the_result(cluster):

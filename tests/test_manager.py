@@ -31,6 +31,7 @@ class RecordingSession:
         self.streams: dict[int, list] = {}
         self.next_stream = 1
         self.is_closing = False
+        self.can_open_stream = True
         self.peer_address = ("192.0.2.7", 4433)
         self.closed_with = None
 

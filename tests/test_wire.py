@@ -514,6 +514,7 @@ def test_error_codes_are_stable_wire_values():
         "UNSUPPORTED_VERSION": 0x107,
         "REPLACED": 0x201,
         "SHUTTING_DOWN": 0x202,
+        "INTERNAL_ERROR": 0x2FF,
     }
     err = ProtocolError(ProtocolErrorCode.INVALID_FRAME, "why")
     assert err.code is ProtocolErrorCode.INVALID_FRAME

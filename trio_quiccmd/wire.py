@@ -44,6 +44,7 @@ class ProtocolErrorCode(enum.IntEnum):
     UNSUPPORTED_VERSION = 0x107
     REPLACED = 0x201
     SHUTTING_DOWN = 0x202
+    INTERNAL_ERROR = 0x2FF
 
 
 class ProtocolError(Exception):
@@ -118,7 +119,7 @@ class ProgressFrame:
 
 @attrs.frozen(kw_only=True)
 class CancelFrame:
-    """Server → agent on the command's stream: stop executing it."""
+    """Server → agent on the control stream: stop executing ``command_id``."""
 
     type: ClassVar[str] = "cancel"
     command_id: str
@@ -169,22 +170,28 @@ _converter.register_structure_hook_func(
     lambda cls: cls == list[str], _structure_str_list
 )
 
-# allow_nan=False: NaN and Infinity are not JSON, and a peer may rightly refuse them.
-_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+# allow_nan=False: NaN and Infinity are not JSON, and a peer may rightly refuse
+# them. ensure_ascii=True: a string holding a lone surrogate (valid in JSON as
+# an escape, not in UTF-8) must still encode.
+_json_encoder = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 #: Bytes a COMMAND frame adds around its payload and command type, with room
 #: for a long command id.
 COMMAND_FRAME_OVERHEAD = 160
 
 
-def json_size(value: Any) -> int:
-    """Bytes of ``value`` as compact UTF-8 JSON on the wire.
+def json_dumps(value: Any) -> str:
+    """``value`` as compact JSON, exactly as the wire carries it.
 
     Raises ValueError if it is not JSON (unserialisable, NaN, nested deeper
     than the encoder can go).
     """
     try:
-        return len(_json_encoder.encode(value).encode("utf-8"))
+        return _json_encoder.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"not JSON-serialisable: {exc}") from None
 
@@ -202,7 +209,7 @@ def decode_body(data: bytes) -> Frame:
     try:
         # Decode explicitly: json.loads(bytes) would also accept UTF-16/32 and a BOM.
         # Deep nesting overflows the parser's recursion: a bad frame, not a crash.
-        obj = json.loads(data.decode("utf-8"))
+        obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(ProtocolErrorCode.INVALID_JSON, str(exc)) from None
     if not isinstance(obj, dict):

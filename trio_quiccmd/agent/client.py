@@ -22,6 +22,7 @@ from ..wire import (
     Hello,
     ProtocolError,
     ProtocolErrorCode,
+    ResultFrame,
     Welcome,
 )
 from .executor import CommandExecutor, builtin_executor
@@ -30,6 +31,9 @@ from .handler import CommandHandler
 logger = logging.getLogger("trio_quiccmd.agent")
 
 AGENT_VERSION = "trio_quiccmd/0.1"
+
+#: A session that lasted this long resets the reconnect backoff.
+STABLE_SESSION_SECONDS = 10.0
 
 
 class AgentRejected(Exception):
@@ -255,9 +259,14 @@ class Agent:
             while not self._stopping:
                 with trio.CancelScope() as self._attempt_scope:
                     try:
+                        began = trio.current_time()
                         await self._serve_one_session(nursery, task_status)
                         task_status = trio.TASK_STATUS_IGNORED
-                        attempt = 0
+                        if trio.current_time() - began >= STABLE_SESSION_SECONDS:
+                            # Only a session that lasted resets the backoff: a
+                            # server that welcomes and then drops us at once
+                            # must not be redialled in a tight loop.
+                            attempt = 0
                     except AgentRejected as exc:
                         rejected = exc
                         break
@@ -385,7 +394,18 @@ class Agent:
             )
 
     async def _execute(self, session: QuicSession, stream_id: int, command: CommandFrame) -> None:
-        result = await self.handler.handle(command)
+        try:
+            result = await self.handler.handle(command)
+        except Exception:
+            # handle() reports executor errors itself; this is a bug of ours,
+            # and it must not take the agent down with it.
+            logger.exception("Command handling failed command_id=%s", command.command_id)
+            result = ResultFrame(
+                command_id=command.command_id,
+                status="failed",
+                error="internal error in the agent",
+                error_code="agent_error",
+            )
         # If the connection that carried the command is gone, the result has
         # nowhere to go (the server times the command out).
         session.send_frame(stream_id, result, end_stream=True)

@@ -61,8 +61,12 @@ class ExecutorRegistry:
     the thread itself, which runs to completion with its result discarded.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_threads: int = 64) -> None:
         self._handlers: dict[str, tuple[Handler, bool]] = {}
+        # Our own limiter, not trio's shared default of 40: a thread abandoned
+        # by a timed-out command keeps its token until it really ends, and
+        # must not starve the rest of the program's threads.
+        self._threads = trio.CapacityLimiter(max_threads)
 
     def register(self, command_type: str, handler: H | None = None) -> Any:
         """Register ``handler(payload) -> result`` for ``command_type``.
@@ -86,7 +90,9 @@ class ExecutorRegistry:
             raise UnknownCommandType(command_type) from None
         if is_async:
             return await handler(payload)
-        return await trio.to_thread.run_sync(handler, payload, abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(
+            handler, payload, abandon_on_cancel=True, limiter=self._threads
+        )
 
 
 # -- built-in command types ----------------------------------------------------

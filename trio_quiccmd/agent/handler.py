@@ -14,6 +14,17 @@ from .executor import CommandExecutor, CommandFailed, UnknownCommandType
 logger = logging.getLogger("trio_quiccmd.agent")
 
 
+class _Execution:
+    """A command running here: its cancel scope, and its result once done."""
+
+    __slots__ = ("scope", "done", "result")
+
+    def __init__(self, scope: trio.CancelScope):
+        self.scope = scope
+        self.done = trio.Event()
+        self.result: ResultFrame | None = None
+
+
 class CommandHandler:
     """Runs commands through an executor, each under its own cancel scope.
 
@@ -24,7 +35,7 @@ class CommandHandler:
     def __init__(self, executor: CommandExecutor, *, max_result_bytes: int = 1 << 20):
         self.executor = executor
         self.max_result_bytes = max_result_bytes
-        self._running: dict[str, trio.CancelScope] = {}
+        self._running: dict[str, _Execution] = {}
 
     @property
     def running(self) -> int:
@@ -32,10 +43,10 @@ class CommandHandler:
 
     def cancel(self, command_id: str) -> bool:
         """Cancel a running command; False if it is not running here."""
-        scope = self._running.get(command_id)
-        if scope is None:
+        execution = self._running.get(command_id)
+        if execution is None:
             return False
-        scope.cancel()
+        execution.scope.cancel()
         return True
 
     async def handle(self, command: CommandFrame) -> ResultFrame:
@@ -45,8 +56,25 @@ class CommandHandler:
         propagates as usual and no result is produced.
         """
         command_id = command.command_id
-        scope = trio.CancelScope(deadline=trio.current_time() + command.timeout)
-        self._running[command_id] = scope
+        running = self._running.get(command_id)
+        if running is not None:
+            # Delivered again while running: never run it twice; answer with
+            # the same result.
+            await running.done.wait()
+            assert running.result is not None
+            return running.result
+        execution = self._running[command_id] = _Execution(
+            trio.CancelScope(deadline=trio.current_time() + command.timeout)
+        )
+        try:
+            execution.result = await self._run(command, execution.scope)
+            return execution.result
+        finally:
+            del self._running[command_id]
+            execution.done.set()
+
+    async def _run(self, command: CommandFrame, scope: trio.CancelScope) -> ResultFrame:
+        command_id = command.command_id
         try:
             with scope:
                 try:
@@ -65,7 +93,6 @@ class CommandHandler:
                     )
                 return self._completed(command, result)
         finally:
-            del self._running[command_id]
             if scope.cancelled_caught:
                 logger.info("Command cancelled command_id=%s", command_id)
         timed_out = trio.current_time() >= scope.deadline
@@ -80,7 +107,7 @@ class CommandHandler:
         frame = ResultFrame(command_id=command.command_id, status="completed", result=result)
         try:
             size = len(encode_frame(frame))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             return self._failed(
                 command, f"result is not JSON-serialisable: {exc}", "invalid_result"
             )

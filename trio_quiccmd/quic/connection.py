@@ -18,7 +18,6 @@ The rules it keeps (see DESIGN.md, "Driving aioquic from trio"):
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import socket
@@ -85,6 +84,7 @@ class DatagramSocket:
                 except OSError:
                     pass
         self.sock = sock
+        self._writable: trio.Event | None = None
 
     @classmethod
     def bind(cls, host: str, port: int) -> "DatagramSocket":
@@ -110,16 +110,26 @@ class DatagramSocket:
         except BlockingIOError:
             return False
         except OSError as exc:
-            # An unreachable peer or a vanished route is QUIC's to detect (the
-            # packet counts as lost); it must not kill the loop.
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH,
-                                 errno.EINVAL, errno.EAFNOSUPPORT, errno.EPERM):
-                raise
+            # Unreachable peer, vanished route, no buffers: the packet counts
+            # as lost and QUIC's recovery deals with it; it must not kill the loop.
             logger.debug("UDP send to %s failed: %s", addr, exc)
         return True
 
     async def wait_writable(self) -> None:
-        await trio.lowlevel.wait_writable(self.sock)
+        """Wait until the socket can take a datagram again.
+
+        Many sessions share the server's socket, and trio lets only one task
+        wait on a socket at a time: the first waits, the others wait for it.
+        """
+        if self._writable is not None:
+            await self._writable.wait()
+            return
+        self._writable = trio.Event()
+        try:
+            await trio.lowlevel.wait_writable(self.sock)
+        finally:
+            self._writable.set()
+            self._writable = None
 
     async def receive_forever(
         self,
@@ -178,6 +188,9 @@ class SessionHandler:
     def stream_reset(self, session: "QuicSession", stream_id: int, error_code: int) -> None:
         pass
 
+    def streams_available(self, session: "QuicSession") -> None:
+        """The peer raised its stream limit after :attr:`QuicSession.can_open_stream` was False."""
+
     def connection_lost(self, session: "QuicSession", error_code: int, reason: str) -> None:
         pass
 
@@ -212,6 +225,7 @@ class QuicSession:
         self._wake_pending = True
         self._quic_timer_at: float | None = None
         self._unflushed_frames = 0
+        self._waiting_for_streams = False
         # Datagrams the kernel had no room for; sent by the timer task first.
         self._backlog: list[tuple[bytes, NetworkAddress]] = []
         self._lost_notified = False
@@ -232,6 +246,20 @@ class QuicSession:
     def is_closing(self) -> bool:
         return self._lost_notified
 
+    @property
+    def can_open_stream(self) -> bool:
+        """Whether the peer allows one more bidirectional stream from us now.
+
+        Beyond the peer's limit aioquic does not refuse a stream, it blocks it
+        silently; callers must not open one. If this is False, the handler
+        hears ``streams_available`` once the peer raises its limit.
+        """
+        quic = self.quic
+        if quic._local_next_stream_id_bidi // 4 < quic._remote_max_streams_bidi:
+            return True
+        self._waiting_for_streams = True
+        return False
+
     # -- input ---------------------------------------------------------------
 
     def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
@@ -239,18 +267,36 @@ class QuicSession:
             return
         self.quic.receive_datagram(data, addr, trio.current_time())
         self._process_events()
+        close = self.quic._close_event
+        if close is not None and not self._lost_notified:
+            # The peer closed: aioquic only reports it after the draining
+            # period, but nothing more can be sent on this connection now.
+            self._notify_lost(close.error_code, close.reason_phrase)
+        elif self._waiting_for_streams and self.can_open_stream:
+            self._waiting_for_streams = False
+            self.handler.streams_available(self)
         self._wake()
 
     # -- output (each ends in a wake; the timer task flushes) ------------------
 
-    def send_frame(self, stream_id: int, frame: Frame, *, end_stream: bool = False) -> None:
+    def send_frame(self, stream_id: int, frame: Frame, *, end_stream: bool = False) -> bool:
+        """Queue ``frame`` on the stream; False if the stream or connection can take no more.
+
+        A stream the peer reset or stopped (STOP_SENDING) refuses data: that is
+        the peer's choice, reported here rather than raised.
+        """
         if self._lost_notified:
-            return
-        self.quic.send_stream_data(stream_id, encode_frame(frame), end_stream)
+            return False
+        try:
+            self.quic.send_stream_data(stream_id, encode_frame(frame), end_stream)
+        except (RuntimeError, ValueError) as exc:  # aioquic: stream reset, finished, or not ours
+            logger.debug("Frame not sent stream=%d: %s", stream_id, exc)
+            return False
         self._unflushed_frames += 1
         if self._unflushed_frames >= FLUSH_BATCH_FRAMES:
             self._transmit_now()
         self._wake()
+        return True
 
     def open_stream(self, frame: Frame, *, end_stream: bool = False) -> int:
         """Open a bidirectional stream and send ``frame`` on it; returns its id.
@@ -352,6 +398,7 @@ class QuicSession:
     def _transmit_now(self) -> None:
         """Send what is ready without waiting (synchronous; see FLUSH_BATCH_FRAMES)."""
         self._unflushed_frames = 0
+        self._waiting_for_streams = False
         if self._backlog:
             return  # the socket is full; the timer task is waiting to send
         datagrams = self.quic.datagrams_to_send(trio.current_time())
@@ -369,6 +416,7 @@ class QuicSession:
             else:
                 await transport.wait_writable()
         self._unflushed_frames = 0
+        self._waiting_for_streams = False
         for data, addr in self.quic.datagrams_to_send(trio.current_time()):
             while not transport.try_send(data, addr):
                 await transport.wait_writable()
@@ -383,6 +431,15 @@ class QuicSession:
             try:
                 if isinstance(event, events.StreamDataReceived):
                     self._stream_data(event)
+                elif isinstance(event, events.StopSendingReceived):
+                    # The peer will not read this stream any more: end our
+                    # side (RFC 9000, 3.5) and treat it like a reset.
+                    try:
+                        self.quic.reset_stream(event.stream_id, event.error_code)
+                    except (RuntimeError, ValueError):
+                        pass  # already finished or reset
+                    self._decoders.pop(event.stream_id, None)
+                    handler.stream_reset(self, event.stream_id, event.error_code)
                 elif isinstance(event, events.StreamReset):
                     self._decoders.pop(event.stream_id, None)
                     handler.stream_reset(self, event.stream_id, event.error_code)
@@ -405,6 +462,11 @@ class QuicSession:
                     self.peer_address, exc.code.name, exc.message,
                 )
                 self.close(exc.code, exc.message)
+            except Exception:
+                # A bug or an unforeseen input in one connection's handling
+                # must not take down the endpoint and every other connection.
+                logger.exception("Closing connection after an internal error peer=%s", self.peer_address)
+                self.close(ProtocolErrorCode.INTERNAL_ERROR, "internal error")
 
     def _fit_keepalive_to_idle_timeout(self) -> None:
         # The peer's idle timeout is only known now (transport parameters); a
@@ -439,6 +501,7 @@ class QuicSession:
         if self._lost_notified:
             return
         self._lost_notified = True
+        self._ping_at = math.inf
         self.close_error_code = error_code
         self.close_reason = reason
         self._decoders.clear()

@@ -8,6 +8,7 @@ no two of them interleave: a command reaches exactly one terminal state.
 from __future__ import annotations
 
 import heapq
+import json
 import logging
 import math
 import time
@@ -35,7 +36,7 @@ from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
     ProgressFrame,
     ResultFrame,
-    json_size,
+    json_dumps,
 )
 from .registry import AgentLink, AgentRegistry, ClientInfo
 from .store import CommandPage, CommandQuery, MemoryStore, Store
@@ -126,6 +127,7 @@ class CommandManager:
         self._deadline_of: dict[str, float] = {}
         self._deadline_scope: trio.CancelScope | None = None
         self._shutting_down = False
+        self._dispatch_stopped = False
         self._idle = trio.Event()
         self._idle.set()
 
@@ -159,9 +161,10 @@ class CommandManager:
         self.begin_shutdown()
         with trio.move_on_after(grace):
             await self._idle.wait()
-        # Pending ones first, so that failing an executing one does not hand
-        # its window slot to a queued command only to fail that one too.
-        left = sorted(self._live.values(), key=lambda c: c.status is not CommandStatus.PENDING)
+        # Nothing more goes out: failing an executing command must not hand its
+        # window slot to a queued one only to fail that too.
+        self._dispatch_stopped = True
+        left = list(self._live.values())
         for command in left:
             self._finish(
                 command,
@@ -196,9 +199,7 @@ class CommandManager:
         only the wait for its storage is abandoned.
         """
         self._validate(client_id, command_type, timeout, connect_timeout, priority)
-        if payload is None:
-            payload = {}
-        self._validate_payload(command_type, payload)
+        payload = self._own_payload(command_type, {} if payload is None else payload)
         if self._shutting_down:
             raise ShuttingDown()
         command = Command(
@@ -401,9 +402,14 @@ class CommandManager:
                 result=frame.result,
                 error=frame.error if status is not CommandStatus.COMPLETED else None,
                 error_code=error_code if status is not CommandStatus.COMPLETED else None,
+                from_agent=True,
             )
         assert link.client_id is not None
         self._dispatch(link.client_id)
+
+    def slot_freed(self, link: AgentLink) -> None:
+        if link.client_id is not None:
+            self._dispatch(link.client_id)
 
     def progress_received(self, link: AgentLink, frame: ProgressFrame) -> None:
         logger.info(
@@ -437,16 +443,34 @@ class CommandManager:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InvalidCommand("priority must be an integer")
 
-    def _validate_payload(self, command_type: str, payload: Any) -> None:
+    def _own_payload(self, command_type: str, payload: Any) -> Any:
+        """A private copy of ``payload`` (the caller may change theirs later),
+        checked to be JSON that fits in one COMMAND frame."""
         try:
-            size = json_size(payload) + len(command_type.encode()) + COMMAND_FRAME_OVERHEAD
+            encoded = json_dumps(payload)
         except ValueError as exc:
             raise InvalidCommand(f"payload is {exc}") from None
+        size = len(encoded.encode()) + len(command_type.encode()) + COMMAND_FRAME_OVERHEAD
         if size > self.settings.max_frame_size:
             raise PayloadTooLarge(
                 f"the command would be a {size}-byte frame; agents accept at most "
                 f"{self.settings.max_frame_size} bytes"
             )
+        return json.loads(encoded)
+
+    def _prune_queue(self, client_id: str) -> None:
+        """Drop a client's queue entries for commands no longer pending (lazily,
+        when they are most of it), so a client that never connects holds nothing."""
+        queue = self._queues.get(client_id)
+        if queue is None:
+            return
+        live = self._live
+        pending = sum(1 for _, _, cid in queue if cid in live)
+        if pending == 0:
+            del self._queues[client_id]
+        elif len(queue) > 2 * pending + 64:
+            queue[:] = [entry for entry in queue if entry[2] in live]
+            heapq.heapify(queue)
 
     def _update(self, command: Command) -> None:
         self._live[command.command_id] = command
@@ -455,14 +479,14 @@ class CommandManager:
     def _dispatch(self, client_id: str) -> None:
         """Send queued commands to the agent while its window has room."""
         queue = self._queues.get(client_id)
-        if not queue:
+        if not queue or self._dispatch_stopped:
             return
         link = self.registry.get(client_id)
         if link is None:
             return
         window = self.settings.max_in_flight_per_agent
         now = trio.current_time()
-        while queue and link.in_flight < window:
+        while queue and link.in_flight < window and link.can_send:
             _, _, command_id = heapq.heappop(queue)
             command = self._live.get(command_id)
             if command is None or command.status is not CommandStatus.PENDING:
@@ -488,21 +512,25 @@ class CommandManager:
         result: Any = None,
         error: str | None = None,
         error_code: str | None = None,
+        from_agent: bool = False,
     ) -> Command:
         was_executing = command.status is CommandStatus.EXECUTING
         command = transition(
             command, status, at=self._wall(), result=result, error=error, error_code=error_code
         )
         del self._live[command.command_id]
-        self._deadline_of.pop(command.command_id, None)
+        del self._deadline_of[command.command_id]
+        self._compact_deadlines()
         self.store.save(command)
-        if was_executing and status is not CommandStatus.COMPLETED and status is not CommandStatus.FAILED:
-            # Timed out or cancelled here: stop the work on the agent too, and
-            # give its window slot to the next queued command.
+        if was_executing and not from_agent:
+            # Ended here (timeout, cancel, shutdown): stop the work on the
+            # agent too, and give its window slot to the next queued command.
             link = self.registry.get(command.client_id)
             if link is not None:
                 link.cancel_command(command.command_id, error or status.value)
                 self._dispatch(command.client_id)
+        elif not was_executing:
+            self._prune_queue(command.client_id)
         promise = self._waiters.pop(command.command_id, None)
         if promise is not None:
             promise.command = command
@@ -543,9 +571,18 @@ class CommandManager:
     def _set_deadline(self, command_id: str, at: float) -> None:
         self._deadline_of[command_id] = at
         heapq.heappush(self._deadlines, (at, command_id))
+        self._compact_deadlines()
         scope = self._deadline_scope
         if scope is not None and at < scope.deadline:
             scope.deadline = at
+
+    def _compact_deadlines(self) -> None:
+        # Entries of finished or re-armed commands wait in the heap until their
+        # time; rebuild it before they outnumber the live ones.
+        deadlines = self._deadlines
+        if len(deadlines) > 2 * len(self._deadline_of) + 64:
+            deadlines[:] = [(when, cid) for cid, when in self._deadline_of.items()]
+            heapq.heapify(deadlines)
 
     async def _enforce_deadlines(self) -> None:
         deadlines = self._deadlines
@@ -559,21 +596,27 @@ class CommandManager:
                 at, command_id = heapq.heappop(deadlines)
                 if self._deadline_of.get(command_id) != at:
                     continue  # superseded or finished
-                command = self._live[command_id]
-                if command.status is CommandStatus.PENDING:
-                    self._finish(
-                        command,
-                        CommandStatus.TIMEOUT,
-                        error="the command was not delivered to the agent in time",
-                        error_code=ErrorCode.DELIVERY_TIMEOUT,
-                    )
-                else:
-                    self._finish(
-                        command,
-                        CommandStatus.TIMEOUT,
-                        error=f"no result within {command.timeout:g} s",
-                        error_code=ErrorCode.EXECUTION_TIMEOUT,
-                    )
+                try:
+                    self._expire(self._live[command_id])
+                except Exception:
+                    # One command's bad luck must not stop every other deadline.
+                    logger.exception("Failed to expire command command_id=%s", command_id)
+
+    def _expire(self, command: Command) -> None:
+        if command.status is CommandStatus.PENDING:
+            self._finish(
+                command,
+                CommandStatus.TIMEOUT,
+                error="the command was not delivered to the agent in time",
+                error_code=ErrorCode.DELIVERY_TIMEOUT,
+            )
+        else:
+            self._finish(
+                command,
+                CommandStatus.TIMEOUT,
+                error=f"no result within {command.timeout:g} s",
+                error_code=ErrorCode.EXECUTION_TIMEOUT,
+            )
 
     async def _trim_history(self) -> None:
         while True:

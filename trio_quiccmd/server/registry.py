@@ -42,6 +42,8 @@ class LinkListener(Protocol):
 
     def progress_received(self, link: "AgentLink", frame: ProgressFrame) -> None: ...
 
+    def slot_freed(self, link: "AgentLink") -> None: ...
+
 
 @attrs.frozen
 class ClientInfo:
@@ -69,6 +71,8 @@ class AgentLink(SessionHandler):
         self.hello: Hello | None = None
         self.connected_at: float | None = None
         self.session_id = ""
+        #: The HELLO deadline passed while the handshake was still going on.
+        self.hello_overdue = False
         self._control_stream: int | None = None
         self._stream_of: dict[str, int] = {}  # command_id -> stream_id
         self._command_on: dict[int, str] = {}  # stream_id -> command_id
@@ -81,6 +85,11 @@ class AgentLink(SessionHandler):
     def in_flight(self) -> int:
         """Commands open on this connection (each holds one QUIC stream)."""
         return len(self._command_on)
+
+    @property
+    def can_send(self) -> bool:
+        """Whether one more command stream can be opened now (the agent's stream limit)."""
+        return self.session is not None and self.session.can_open_stream
 
     @property
     def is_open(self) -> bool:
@@ -136,6 +145,8 @@ class AgentLink(SessionHandler):
 
     def handshake_completed(self, session: QuicSession) -> None:
         self.session = session
+        if self.hello_overdue:
+            self.close(ProtocolErrorCode.HELLO_TIMEOUT, "no HELLO received in time")
 
     def frame_received(self, session: QuicSession, stream_id: int, frame: Frame) -> None:
         self.session = session
@@ -193,11 +204,22 @@ class AgentLink(SessionHandler):
         self._registry.attach(self)
 
     def stream_reset(self, session: QuicSession, stream_id: int, error_code: int) -> None:
+        if stream_id == self._control_stream:
+            raise ProtocolError(
+                ProtocolErrorCode.UNEXPECTED_FRAME, "the control stream was reset"
+            )
         # The agent gave up on a command stream; the command keeps its
-        # deadline (its result may still come after a reconnect).
+        # deadline (its result may still come after a reconnect), and its
+        # window slot goes to the next queued command.
         command_id = self._command_on.pop(stream_id, None)
         if command_id is not None:
             self._stream_of.pop(command_id, None)
+            if self.client_id is not None:
+                self._registry.listener.slot_freed(self)
+
+    def streams_available(self, session: QuicSession) -> None:
+        if self.client_id is not None:
+            self._registry.listener.slot_freed(self)
 
     def connection_lost(self, session: QuicSession, error_code: int, reason: str) -> None:
         self._registry.detach(self, error_code, reason)
@@ -274,6 +296,11 @@ class AgentRegistry:
             cutoff = trio.current_time() - self.hello_timeout
             for link, accepted_at in list(self._unidentified.items()):
                 if accepted_at <= cutoff:
+                    if link.session is None:
+                        # Still in the handshake: close it the moment it
+                        # completes (see handshake_completed).
+                        link.hello_overdue = True
+                        continue
                     del self._unidentified[link]
                     logger.warning("Closing connection that sent no HELLO remote=%s", link.remote_address)
                     link.close(ProtocolErrorCode.HELLO_TIMEOUT, "no HELLO received in time")
