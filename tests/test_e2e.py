@@ -92,7 +92,7 @@ class Lines:
 
     async def wait_for(self, text: str, count: int = 1, *, after: int = 0) -> str:
         """The ``count``-th line containing ``text`` (among lines from index ``after``)."""
-        while len(found := [l for l in self.lines[after:] if text in l]) < count:
+        while len(found := [line for line in self.lines[after:] if text in line]) < count:
             if self.closed.is_set():
                 raise ProcessEnded(f"{self.name} ended before {count} x {text!r}:\n{self}")
             await self._changed.wait()
@@ -309,10 +309,12 @@ async def start_server(directory: Path, exits: AsyncExitStack) -> tuple[SimpleNa
             "--shutdown-grace", str(SHUTDOWN_GRACE),
         ], cwd=directory))
         try:
-            line = await server.stdout.wait_for(LISTENING)
+            with trio.fail_after(TIMEOUT):
+                line = await server.stdout.wait_for(LISTENING)
         except ProcessEnded:
-            await server.process.wait()
-            await server.stderr.closed.wait()
+            with trio.fail_after(TIMEOUT):
+                await server.process.wait()
+                await server.stderr.closed.wait()
             if attempt < 2 and server.process.returncode == 1 and server.stderr.matching("cannot listen on"):
                 continue
             raise AssertionError(f"the server did not start:\n{server.stderr}") from None
@@ -329,41 +331,50 @@ async def running_stack(directory: Path) -> AsyncIterator[Stack]:
     On a normal exit both are stopped with SIGTERM and must exit 0, with no
     traceback in their logs.
     """
+    # Setup is bounded wait by wait: a cancel scope may not span the
+    # nurseries the exit stack opens for the processes.
     async with AsyncExitStack() as exits:
         server, line = await start_server(directory, exits)
         http_url = line.split("http=", 1)[1].split()[0]
         host, port = http_url.removeprefix("http://").rsplit(":", 1)
         quic_address = line.rsplit("quic=", 1)[1]
-
-        health = await http((host, int(port)), "GET", "/healthz")
-        assert health.status == 200, health
-        assert health.json() == {"status": "ok", "connected_agents": 0, "unfinished_commands": 0}
-        assert (directory / ".quiccmd" / "server-cert.pem").is_file()
-        # (stderr is its own pipe: the line may come after stdout's.)
-        await server.stderr.wait_for("Created development TLS certificate path=.quiccmd/server-cert.pem fingerprint=sha256:")
+        with trio.fail_after(TIMEOUT):
+            health = await http((host, int(port)), "GET", "/healthz")
+            assert health.status == 200, health
+            assert health.json() == {"status": "ok", "connected_agents": 0, "unfinished_commands": 0}
+            assert (directory / ".quiccmd" / "server-cert.pem").is_file()
+            # (stderr is its own pipe: the line may come after stdout's.)
+            await server.stderr.wait_for(
+                "Created development TLS certificate path=.quiccmd/server-cert.pem fingerprint=sha256:"
+            )
 
         agent = await exits.enter_async_context(spawn("agent", [
             sys.executable, "-m", "trio_quiccmd.agent",
             "--id", CLIENT_ID, "--server", quic_address, "--label", "env=test",
         ], cwd=directory))
         stack = Stack(directory, (host, int(port)), quic_address, server, agent)
-        try:
-            await agent.stderr.wait_for("Connected to server")
-        except ProcessEnded:
-            raise AssertionError(f"the agent did not connect\n{stack.output()}") from None
-        assert agent.stderr.matching("tls=ca-file"), stack.output()
-        # The agent says it is connected once the server welcomed it; the API
-        # should list it by then. Bounded, in case it lags.
-        for _ in range(100):
-            clients = (await stack.request("GET", "/api/clients")).json()["clients"]
-            if clients:
-                break
-            await trio.sleep(0.01)
-        assert [c["client_id"] for c in clients] == [CLIENT_ID], stack.output()
+        with trio.fail_after(TIMEOUT):
+            try:
+                await agent.stderr.wait_for("Connected to server")
+            except ProcessEnded:
+                raise AssertionError(f"the agent did not connect\n{stack.output()}") from None
+            # No TLS flags: it found the server's certificate in ./.quiccmd and verifies with it.
+            assert agent.stderr.matching(
+                "Using the server certificate from the data dir as CA ca_file=.quiccmd/server-cert.pem"
+            ), stack.output()
+            assert agent.stderr.matching("tls=ca-file"), stack.output()
+            # The agent says it is connected once the server welcomed it; the API
+            # should list it by then. Bounded, in case it lags.
+            for _ in range(100):
+                clients = (await stack.request("GET", "/api/clients")).json()["clients"]
+                if clients:
+                    break
+                await trio.sleep(0.01)
+            assert [c["client_id"] for c in clients] == [CLIENT_ID], stack.output()
 
-        openapi = await stack.request("GET", "/openapi.json")
-        assert openapi.status == 200
-        stack.document = openapi.json()
+            openapi = await stack.request("GET", "/openapi.json")
+            assert openapi.status == 200
+            stack.document = openapi.json()
 
         yield stack
 
@@ -379,9 +390,8 @@ async def running_stack(directory: Path) -> AsyncIterator[Stack]:
 
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    with trio.fail_after(TIMEOUT):
-        async with running_stack(tmp_path) as running:
-            yield running
+    async with running_stack(tmp_path) as running:
+        yield running
 
 
 def samples(text: str) -> dict[str, float]:
