@@ -131,10 +131,12 @@ async def http_load(
     queue.reverse()
 
     async def connection() -> None:
-        reader, writer = await asyncio.open_connection(host, port)
+        reader = writer = None
         try:
             while queue:
-                _, body = queue.pop()
+                _, body = queue.pop()  # before any await: other connections share the queue
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(host, port)
                 data = json.dumps(body).encode()
                 writer.write(
                     b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
@@ -145,15 +147,24 @@ async def http_load(
                 head = await reader.readuntil(b"\r\n\r\n")
                 status = int(head[9:12])
                 length = 0
+                close = False
                 for line in head.split(b"\r\n"):
-                    if line[:15].lower() == b"content-length:":
+                    name = line[:15].lower()
+                    if name == b"content-length:":
                         length = int(line[15:])
+                    elif line.lower() == b"connection: close":
+                        close = True
                 await reader.readexactly(length)
                 if 200 <= status < 300:
                     recorder.latencies.append(time.perf_counter() - start)
                 else:
                     recorder.errors += 1
+                if close:
+                    # e.g. hypercorn's keep_alive_max_requests (1,000): open a new one.
+                    writer.close()
+                    reader = writer = None
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
 
     await asyncio.gather(*(connection() for _ in range(concurrency)))

@@ -175,6 +175,7 @@ def plot(results: dict, concurrencies: list[int], path: Path) -> None:
         if xs:
             ax.plot(xs, [by_c[str(c)]["throughput"] for c in xs], marker="o", label=SYSTEMS[name][3])
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
     ax.set_xlabel("commands in flight (C)")
     ax.set_ylabel("completed commands per second (median of runs)")
@@ -193,6 +194,14 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--output", default=str(HERE / "results" / "latest.json"))
+    parser.add_argument(
+        "--report-only", action="store_true",
+        help="run nothing: redraw the plot and print the table from --output",
+    )
+    parser.add_argument(
+        "--update", action="store_true",
+        help="keep the other systems' results from --output and re-run only --systems",
+    )
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     names = [n for n in args.systems.split(",") if n]
@@ -200,9 +209,17 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
 
-    results: dict[str, dict] = {}
+    out = Path(args.output)
+    if args.report_only:
+        results = json.loads(out.read_text())["results"]
+        shown = sorted({int(c) for by_c in results.values() for c in by_c})
+        plot(results, shown, ROOT / "docs" / "benchmarks-throughput.png")
+        print(table(results, shown))
+        return
+    previous = json.loads(out.read_text()) if args.update and out.exists() else None
+    results: dict[str, dict] = dict(previous["results"]) if previous else {}
     for name in names:
-        results[name] = {}
+        results[name] = dict(results.get(name, {}))
         for c in concurrencies:
             runs = []
             for _ in range(args.runs):
@@ -216,6 +233,8 @@ def main() -> None:
                 f"{r['throughput']:9.0f}/s p50={r['p50_ms']:.2f}ms p99={r['p99_ms']:.2f}ms cpu={r['cpu_us_per_command']:.0f}us"
                 if "throughput" in r else json.dumps(r)), flush=True)
 
+    if previous:
+        results = {name: results[name] for name in SYSTEMS if name in results}
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
@@ -225,11 +244,11 @@ def main() -> None:
         "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
         "results": results,
     }
-    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    plot(results, concurrencies, ROOT / "docs" / "benchmarks-throughput.png")
-    print(table(results, concurrencies))
+    shown = sorted({int(c) for by_c in results.values() for c in by_c})
+    plot(results, shown, ROOT / "docs" / "benchmarks-throughput.png")
+    print(table(results, shown))
 
 
 if __name__ == "__main__":
