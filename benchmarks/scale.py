@@ -17,9 +17,7 @@ verified). Measures:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import resource
 import subprocess
 import sys

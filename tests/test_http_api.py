@@ -12,13 +12,13 @@ import time
 from collections import defaultdict
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator
 
 import attrs
-import h11
 import pytest
 import trio
 
+from .httpclient import NO_BODY, HttpResponse, check_openapi, http
 from trio_quiccmd import Agent, builtin_executor
 from trio_quiccmd.config import ServerSettings
 from trio_quiccmd.server.openapi import openapi_document
@@ -34,107 +34,6 @@ COMMAND_FIELDS = [
     "error_code", "priority", "timeout", "connect_timeout", "created_at", "sent_at",
     "completed_at",
 ]
-
-
-# -- a tiny HTTP/1.1 client: h11 over trio TCP ------------------------------------
-
-
-@attrs.frozen
-class HttpResponse:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        assert self.headers.get("content-type", "").startswith("application/json"), self.headers
-        return json.loads(self.body)
-
-
-_NO_BODY = object()
-
-
-async def http(
-    address: tuple[str, int],
-    method: str,
-    target: str,
-    json_body: Any = _NO_BODY,
-    *,
-    body: bytes | None = None,
-    headers: Iterable[tuple[str, str]] = (),
-    chunks: list[bytes] | None = None,
-    finish_body: bool = True,
-) -> HttpResponse:
-    """One request on a fresh connection (``Connection: close``).
-
-    ``chunks`` sends a chunked body; ``finish_body=False`` sends the headers
-    (and ``body``) but never ends the request, for a lying Content-Length.
-    """
-    host, port = address
-    host_header = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    all_headers = [("Host", host_header), ("Connection", "close"), *headers]
-    if json_body is not _NO_BODY:
-        body = json.dumps(json_body).encode()
-        all_headers.append(("Content-Type", "application/json"))
-    if chunks is not None:
-        all_headers.append(("Transfer-Encoding", "chunked"))
-    elif body is not None and not any(k.lower() == "content-length" for k, _ in all_headers):
-        all_headers.append(("Content-Length", str(len(body))))
-    elif body is None and method in {"POST", "PUT"} and not any(
-        k.lower() == "content-length" for k, _ in all_headers
-    ):
-        all_headers.append(("Content-Length", "0"))
-
-    stream = await trio.open_tcp_stream(host, port)
-    async with stream:
-        conn = h11.Connection(h11.CLIENT)
-        await stream.send_all(conn.send(h11.Request(method=method, target=target, headers=all_headers)))
-        for piece in chunks if chunks is not None else ([body] if body else []):
-            await stream.send_all(conn.send(h11.Data(data=piece)))
-        if finish_body:
-            await stream.send_all(conn.send(h11.EndOfMessage()))
-        status, response_headers, data = 0, {}, bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-                response_headers = {k.decode().lower(): v.decode() for k, v in event.headers}
-            elif isinstance(event, h11.Data):
-                data += event.data
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                break
-    return HttpResponse(status, response_headers, bytes(data))
-
-
-# -- OpenAPI: every response checked against the document the server serves ---------
-
-
-def check_openapi(document: dict, method: str, path: str, response: HttpResponse) -> None:
-    """Validate ``response`` against the document's schema for (path, method, status)."""
-    jsonschema = pytest.importorskip("jsonschema")
-    referencing = pytest.importorskip("referencing")
-    from referencing.jsonschema import DRAFT202012
-
-    responses = document["paths"][path][method.lower()]["responses"]
-    assert str(response.status) in responses, f"{method} {path} {response.status} undocumented"
-    content = responses[str(response.status)]["content"]
-    media = "application/json" if "application/json" in content else next(iter(content))
-    assert response.headers["content-type"].startswith(media)
-    if media != "application/json":
-        return
-    resource = referencing.Resource.from_contents(document, default_specification=DRAFT202012)
-    registry = referencing.Registry().with_resource("urn:openapi", resource)
-    schema = dict(content[media]["schema"])
-    if "$ref" in schema:
-        schema = {"$ref": "urn:openapi" + schema["$ref"]}
-    else:
-        schema["$id"] = "urn:openapi-inline"
-    # Refs inside the components are relative ("#/components/..."): resolve
-    # them against the whole document.
-    validator = jsonschema.Draft202012Validator(schema, registry=registry, format_checker=jsonschema.FormatChecker())
-    errors = sorted(validator.iter_errors(response.json()), key=str)
-    assert not errors, f"{method} {path} {response.status}: {errors[0]}"
 
 
 # -- the gate executor: commands the test starts and finishes ------------------------
@@ -186,7 +85,7 @@ class Harness:
     def http_address(self) -> tuple[str, int]:
         return self.addresses.http
 
-    async def request(self, method: str, target: str, json_body: Any = _NO_BODY, **kw: Any) -> HttpResponse:
+    async def request(self, method: str, target: str, json_body: Any = NO_BODY, **kw: Any) -> HttpResponse:
         return await http(self.http_address, method, target, json_body, **kw)
 
     async def start_agent(self, client_id: str, **options: Any) -> Agent:
