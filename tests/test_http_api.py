@@ -514,9 +514,13 @@ async def test_list_is_newest_first_filtered_and_paginated(tmp_path):
             assert {c["command_id"] for c in failed} == set(created)
             executing = (await h.request("GET", "/api/commands?status=executing&command_type=gate")).json()
             assert [c["command_id"] for c in executing["commands"]] == [newest["command_id"]]
-            # Blank parameters (a template left empty) are no filter at all.
-            blank = (await h.request("GET", "/api/commands?client_id=&status=&command_type=&limit=&cursor=")).json()
+            # Blank text parameters (a template left empty) are no filter at
+            # all; a blank status or limit is not a value and is refused.
+            blank = (await h.request("GET", "/api/commands?client_id=&command_type=&cursor=")).json()
             assert [c["command_id"] for c in blank["commands"]] == ids
+            for query in ("status=", "limit="):
+                refused = await h.request("GET", f"/api/commands?{query}")
+                assert refused.status == 400 and refused.json()["error"]["code"] == "invalid_request"
             h.gates.opened["l"].set()
 
 

@@ -298,6 +298,9 @@ def _priority_field(body: Mapping[str, Any]) -> int:
     return value
 
 
+_FREE_TEXT_QUERY_PARAMETERS = frozenset({"client_id", "command_type", "cursor"})
+
+
 def _query(allowed: frozenset[str]) -> dict[str, str]:
     """The query parameters, each at most once, empty ones dropped."""
     args = request.args
@@ -307,8 +310,9 @@ def _query(allowed: frozenset[str]) -> dict[str, str]:
         values = args.getlist(key)
         if len(values) > 1:
             raise _invalid(f"query parameter {key!r} is given more than once", "invalid_request")
-        # ``?client_id=&status=`` (a template with blanks) means "no filter".
-        if values[0] != "":
+        # ``?client_id=&command_type=`` (a template with blanks) means "no
+        # filter"; a blank status or number is not one of its values and is refused.
+        if values[0] != "" or key not in _FREE_TEXT_QUERY_PARAMETERS:
             params[key] = values[0]
     return params
 
