@@ -287,7 +287,6 @@ async def test_f3_peer_close_is_noticed_at_once(cluster):
 # -- F4: results are lost across a reconnect -----------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 5: the agent has no outbox for results yet")
 async def test_f4_result_produced_during_a_reconnect_is_delivered(cluster):
     """F4 (high; DESIGN "Semantics": a result is not lost because the
     connection dropped). The command keeps running on the agent across the
@@ -296,9 +295,12 @@ async def test_f4_result_produced_during_a_reconnect_is_delivered(cluster):
     ignores RESULTs on streams it did not open on this connection."""
     registry = builtin_executor()
     started = trio.Event()
+    runs = 0
 
     @registry.register("slow")
     async def slow(payload):
+        nonlocal runs
+        runs += 1
         started.set()
         await trio.sleep(0.5)
         return "done"
@@ -311,6 +313,7 @@ async def test_f4_result_produced_during_a_reconnect_is_delivered(cluster):
         final = await cluster.manager.wait(command.command_id)
     assert agent.sessions_established >= 2
     assert final.status is CommandStatus.COMPLETED, (final.status, final.error_code)
+    assert final.result == "done" and runs == 1
 
 
 # -- F5: the server opens more streams than the agent allows -------------------------

@@ -62,6 +62,7 @@ SAMPLE_FRAMES = [
         capabilities=["shell", "ping"],
         token="s3cr3t",
         held_results=["cmd-a", "cmd-b"],
+        instance_id="5f0c2a9e1b7d4c33",
     ),
     Welcome(server_version="0.1.0", session_id="sess-42", max_in_flight=16),
     CommandFrame(command_id="c1", command_type="ping", timeout=30.0),
@@ -110,6 +111,7 @@ frames = st.one_of(
         capabilities=st.lists(st.text(max_size=8), max_size=3),
         token=st.none() | st.text(max_size=8),
         held_results=st.lists(ids, max_size=3),
+        instance_id=st.text(max_size=16),
     ),
     st.builds(
         Welcome,
@@ -183,6 +185,14 @@ def test_integer_timeout_is_accepted_as_float():
         ).encode()
     )
     assert frame.timeout == 5.0 and isinstance(frame.timeout, float)
+
+
+def test_hello_without_the_newer_fields_still_decodes():
+    # An agent that predates held results and instances: nothing held, and
+    # an unknown instance (the server then re-sends nothing to it).
+    frame = decode_body(json.dumps({"type": "hello", "client_id": "old"}).encode())
+    assert frame == Hello(client_id="old")
+    assert frame.held_results == [] and frame.instance_id == ""
 
 
 @pytest.mark.parametrize(
@@ -391,6 +401,8 @@ WRONG_TYPES = [
     (HELLO, "token", 3),
     (HELLO, "held_results", "cmd-1"),
     (HELLO, "held_results", [None]),
+    (HELLO, "instance_id", 7),
+    (HELLO, "instance_id", None),
     (WELCOME, "max_in_flight", "4"),
     (WELCOME, "max_in_flight", 4.5),
     (WELCOME, "max_in_flight", False),
@@ -559,7 +571,7 @@ json_ish_bodies = st.one_of(
             k: small_json
             for k in (
                 "client_id", "labels", "version", "capabilities", "token",
-                "held_results", "server_version", "session_id", "max_in_flight",
+                "held_results", "instance_id", "server_version", "session_id", "max_in_flight",
                 "command_id", "command_type", "payload", "timeout", "status",
                 "result", "error", "error_code", "progress", "reason",
             )

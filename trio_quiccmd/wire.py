@@ -68,8 +68,14 @@ class Hello:
     capabilities: list[str] = attrs.field(factory=list)
     #: Opaque credential; checked by the server when authentication is on.
     token: str | None = None
-    #: Ids of finished commands whose results the agent still holds.
+    #: Ids of finished commands whose results the agent still holds; it
+    #: delivers them after WELCOME, each on a stream of its own.
     held_results: list[str] = attrs.field(factory=list)
+    #: Random id of this agent process's run, the same on each of its
+    #: reconnects ("" if unknown). The server re-sends unfinished commands
+    #: only to the instance it sent them to, which remembers command ids and
+    #: so never runs one twice.
+    instance_id: str = ""
 
 
 @attrs.frozen(kw_only=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import ssl
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,13 @@ from ..wire import (
     ProtocolErrorCode,
     ResultFrame,
     Welcome,
+)
+from .dedup import (
+    DEFAULT_MAX_HELD_RESULTS,
+    DEFAULT_MAX_REMEMBERED,
+    DEFAULT_REMEMBER_FOR,
+    RecentCommands,
+    ResultOutbox,
 )
 from .executor import CommandExecutor, builtin_executor
 from .handler import CommandHandler
@@ -56,17 +64,62 @@ class ServerFingerprintMismatch(ConnectionFailed):
         self.presented = presented
 
 
+def _is_server_bidi(stream_id: int) -> bool:
+    return stream_id % 4 == 1
+
+
 class _AgentSession(SessionHandler):
-    """The agent's side of one connection: WELCOME, COMMAND and CANCEL frames."""
+    """The agent's side of one connection: WELCOME, COMMAND and CANCEL frames,
+    and the delivery of held results."""
 
     def __init__(self, agent: "Agent", nursery: trio.Nursery):
         self._agent = agent
         self._nursery = nursery
+        self.session: QuicSession | None = None
         self.welcome: Welcome | None = None
         self.welcomed = trio.Event()
         self.control_stream: int | None = None
         #: Set (and the connection closed) when the pinned fingerprint does not match.
         self.pin_mismatch: ServerFingerprintMismatch | None = None
+        # Held results on their way: stream_id -> command_id, and the ids.
+        self._result_streams: dict[int, str] = {}
+        self._delivering: set[str] = set()
+
+    def deliver_held(self) -> None:
+        """Send each held result not yet sent on this connection, each on a new
+        stream of its own, while the server lets us open streams.
+
+        The server ends its side of such a stream once it has the result;
+        only then is the result dropped from the outbox (:meth:`stream_ended`).
+        """
+        session = self.session
+        if session is None or session.is_closing or self.welcome is None:
+            return
+        for result in self._agent._outbox.results():
+            if result.command_id in self._delivering:
+                continue
+            if not session.can_open_stream:
+                return  # streams_available() calls again
+            stream_id = session.open_stream(result, end_stream=True)
+            self._result_streams[stream_id] = result.command_id
+            self._delivering.add(result.command_id)
+            logger.info("Delivering held result command_id=%s", result.command_id)
+
+    def stream_ended(self, session: QuicSession, stream_id: int) -> None:
+        command_id = self._result_streams.pop(stream_id, None)
+        if command_id is not None:
+            # The server has the result (it ends the stream after taking it).
+            self._delivering.discard(command_id)
+            self._agent._outbox.remove(command_id)
+            logger.info("Held result delivered command_id=%s", command_id)
+
+    def stream_reset(self, session: QuicSession, stream_id: int, error_code: int) -> None:
+        # Not expected from our server; the result stays held (and in
+        # _delivering, so it is not retried on this connection) for the next one.
+        self._result_streams.pop(stream_id, None)
+
+    def streams_available(self, session: QuicSession) -> None:
+        self.deliver_held()
 
     def handshake_completed(self, session: QuicSession) -> None:
         # Runs synchronously as the handshake completes, before any stream
@@ -97,7 +150,7 @@ class _AgentSession(SessionHandler):
             if isinstance(frame, CancelFrame) and self.welcome is not None:
                 self._agent.handler.cancel(frame.command_id)
                 return
-        elif isinstance(frame, CommandFrame):
+        elif isinstance(frame, CommandFrame) and _is_server_bidi(stream_id):
             self._nursery.start_soon(self._agent._execute, session, stream_id, frame)
             return
         raise ProtocolError(
@@ -133,6 +186,14 @@ class Agent:
 
     A pin mismatch raises :class:`ServerFingerprintMismatch` for that attempt;
     :meth:`run` logs it as an error and retries with backoff.
+
+    Delivery across reconnects (docs/protocol.md, "Reconnects"): a command is
+    run at most once by this agent (ids are remembered for
+    ``max(timeout, remember_for)`` seconds after it finished, at most
+    ``max_remembered_commands`` of them), and a result whose connection is
+    gone when it is ready is held (at most ``max_held_results``) and
+    delivered on the next connection. Both live in memory: a restarted agent
+    process starts afresh (with a new :attr:`instance_id`).
     """
 
     def __init__(
@@ -154,6 +215,9 @@ class Agent:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         token: str | None = None,
         server_fingerprint: str | None = None,
+        max_held_results: int = DEFAULT_MAX_HELD_RESULTS,
+        max_remembered_commands: int = DEFAULT_MAX_REMEMBERED,
+        remember_for: float = DEFAULT_REMEMBER_FOR,
     ):
         if not client_id:
             raise ValueError("client_id must not be empty")
@@ -166,7 +230,16 @@ class Agent:
         self.handler = CommandHandler(
             executor if executor is not None else builtin_executor(),
             max_result_bytes=max_frame_size - 1024,
+            recent=RecentCommands(
+                max_entries=max_remembered_commands, remember_for=remember_for
+            ),
         )
+        #: Random id of this Agent's run, sent in every HELLO: the server
+        #: re-sends unfinished commands only to the instance that got them.
+        self.instance_id = secrets.token_hex(8)
+        self._outbox = ResultOutbox(max_results=max_held_results)
+        # The welcomed connection's handler, while there is one.
+        self._link: _AgentSession | None = None
         self._ca_file = str(ca_file) if ca_file is not None else None
         self._ca_data = ca_data
         self._server_name = server_name or server[0]
@@ -194,6 +267,11 @@ class Agent:
     @property
     def session(self) -> QuicSession | None:
         return self._session
+
+    @property
+    def held_results(self) -> list[str]:
+        """Ids of results waiting to be delivered (the next HELLO lists them)."""
+        return self._outbox.ids()
 
     async def wait_connected(self) -> None:
         """Return once the agent has a welcomed session. Cancellable, no side effects."""
@@ -336,6 +414,7 @@ class Agent:
                 raise link.pin_mismatch from exc
             raise
         self._current = session
+        link.session = session
         try:
             if link.pin_mismatch is not None:
                 raise link.pin_mismatch
@@ -348,6 +427,8 @@ class Agent:
                     agent_version=AGENT_VERSION,
                     capabilities=["cancel"],
                     token=self._token,
+                    held_results=self._outbox.ids(),
+                    instance_id=self.instance_id,
                 )
             )
             with trio.move_on_after(self._handshake_timeout):
@@ -358,12 +439,15 @@ class Agent:
                 self._raise_if_fatal(code, reason)
                 raise ConnectionFailed(f"session refused: {reason}", code)
             self._session = session
+            self._link = link
             self.sessions_established += 1
             self._connected.set()
             logger.info(
-                "Connected to server server=%s:%s client_id=%s session_id=%s",
+                "Connected to server server=%s:%s client_id=%s session_id=%s held_results=%d",
                 self.server[0], self.server[1], self.client_id, link.welcome.session_id,
+                len(self._outbox),
             )
+            link.deliver_held()
             task_status.started()
             await session.terminated.wait()
             if self._stopping:
@@ -376,6 +460,7 @@ class Agent:
             self._raise_if_fatal(session.close_error_code, session.close_reason)
         finally:
             self._session = None
+            self._link = None
             self._current = None
             self._connected = trio.Event()
             await session.aclose(
@@ -394,6 +479,7 @@ class Agent:
             )
 
     async def _execute(self, session: QuicSession, stream_id: int, command: CommandFrame) -> None:
+        received_at = trio.current_time()
         try:
             result = await self.handler.handle(command)
         except Exception:
@@ -406,9 +492,17 @@ class Agent:
                 error="internal error in the agent",
                 error_code="agent_error",
             )
-        # If the connection that carried the command is gone, the result has
-        # nowhere to go (the server times the command out).
-        session.send_frame(stream_id, result, end_stream=True)
+        if session.send_frame(stream_id, result, end_stream=True):
+            return
+        # The connection that carried the command is gone (or the server
+        # gave up the stream): hold the result until a connection takes it,
+        # at most until the command's deadline (the server waits no longer).
+        logger.info(
+            "Result held: its connection is gone command_id=%s", command.command_id
+        )
+        self._outbox.add(result, expires_at=received_at + command.timeout)
+        if self._link is not None:
+            self._link.deliver_held()
 
 
 async def _wait_any_event(*events: trio.Event) -> None:

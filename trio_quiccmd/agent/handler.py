@@ -9,6 +9,7 @@ import trio
 
 from ..model import ErrorCode
 from ..wire import CommandFrame, ResultFrame, encode_frame
+from .dedup import RecentCommands
 from .executor import CommandExecutor, CommandFailed, UnknownCommandType
 
 logger = logging.getLogger("trio_quiccmd.agent")
@@ -17,12 +18,14 @@ logger = logging.getLogger("trio_quiccmd.agent")
 class _Execution:
     """A command running here: its cancel scope, and its result once done."""
 
-    __slots__ = ("scope", "done", "result")
+    __slots__ = ("scope", "done", "result", "size")
 
     def __init__(self, scope: trio.CancelScope):
         self.scope = scope
         self.done = trio.Event()
         self.result: ResultFrame | None = None
+        #: The result's encoded size, when it was measured.
+        self.size: int | None = None
 
 
 class CommandHandler:
@@ -30,11 +33,23 @@ class CommandHandler:
 
     The scope is cancelled by CANCEL from the server (see :meth:`cancel`) or by
     the command's own deadline, so no work runs on after the server gave up.
+
+    A command runs at most once: a COMMAND whose id is running attaches to
+    that execution, and one whose id finished recently (``recent``, see
+    :class:`~trio_quiccmd.agent.dedup.RecentCommands`) is answered with the
+    stored result.
     """
 
-    def __init__(self, executor: CommandExecutor, *, max_result_bytes: int = 1 << 20):
+    def __init__(
+        self,
+        executor: CommandExecutor,
+        *,
+        max_result_bytes: int = 1 << 20,
+        recent: RecentCommands | None = None,
+    ):
         self.executor = executor
         self.max_result_bytes = max_result_bytes
+        self.recent = recent if recent is not None else RecentCommands()
         self._running: dict[str, _Execution] = {}
 
     @property
@@ -49,32 +64,58 @@ class CommandHandler:
         execution.scope.cancel()
         return True
 
+    def is_running(self, command_id: str) -> bool:
+        return command_id in self._running
+
     async def handle(self, command: CommandFrame) -> ResultFrame:
         """Execute ``command`` and return its RESULT frame (never raises).
+
+        A command already running here is not run again: this waits for that
+        execution and returns its result. One that finished recently is
+        answered at once with its stored result.
 
         If the surrounding task is cancelled (agent shutdown), the cancellation
         propagates as usual and no result is produced.
         """
         command_id = command.command_id
+        finished = self.recent.get(command_id)
+        if finished is not None:
+            logger.info(
+                "Command delivered again; answered with its stored result command_id=%s",
+                command_id,
+            )
+            await trio.lowlevel.checkpoint()
+            return finished
         running = self._running.get(command_id)
         if running is not None:
             # Delivered again while running: never run it twice; answer with
             # the same result.
+            logger.info("Command delivered again while running command_id=%s", command_id)
             await running.done.wait()
-            assert running.result is not None
-            return running.result
+            if running.result is not None:
+                return running.result
+            # The first delivery's task was cancelled (agent shutdown) before
+            # a result existed; the work may have run in part.
+            return self._failed(
+                command, "the command's first execution was abandoned", "agent_error"
+            )
         execution = self._running[command_id] = _Execution(
             trio.CancelScope(deadline=trio.current_time() + command.timeout)
         )
         try:
-            execution.result = await self._run(command, execution.scope)
+            execution.result = await self._run(command, execution)
             return execution.result
         finally:
             del self._running[command_id]
+            if execution.result is not None:
+                self.recent.remember(
+                    execution.result, timeout=command.timeout, size=execution.size
+                )
             execution.done.set()
 
-    async def _run(self, command: CommandFrame, scope: trio.CancelScope) -> ResultFrame:
+    async def _run(self, command: CommandFrame, execution: _Execution) -> ResultFrame:
         command_id = command.command_id
+        scope = execution.scope
         try:
             with scope:
                 try:
@@ -91,7 +132,7 @@ class CommandHandler:
                     return self._failed(
                         command, f"{type(exc).__name__}: {exc}", ErrorCode.EXECUTOR_ERROR.value
                     )
-                return self._completed(command, result)
+                return self._completed(command, result, execution)
         finally:
             if scope.cancelled_caught:
                 logger.info("Command cancelled command_id=%s", command_id)
@@ -103,7 +144,7 @@ class CommandHandler:
             error_code=(ErrorCode.EXECUTION_TIMEOUT if timed_out else ErrorCode.CANCELLED).value,
         )
 
-    def _completed(self, command: CommandFrame, result: Any) -> ResultFrame:
+    def _completed(self, command: CommandFrame, result: Any, execution: _Execution) -> ResultFrame:
         frame = ResultFrame(command_id=command.command_id, status="completed", result=result)
         try:
             size = len(encode_frame(frame))
@@ -117,6 +158,7 @@ class CommandHandler:
                 f"result of {size} bytes exceeds the limit of {self.max_result_bytes}",
                 "result_too_large",
             )
+        execution.size = size
         return frame
 
     @staticmethod

@@ -298,6 +298,18 @@ class QuicSession:
         self._wake()
         return True
 
+    def end_stream(self, stream_id: int) -> bool:
+        """End our side of the stream (FIN, no data); False if it cannot be ended now."""
+        if self._lost_notified:
+            return False
+        try:
+            self.quic.send_stream_data(stream_id, b"", True)
+        except (RuntimeError, ValueError) as exc:  # aioquic: reset, already ended, or not ours
+            logger.debug("Stream not ended stream=%d: %s", stream_id, exc)
+            return False
+        self._wake()
+        return True
+
     def open_stream(self, frame: Frame, *, end_stream: bool = False) -> int:
         """Open a bidirectional stream and send ``frame`` on it; returns its id.
 
@@ -398,7 +410,6 @@ class QuicSession:
     def _transmit_now(self) -> None:
         """Send what is ready without waiting (synchronous; see FLUSH_BATCH_FRAMES)."""
         self._unflushed_frames = 0
-        self._waiting_for_streams = False
         if self._backlog:
             return  # the socket is full; the timer task is waiting to send
         datagrams = self.quic.datagrams_to_send(trio.current_time())
@@ -416,7 +427,8 @@ class QuicSession:
             else:
                 await transport.wait_writable()
         self._unflushed_frames = 0
-        self._waiting_for_streams = False
+        # (_waiting_for_streams stays set: only the peer's MAX_STREAMS, in
+        # datagram_received, answers it; clearing it here lost the wake-up.)
         for data, addr in self.quic.datagrams_to_send(trio.current_time()):
             while not transport.try_send(data, addr):
                 await transport.wait_writable()

@@ -119,6 +119,12 @@ class CommandManager:
         # Pending commands per client: heap of (-priority, sequence, command_id).
         self._queues: dict[str, list[tuple[int, int, str]]] = {}
         self._queue_sequence = 0
+        # Executing commands per client: command_id -> the agent instance
+        # (hello.instance_id) it was sent to, in sending order.
+        self._executing: dict[str, dict[str, str]] = {}
+        # Executing commands to send again on the client's current connection
+        # (it reconnected; see agent_connected), in sending order.
+        self._resend: dict[str, dict[str, None]] = {}
         # Promise table: command_id -> promise, while anyone waits for it.
         self._waiters: dict[str, _Promise] = {}
         # Deadlines: heap of (trio time, command_id); the current one per command
@@ -373,13 +379,53 @@ class CommandManager:
     # -- what the agent links tell us ------------------------------------------
 
     def agent_connected(self, link: AgentLink) -> None:
-        assert link.client_id is not None
-        self._dispatch(link.client_id)
+        """A connection said HELLO: re-send what the agent may not have, dispatch the queue.
+
+        Executing commands sent to this same agent instance on an earlier
+        connection are sent again, with the time left until their deadline,
+        unless the agent says it holds their results (it delivers those
+        itself). The COMMAND may never have arrived, or its RESULT may have
+        been lost with the connection; the agent remembers the ids it ran or
+        is running, so a re-sent command is answered or attached to, never
+        run twice. Commands sent to another instance (the agent restarted,
+        forgetting what it ran) are not re-sent: they keep their deadline.
+        """
+        client_id = link.client_id
+        assert client_id is not None and link.hello is not None
+        self._resend.pop(client_id, None)
+        executing = self._executing.get(client_id)
+        instance = link.hello.instance_id
+        if executing:
+            held = set(link.hello.held_results)
+            resend = {
+                command_id: None
+                for command_id, sent_to in executing.items()
+                if instance and sent_to == instance and command_id not in held
+                and not link.has_command(command_id)
+            }
+            elsewhere = sum(
+                1 for sent_to in executing.values() if not instance or sent_to != instance
+            )
+            if resend:
+                self._resend[client_id] = resend
+                logger.info(
+                    "Re-sending executing commands after reconnect client_id=%s count=%d",
+                    client_id, len(resend),
+                )
+            if elsewhere:
+                logger.warning(
+                    "Executing commands were sent to an earlier agent instance and are "
+                    "not re-sent client_id=%s count=%d",
+                    client_id, elsewhere,
+                )
+        self._dispatch(client_id)
 
     def agent_disconnected(self, link: AgentLink) -> None:
         # Executing commands keep their deadlines: the agent may reconnect and
         # deliver. Pending ones stay queued for the next connection.
-        pass
+        client_id = link.client_id
+        if client_id is not None and self.registry.get(client_id) is None:
+            self._resend.pop(client_id, None)
 
     def result_received(self, link: AgentLink, frame: ResultFrame) -> None:
         command = self._live.get(frame.command_id)
@@ -477,15 +523,41 @@ class CommandManager:
         self.store.save(command)
 
     def _dispatch(self, client_id: str) -> None:
-        """Send queued commands to the agent while its window has room."""
+        """Send commands to the agent while its window has room: first those
+        to re-send after a reconnect, then the queue."""
+        if self._dispatch_stopped:
+            return
+        resend = self._resend.get(client_id)
         queue = self._queues.get(client_id)
-        if not queue or self._dispatch_stopped:
+        if not queue and not resend:
             return
         link = self.registry.get(client_id)
         if link is None:
             return
         window = self.settings.max_in_flight_per_agent
         now = trio.current_time()
+        if resend:
+            while resend and link.in_flight < window and link.can_send:
+                command_id = next(iter(resend))
+                del resend[command_id]
+                command = self._live.get(command_id)
+                if (
+                    command is None
+                    or command.status is not CommandStatus.EXECUTING
+                    or link.has_command(command_id)
+                ):
+                    continue
+                remaining = self._deadline_of[command_id] - now
+                # The command keeps its deadline: the agent gets the time left.
+                link.send_command(command, max(remaining, 0.001))
+                logger.info(
+                    "Command re-sent command_id=%s client_id=%s remaining=%.3f",
+                    command_id, client_id, remaining,
+                )
+            if not resend:
+                del self._resend[client_id]
+        if not queue:
+            return
         while queue and link.in_flight < window and link.can_send:
             _, _, command_id = heapq.heappop(queue)
             command = self._live.get(command_id)
@@ -494,6 +566,8 @@ class CommandManager:
             link.send_command(command, command.timeout)
             command = transition(command, CommandStatus.EXECUTING, at=self._wall())
             self._update(command)
+            assert link.hello is not None
+            self._executing.setdefault(client_id, {})[command_id] = link.hello.instance_id
             self._set_deadline(command_id, now + command.timeout)
             logger.info(
                 "Command sent command_id=%s client_id=%s command_type=%s",
@@ -521,6 +595,8 @@ class CommandManager:
         del self._live[command.command_id]
         del self._deadline_of[command.command_id]
         self._compact_deadlines()
+        if was_executing:
+            self._forget_executing(command)
         self.store.save(command)
         if was_executing and not from_agent:
             # Ended here (timeout, cancel, shutdown): stop the work on the
@@ -540,6 +616,19 @@ class CommandManager:
         if not self._live:
             self._idle.set()
         return command
+
+    def _forget_executing(self, command: Command) -> None:
+        client_id, command_id = command.client_id, command.command_id
+        executing = self._executing.get(client_id)
+        if executing is not None:
+            executing.pop(command_id, None)
+            if not executing:
+                del self._executing[client_id]
+        resend = self._resend.get(client_id)
+        if resend is not None:
+            resend.pop(command_id, None)
+            if not resend:
+                del self._resend[client_id]
 
     def _log_finished(self, command: Command) -> None:
         status = command.status

@@ -103,6 +103,10 @@ class AgentLink(SessionHandler):
         host, port = addr[0], addr[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
+    def has_command(self, command_id: str) -> bool:
+        """Whether ``command_id`` has a stream open on this connection."""
+        return command_id in self._stream_of
+
     def send_command(self, command: Command, timeout: float) -> None:
         """Open the command's stream and send COMMAND on it.
 
@@ -155,7 +159,10 @@ class AgentLink(SessionHandler):
         elif isinstance(frame, ResultFrame):
             command_id = self._command_on.get(stream_id)
             if command_id is None:
-                # Cancelled or timed out here already; the late answer is moot.
+                if _is_client_bidi(stream_id) and stream_id != self._control_stream:
+                    self._held_result_received(session, stream_id, frame)
+                # Otherwise cancelled or timed out here already; the late
+                # answer is moot.
                 return
             if command_id != frame.command_id:
                 raise ProtocolError(
@@ -173,6 +180,28 @@ class AgentLink(SessionHandler):
                 ProtocolErrorCode.UNEXPECTED_FRAME,
                 f"unexpected {frame.type} frame on stream {stream_id}",
             )
+
+    def _held_result_received(
+        self, session: QuicSession, stream_id: int, frame: ResultFrame
+    ) -> None:
+        """A RESULT on a stream the agent opened: a result it held across a
+        reconnect (or whose command stream was gone when it finished).
+
+        The manager takes it if the command is still executing for this
+        client; whatever it decides, ending our side of the stream tells the
+        agent the result arrived, and it drops it from its outbox.
+        """
+        # If the command was re-sent on this connection too, its stream
+        # here is done with: free the window slot (the agent's answer on
+        # that stream, if it comes, is then ignored).
+        resent_on = self._stream_of.pop(frame.command_id, None)
+        if resent_on is not None:
+            del self._command_on[resent_on]
+        logger.debug(
+            "Held result received command_id=%s client_id=%s", frame.command_id, self.client_id
+        )
+        self._registry.listener.result_received(self, frame)
+        session.end_stream(stream_id)
 
     def _hello_received(self, session: QuicSession, stream_id: int, frame: Frame) -> None:
         if not isinstance(frame, Hello) or not _is_client_bidi(stream_id):
