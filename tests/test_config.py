@@ -61,6 +61,31 @@ def test_precedence_flags_over_env_over_file_over_defaults(tmp_path):
     assert settings.default_timeout == 30  # default
 
 
+def test_limits_defaults_precedence_and_mapping(tmp_path):
+    from trio_quiccmd.server.service import manager_settings
+
+    defaults = load_settings([], {})
+    assert defaults.max_queued_per_agent == 10_000
+    assert defaults.max_unfinished_commands == 1_000_000
+    assert defaults.max_agents == 100_000
+    assert defaults.max_hello_rate == 200.0
+    config = tmp_path / "limits.toml"
+    config.write_text(
+        "[server]\nmax_queued_per_agent = 5\nmax_unfinished_commands = 6\n"
+        "max_agents = 7\nmax_hello_rate = 8\n"
+    )
+    settings = load_settings(
+        ["--config", str(config), "--max-agents", "70"],
+        {"QUICCMD_MAX_HELLO_RATE": "0.5", "QUICCMD_MAX_AGENTS": "700"},
+    )
+    assert (settings.max_queued_per_agent, settings.max_unfinished_commands) == (5, 6)  # file
+    assert settings.max_agents == 70  # flag over environment
+    assert settings.max_hello_rate == 0.5  # environment over file
+    mapped = manager_settings(settings)
+    assert (mapped.max_queued_per_agent, mapped.max_unfinished_commands) == (5, 6)
+    assert (mapped.max_agents, mapped.max_hello_rate) == (70, 0.5)
+
+
 def test_server_table_in_toml(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text('[server]\ndata_dir = "/srv/quiccmd"\nlog_level = "debug"\n')
@@ -86,6 +111,15 @@ def test_server_table_in_toml(tmp_path):
         ([], {}, "this is not toml", "invalid TOML"),
         (["--default-timeout", "100", "--max-timeout", "50"], {}, None, "must not exceed max_timeout"),
         (["--cert-file", "/no/such/cert.pem", "--key-file", "/no/such/key.pem"], {}, None, "not a readable file"),
+        (["--max-queued-per-agent", "0"], {}, None, "option --max-queued-per-agent: max_queued_per_agent must be greater than 0"),
+        (["--max-queued-per-agent", "many"], {}, None, "expected an integer"),
+        ([], {"QUICCMD_MAX_UNFINISHED_COMMANDS": "-1"}, None, "environment variable QUICCMD_MAX_UNFINISHED_COMMANDS: max_unfinished_commands must be greater than 0"),
+        ([], {}, "max_unfinished_commands = 1e12\n", "max_unfinished_commands must be at most"),
+        ([], {}, "max_agents = 0\n", "max_agents must be greater than 0"),
+        (["--max-agents", "2.5"], {}, None, "expected an integer"),
+        (["--max-hello-rate", "0"], {}, None, "option --max-hello-rate: max_hello_rate must be greater than 0"),
+        ([], {"QUICCMD_MAX_HELLO_RATE": "inf"}, None, "expected a finite number"),
+        ([], {}, "max_hello_rate = true\n", "expected a number, got bool"),
     ],
 )
 def test_bad_settings_are_one_line_errors(tmp_path, argv, env, toml, fragment):

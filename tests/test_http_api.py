@@ -437,6 +437,43 @@ async def test_payload_too_big_for_an_agent_frame_is_413(tmp_path):
 # -- cancel -------------------------------------------------------------------------------------
 
 
+async def test_queue_full_is_429_and_creates_nothing(tmp_path):
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path, max_in_flight_per_agent=1, max_queued_per_agent=1) as h:
+            await h.start_agent("a1")
+            assert (await h.send(client_id="a1", command_type="gate", payload={"name": "x"}))["status"] == "executing"
+            assert (await h.send(client_id="a1", command_type="echo"))["status"] == "pending"
+            response = await h.request("POST", "/api/command", {"client_id": "a1", "command_type": "echo"})
+            assert response.status == 429 and response.headers.get("retry-after") == "1"
+            check_openapi(h.document, "POST", "/api/command", response)
+            error = response.json()["error"]
+            assert error["code"] == "queue_full" and "max_queued_per_agent" in error["message"]
+            assert set(response.json()) == {"error"}
+            listed = (await h.request("GET", "/api/commands?client_id=a1")).json()
+            assert len(listed["commands"]) == 2
+            # Once the queue drains, the agent takes commands again.
+            h.gates.opened["x"].set()
+            done = await h.send(200, client_id="a1", command_type="echo", payload="ok", wait=True)
+            assert done["status"] == "completed" and done["result"] == "ok"
+
+
+async def test_too_many_unfinished_commands_is_429_and_creates_nothing(tmp_path):
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path, max_unfinished_commands=1) as h:
+            await h.start_agent("a1")
+            await h.start_agent("a2")
+            await h.send(client_id="a1", command_type="gate", payload={"name": "y"})
+            for client_id, extra in (("a2", {}), ("offline", {"connect_timeout": 5})):
+                body = await h.send(429, client_id=client_id, command_type="echo", **extra)
+                assert body["error"]["code"] == "too_many_commands"
+                assert "max_unfinished_commands" in body["error"]["message"]
+            listed = (await h.request("GET", "/api/commands")).json()
+            assert len(listed["commands"]) == 1
+            assert (await h.request("GET", "/healthz")).json()["unfinished_commands"] == 1
+            h.gates.opened["y"].set()
+            assert (await h.send(200, client_id="a2", command_type="echo", wait=True))["status"] == "completed"
+
+
 async def test_cancel_an_executing_command_then_409_when_terminal(tmp_path):
     with trio.fail_after(TEST_TIMEOUT):
         async with running_server(tmp_path) as h:

@@ -526,6 +526,8 @@ def test_error_codes_are_stable_wire_values():
         "UNSUPPORTED_VERSION": 0x107,
         "REPLACED": 0x201,
         "SHUTTING_DOWN": 0x202,
+        "TOO_MANY_AGENTS": 0x203,
+        "RATE_LIMITED": 0x204,
         "INTERNAL_ERROR": 0x2FF,
     }
     err = ProtocolError(ProtocolErrorCode.INVALID_FRAME, "why")

@@ -192,6 +192,17 @@ class ServerSettings:
     max_history: int = attrs.field(default=100_000, validator=_positive)
     #: A QUIC connection silent this long is closed, seconds.
     idle_timeout: float = attrs.field(default=30.0, validator=[_positive, _at_most(3600)])
+    #: Pending commands one agent may have queued; more are refused (HTTP 429 queue_full).
+    max_queued_per_agent: int = attrs.field(default=10_000, validator=[_positive, _at_most(10_000_000)])
+    #: Unfinished commands on the server; more are refused (HTTP 429 too_many_commands).
+    max_unfinished_commands: int = attrs.field(
+        default=1_000_000, validator=[_positive, _at_most(100_000_000)]
+    )
+    #: Connected agents; a HELLO from one more is closed with TOO_MANY_AGENTS.
+    max_agents: int = attrs.field(default=100_000, validator=[_positive, _at_most(10_000_000)])
+    #: HELLOs accepted per second (bursts of one second's worth); more are
+    #: closed with RATE_LIMITED.
+    max_hello_rate: float = attrs.field(default=200.0, validator=[_positive, _at_most(1_000_000)])
 
     def __attrs_post_init__(self) -> None:
         if (self.cert_file is None) != (self.key_file is None):
@@ -245,6 +256,10 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("history_retention", _number, "keep finished commands this long (default 86400)", "SECONDS"),
     _Option("max_history", _integer, "keep at most this many finished commands (default 100000)", "N"),
     _Option("idle_timeout", _number, "close a silent QUIC connection after this (default 30)", "SECONDS"),
+    _Option("max_queued_per_agent", _integer, "queued commands per agent; more get 429 (default 10000)", "N"),
+    _Option("max_unfinished_commands", _integer, "unfinished commands on the server; more get 429 (default 1000000)", "N"),
+    _Option("max_agents", _integer, "connected agents; more are refused TOO_MANY_AGENTS (default 100000)", "N"),
+    _Option("max_hello_rate", _number, "HELLOs accepted per second; more are refused RATE_LIMITED (default 200)", "PER_SECOND"),
 )
 _BY_NAME = {option.name: option for option in _OPTIONS}
 

@@ -52,3 +52,36 @@ class ShuttingDown(QuicCmdError):
 
     def __init__(self) -> None:
         super().__init__("the server is shutting down and accepts no new commands")
+
+
+class LimitExceeded(QuicCmdError):
+    """A server limit refused the command; nothing was created. Retry later."""
+
+    code = "limit_exceeded"
+
+
+class QueueFull(LimitExceeded):
+    """The agent already has ``limit`` commands waiting in its queue."""
+
+    code = "queue_full"
+
+    def __init__(self, client_id: str, limit: int):
+        super().__init__(
+            f"agent {client_id} already has {limit} queued commands "
+            f"(max_queued_per_agent); retry when its queue drains"
+        )
+        self.client_id = client_id
+        self.limit = limit
+
+
+class TooManyCommands(LimitExceeded):
+    """The server already holds ``limit`` unfinished commands."""
+
+    code = "too_many_commands"
+
+    def __init__(self, limit: int):
+        super().__init__(
+            f"the server already has {limit} unfinished commands "
+            f"(max_unfinished_commands); retry when some finish"
+        )
+        self.limit = limit

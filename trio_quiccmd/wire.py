@@ -44,6 +44,8 @@ class ProtocolErrorCode(enum.IntEnum):
     UNSUPPORTED_VERSION = 0x107
     REPLACED = 0x201
     SHUTTING_DOWN = 0x202
+    TOO_MANY_AGENTS = 0x203
+    RATE_LIMITED = 0x204
     INTERNAL_ERROR = 0x2FF
 
 

@@ -27,6 +27,7 @@ from ..errors import (
     CommandAlreadyFinished,
     CommandNotFound,
     InvalidCommand,
+    LimitExceeded,
     PayloadTooLarge,
     QuicCmdError,
     ShuttingDown,
@@ -510,6 +511,9 @@ def create_app(
             return error_response(409, error.code, str(error), command=command_json(error.command))
         if isinstance(error, ShuttingDown):
             return error_response(503, error.code, str(error))
+        if isinstance(error, LimitExceeded):
+            # queue_full / too_many_commands: nothing was created; back off and retry.
+            return error_response(429, error.code, str(error), headers={"Retry-After": "1"})
         if isinstance(error, PayloadTooLarge):
             return error_response(413, error.code, str(error))
         if isinstance(error, InvalidCommand):

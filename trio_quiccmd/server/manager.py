@@ -22,7 +22,9 @@ from ..errors import (
     CommandNotFound,
     InvalidCommand,
     PayloadTooLarge,
+    QueueFull,
     ShuttingDown,
+    TooManyCommands,
 )
 from ..model import (
     Command,
@@ -66,6 +68,16 @@ class ManagerSettings:
     hello_timeout: float = 10.0
     #: Largest frame the agents accept; a command that would not fit is refused.
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    #: Pending commands one client_id may have queued; more raise :class:`QueueFull`.
+    max_queued_per_agent: int = 10_000
+    #: Unfinished (pending + executing) commands on the server; more raise
+    #: :class:`TooManyCommands`.
+    max_unfinished_commands: int = 1_000_000
+    #: Connected agents; a HELLO from one more client_id is closed with TOO_MANY_AGENTS.
+    max_agents: int = 100_000
+    #: HELLOs accepted per second (token bucket, bursts up to one second's
+    #: worth); more are closed with RATE_LIMITED.
+    max_hello_rate: float = 200.0
 
 
 class _Promise:
@@ -111,6 +123,8 @@ class CommandManager:
             self,
             max_in_flight_per_agent=self.settings.max_in_flight_per_agent,
             hello_timeout=self.settings.hello_timeout,
+            max_agents=self.settings.max_agents,
+            max_hello_rate=self.settings.max_hello_rate,
         )
         self._wall = wall_clock
         self._observers: list[CommandObserver] = []
@@ -119,6 +133,8 @@ class CommandManager:
         # Pending commands per client: heap of (-priority, sequence, command_id).
         self._queues: dict[str, list[tuple[int, int, str]]] = {}
         self._queue_sequence = 0
+        # Pending (queued, not yet sent) commands per client: the queue limit.
+        self._pending: dict[str, int] = {}
         # Executing commands per client: command_id -> the agent instance
         # (hello.instance_id) it was sent to, in sending order.
         self._executing: dict[str, dict[str, str]] = {}
@@ -198,8 +214,11 @@ class CommandManager:
         The returned command is ``executing`` if it went straight to the agent,
         ``pending`` if it is queued, or ``failed`` with ``agent_offline`` if the
         agent is not connected and ``connect_timeout`` is 0. Use :meth:`wait`
-        for the outcome. Raises :class:`InvalidCommand` for bad arguments and
-        :class:`ShuttingDown` while the server drains.
+        for the outcome. Raises :class:`InvalidCommand` for bad arguments,
+        :class:`ShuttingDown` while the server drains, :class:`QueueFull` if
+        the agent already has ``max_queued_per_agent`` commands queued and
+        :class:`TooManyCommands` if the server already has
+        ``max_unfinished_commands`` unfinished; then nothing is created.
 
         If cancelled after the command was accepted, the command still runs;
         only the wait for its storage is abandoned.
@@ -208,6 +227,21 @@ class CommandManager:
         payload = self._own_payload(command_type, {} if payload is None else payload)
         if self._shutting_down:
             raise ShuttingDown()
+        link = self.registry.get(client_id)
+        if link is not None or connect_timeout > 0:
+            # The command would stay unfinished (and may wait in the queue).
+            if len(self._live) >= self.settings.max_unfinished_commands:
+                logger.warning(
+                    "Command refused client_id=%s error_code=too_many_commands limit=%d",
+                    client_id, self.settings.max_unfinished_commands,
+                )
+                raise TooManyCommands(self.settings.max_unfinished_commands)
+            if self._pending.get(client_id, 0) >= self.settings.max_queued_per_agent:
+                logger.warning(
+                    "Command refused client_id=%s error_code=queue_full limit=%d",
+                    client_id, self.settings.max_queued_per_agent,
+                )
+                raise QueueFull(client_id, self.settings.max_queued_per_agent)
         command = Command(
             command_id=new_command_id(),
             client_id=client_id,
@@ -218,7 +252,6 @@ class CommandManager:
             connect_timeout=float(connect_timeout),
             created_at=self._wall(),
         )
-        link = self.registry.get(client_id)
         if link is None and connect_timeout <= 0:
             command = transition(
                 command,
@@ -245,6 +278,7 @@ class CommandManager:
                 self._queues.setdefault(client_id, []),
                 (-priority, self._queue_sequence, command.command_id),
             )
+            self._pending[client_id] = self._pending.get(client_id, 0) + 1
             if link is None:
                 logger.info(
                     "Command queued for offline agent command_id=%s client_id=%s connect_timeout=%s",
@@ -361,11 +395,8 @@ class CommandManager:
         ]
 
     def queued_count(self, client_id: str) -> int:
-        return sum(
-            1
-            for _, _, command_id in self._queues.get(client_id, ())
-            if (c := self._live.get(command_id)) is not None and c.status is CommandStatus.PENDING
-        )
+        """Pending commands of ``client_id`` (queued, not yet sent)."""
+        return self._pending.get(client_id, 0)
 
     def waiter_count(self, command_id: str) -> int:
         """How many callers are in :meth:`wait` for this command now."""
@@ -564,6 +595,7 @@ class CommandManager:
             if command is None or command.status is not CommandStatus.PENDING:
                 continue  # cancelled or timed out while queued
             link.send_command(command, command.timeout)
+            self._unqueued(client_id)
             command = transition(command, CommandStatus.EXECUTING, at=self._wall())
             self._update(command)
             assert link.hello is not None
@@ -606,6 +638,7 @@ class CommandManager:
                 link.cancel_command(command.command_id, error or status.value)
                 self._dispatch(command.client_id)
         elif not was_executing:
+            self._unqueued(command.client_id)
             self._prune_queue(command.client_id)
         promise = self._waiters.pop(command.command_id, None)
         if promise is not None:
@@ -616,6 +649,14 @@ class CommandManager:
         if not self._live:
             self._idle.set()
         return command
+
+    def _unqueued(self, client_id: str) -> None:
+        """One of ``client_id``'s pending commands left the queue (sent or finished)."""
+        left = self._pending[client_id] - 1
+        if left:
+            self._pending[client_id] = left
+        else:
+            del self._pending[client_id]
 
     def _forget_executing(self, command: Command) -> None:
         client_id, command_id = command.client_id, command.command_id

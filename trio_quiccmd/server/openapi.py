@@ -190,6 +190,9 @@ def openapi_document(
                     ),
                     "413": _error(f"The body is over {max_payload_bytes} bytes, or the payload "
                                   "is over the agents' frame limit"),
+                    "429": _error("A limit was hit and nothing was created: the agent's queue is "
+                                  "full (queue_full) or the server holds too many unfinished "
+                                  "commands (too_many_commands); retry later"),
                     "503": _error("The server is shutting down"),
                 },
             }

@@ -73,6 +73,8 @@ class AgentLink(SessionHandler):
         self.session_id = ""
         #: The HELLO deadline passed while the handshake was still going on.
         self.hello_overdue = False
+        #: Its HELLO was refused by a limit; the connection is closing.
+        self.refused = False
         self._control_stream: int | None = None
         self._stream_of: dict[str, int] = {}  # command_id -> stream_id
         self._command_on: dict[int, str] = {}  # stream_id -> command_id
@@ -154,6 +156,8 @@ class AgentLink(SessionHandler):
 
     def frame_received(self, session: QuicSession, stream_id: int, frame: Frame) -> None:
         self.session = session
+        if self.refused:
+            return  # closing; later frames in the same datagram change nothing
         if self.hello is None:
             self._hello_received(session, stream_id, frame)
         elif isinstance(frame, ResultFrame):
@@ -218,6 +222,13 @@ class AgentLink(SessionHandler):
             raise ProtocolError(
                 ProtocolErrorCode.INVALID_FRAME, "client_id must be 1 to 256 characters"
             )
+        # Raises ProtocolError (RATE_LIMITED / TOO_MANY_AGENTS): the
+        # connection is closed before it is welcomed or registered.
+        try:
+            self._registry.admit(frame.client_id, self.remote_address)
+        except ProtocolError:
+            self.refused = True
+            raise
         self.hello = frame
         self._control_stream = stream_id
         self.connected_at = time.time()
@@ -254,8 +265,36 @@ class AgentLink(SessionHandler):
         self._registry.detach(self, error_code, reason)
 
 
+class TokenBucket:
+    """``rate`` tokens a second on trio's clock, holding at most ``burst``."""
+
+    def __init__(self, rate: float, burst: float):
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._updated: float | None = None
+
+    def take(self) -> bool:
+        """Take one token if there is one; False if the bucket is empty."""
+        now = trio.current_time()
+        if self._updated is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+        self._updated = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
 class AgentRegistry:
-    """Connected agents by client_id. A new HELLO for a client_id replaces the old link."""
+    """Connected agents by client_id. A new HELLO for a client_id replaces the old link.
+
+    HELLOs are admitted at most ``max_hello_rate`` a second (bursts of up to
+    one second's worth), and at most ``max_agents`` client_ids are connected
+    at once; a HELLO beyond either is closed with RATE_LIMITED or
+    TOO_MANY_AGENTS (a reconnect of a connected client_id, which replaces its
+    old link, is not "one more agent").
+    """
 
     def __init__(
         self,
@@ -263,10 +302,15 @@ class AgentRegistry:
         *,
         max_in_flight_per_agent: int = 256,
         hello_timeout: float = 10.0,
+        max_agents: int = 100_000,
+        max_hello_rate: float = 200.0,
     ):
         self.listener = listener
         self.max_in_flight_per_agent = max_in_flight_per_agent
         self.hello_timeout = hello_timeout
+        self.max_agents = max_agents
+        self.max_hello_rate = max_hello_rate
+        self._hello_bucket = TokenBucket(max_hello_rate, max(1.0, max_hello_rate))
         self._links: dict[str, AgentLink] = {}
         self._unidentified: dict[AgentLink, float] = {}
 
@@ -285,6 +329,27 @@ class AgentRegistry:
         link = AgentLink(self, trio.current_time())
         self._unidentified[link] = link.accepted_at
         return link
+
+    def admit(self, client_id: str, remote_address: str) -> None:
+        """Check a HELLO against the rate and agent limits; raises ProtocolError."""
+        if not self._hello_bucket.take():
+            logger.warning(
+                "HELLO refused client_id=%s remote=%s code=RATE_LIMITED max_hello_rate=%g",
+                client_id, remote_address, self.max_hello_rate,
+            )
+            raise ProtocolError(
+                ProtocolErrorCode.RATE_LIMITED,
+                f"more than {self.max_hello_rate:g} HELLOs a second; reconnect later",
+            )
+        if client_id not in self._links and len(self._links) >= self.max_agents:
+            logger.warning(
+                "HELLO refused client_id=%s remote=%s code=TOO_MANY_AGENTS max_agents=%d",
+                client_id, remote_address, self.max_agents,
+            )
+            raise ProtocolError(
+                ProtocolErrorCode.TOO_MANY_AGENTS,
+                f"the server already has {self.max_agents} connected agents",
+            )
 
     def attach(self, link: AgentLink) -> None:
         self._unidentified.pop(link, None)

@@ -61,6 +61,10 @@ def manager_settings(settings: ServerSettings) -> ManagerSettings:
         max_timeout=settings.max_timeout,
         history_retention=settings.history_retention,
         max_history=settings.max_history,
+        max_queued_per_agent=settings.max_queued_per_agent,
+        max_unfinished_commands=settings.max_unfinished_commands,
+        max_agents=settings.max_agents,
+        max_hello_rate=settings.max_hello_rate,
     )
 
 
