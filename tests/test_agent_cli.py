@@ -264,15 +264,23 @@ async def test_settings_come_from_the_environment_and_flags_win(server):
 async def test_signal_closes_the_connection_politely_and_exits_zero(server, signum):
     with trio.fail_after(TIMEOUT):
         async with agent_cli("--id", "cli-sig", "--server", server.address,
+                             "--shutdown-grace", "0.2", "--log-level", "debug",
                              cwd=server.directory) as agent:
             await server.manager.until(lambda: "cli-sig" in server.manager.connects)
-            # One command still running when the signal comes.
+            # One command still running when the signal comes, and longer
+            # than the grace period.
             running = await server.manager.send_command("cli-sig", "sleep", {"seconds": 60},
                                                         timeout=120)
             assert running.status is CommandStatus.EXECUTING
+            await agent.stderr.wait_for(f"Command received command_id={running.command_id}")
 
             agent.process.send_signal(signum)
             assert await agent.process.wait() == 0, str(agent.stderr)
+            # Cancelled at the end of the grace period and reported, not left
+            # to its 120 s deadline.
+            cancelled = await server.manager.wait(running.command_id, timeout=1)
+            assert cancelled.status is CommandStatus.CANCELLED, (cancelled, str(agent.stderr))
+            assert cancelled.error_code == "agent_shutdown"
 
             # The server hears a CONNECTION_CLOSE at once (its idle timeout is 30 s).
             await server.manager.until(lambda: server.manager.disconnects)
@@ -280,6 +288,46 @@ async def test_signal_closes_the_connection_politely_and_exits_zero(server, sign
             assert server.manager.clients() == []
             assert agent.stderr.matching(f"Shutting down signal={signum.name} client_id=cli-sig")
             assert agent.stderr.matching("Agent stopped client_id=cli-sig")
+            assert not agent.stderr.matching("Traceback"), str(agent.stderr)
+
+
+async def test_sigterm_lets_a_running_command_finish_then_exits_zero(server):
+    with trio.fail_after(TIMEOUT):
+        async with agent_cli("--id", "cli-drain", "--server", server.address,
+                             "--log-level", "debug",
+                             cwd=server.directory) as agent:
+            await server.manager.until(lambda: "cli-drain" in server.manager.connects)
+            running = await server.manager.send_command("cli-drain", "sleep", {"seconds": 0.5},
+                                                        timeout=30)
+            await agent.stderr.wait_for(f"Command received command_id={running.command_id}")
+
+            agent.process.send_signal(signal.SIGTERM)
+            assert await agent.process.wait() == 0, str(agent.stderr)
+            # The default grace (10 s) was not waited out: the process ended
+            # with the command, after delivering its result.
+            done = await server.manager.wait(running.command_id, timeout=0)
+            assert done.status is CommandStatus.COMPLETED, (done, str(agent.stderr))
+            await server.manager.until(lambda: server.manager.disconnects)
+            assert server.manager.disconnects == [("cli-drain", 0, "agent shutting down")]
+            assert agent.stderr.matching("Shutting down signal=SIGTERM client_id=cli-drain grace=10")
+            assert not agent.stderr.matching("Results not delivered"), str(agent.stderr)
+            assert not agent.stderr.matching("Traceback"), str(agent.stderr)
+
+
+async def test_a_second_signal_stops_at_once(server):
+    with trio.fail_after(TIMEOUT):
+        async with agent_cli("--id", "cli-twice", "--server", server.address,
+                             "--log-level", "debug",
+                             cwd=server.directory) as agent:
+            await server.manager.until(lambda: "cli-twice" in server.manager.connects)
+            running = await server.manager.send_command("cli-twice", "sleep", {"seconds": 60},
+                                                        timeout=120)
+            await agent.stderr.wait_for(f"Command received command_id={running.command_id}")
+            agent.process.send_signal(signal.SIGTERM)
+            await agent.stderr.wait_for("Draining before shutdown")
+            agent.process.send_signal(signal.SIGTERM)
+            assert await agent.process.wait() == 0, str(agent.stderr)
+            assert agent.stderr.matching("Second signal, stopping now signal=SIGTERM")
             assert not agent.stderr.matching("Traceback"), str(agent.stderr)
 
 
@@ -313,6 +361,9 @@ async def test_signal_while_still_connecting_exits_zero(tmp_path):
         (["--id", "a", "--max-concurrent", "0"], {}, "--max-concurrent: expected a positive whole number"),
         (["--id", "a", "--log-level", "loud"], {}, "bad log level 'loud'"),
         (["--id", "a", "--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
+        (["--id", "a", "--shutdown-grace", "-1"], {}, "--shutdown-grace: expected a number of seconds"),
+        (["--id", "a"], {"QUICCMD_AGENT_SHUTDOWN_GRACE": "soon"},
+         "QUICCMD_AGENT_SHUTDOWN_GRACE: expected a number of seconds"),
         (["--id", "a"], {"QUICCMD_AGENT_SERVER": "host:0"}, "QUICCMD_AGENT_SERVER: bad port"),
         (["--id", "a"], {"QUICCMD_AGENT_LABELS": "ok=1,broken"}, "QUICCMD_AGENT_LABELS: bad label 'broken'"),
     ],

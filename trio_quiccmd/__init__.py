@@ -11,8 +11,11 @@ from .agent import builtin_executor as builtin_executor
 from .errors import CommandAlreadyFinished as CommandAlreadyFinished
 from .errors import CommandNotFound as CommandNotFound
 from .errors import InvalidCommand as InvalidCommand
+from .errors import LimitExceeded as LimitExceeded
+from .errors import QueueFull as QueueFull
 from .errors import QuicCmdError as QuicCmdError
 from .errors import ShuttingDown as ShuttingDown
+from .errors import TooManyCommands as TooManyCommands
 from .model import Command as Command
 from .model import CommandStatus as CommandStatus
 from .model import ErrorCode as ErrorCode
@@ -37,11 +40,14 @@ __all__ = [
     "ErrorCode",
     "ExecutorRegistry",
     "InvalidCommand",
+    "LimitExceeded",
     "ManagerSettings",
     "MemoryStore",
+    "QueueFull",
     "QuicCmdError",
     "ServerFingerprintMismatch",
     "ShuttingDown",
+    "TooManyCommands",
     "UnknownCommandType",
     "builtin_executor",
 ]

@@ -79,6 +79,12 @@ class ErrorCode(str, enum.Enum):
     CANCELLED = "cancelled"
     #: The server shut down before the command finished.
     SERVER_SHUTDOWN = "server_shutdown"
+    #: The agent was shutting down: its grace period ended with the command
+    #: still running, so it cancelled it (status ``cancelled``).
+    AGENT_SHUTDOWN = "agent_shutdown"
+    #: The agent was shutting down when the command arrived, and refused it
+    #: without running it (status ``failed``).
+    AGENT_SHUTTING_DOWN = "agent_shutting_down"
 
 
 class InvalidTransition(Exception):

@@ -5,7 +5,7 @@
     python -m trio_quiccmd.agent --id client-001 [--server HOST:PORT]
         [--label k=v ...] [--data-dir DIR] [--ca-file PEM]
         [--server-fingerprint sha256:HEX] [--server-name NAME]
-        [--log-level LEVEL] [--max-concurrent N]
+        [--log-level LEVEL] [--max-concurrent N] [--shutdown-grace SECONDS]
 
 Every flag also has an environment variable, ``QUICCMD_AGENT_<FLAG>`` (e.g.
 ``QUICCMD_AGENT_ID``, ``QUICCMD_AGENT_SERVER``; ``QUICCMD_AGENT_LABELS`` holds
@@ -21,6 +21,12 @@ The server is always verified, by the first of:
    server started from the same directory generated, used as the CA;
 4. the operating system's CA store.
 
+On the first SIGINT/SIGTERM the agent drains (``Agent.stop``): it refuses new
+commands (``failed`` / ``agent_shutting_down``), gives running ones
+``--shutdown-grace`` seconds (default 10) to finish and delivers their results,
+cancels the rest (reported ``cancelled`` / ``agent_shutdown``), and closes the
+connection politely. A second signal stops at once.
+
 Exit status: 0 after SIGINT/SIGTERM (the connection is closed politely), 2 for
 bad flags, 1 if the server refuses this agent for good.
 """
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
 import os
 import signal
 import sys
@@ -52,6 +59,7 @@ DEFAULT_PORT = 8474
 DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_DATA_DIR = "./.quiccmd"
 DEFAULT_MAX_CONCURRENT = 1024
+DEFAULT_SHUTDOWN_GRACE = 10.0
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -70,6 +78,7 @@ class AgentSettings:
     server_name: str | None
     log_level: str
     max_concurrent: int
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
 
     def tls_description(self) -> str:
         """How the server will be verified, for the startup log line."""
@@ -168,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="debug, info, warning, error or critical (default info)")
     parser.add_argument("--max-concurrent", metavar="N",
                         help=f"commands run at once (default {DEFAULT_MAX_CONCURRENT})")
+    parser.add_argument("--shutdown-grace", metavar="SECONDS",
+                        help="on SIGINT/SIGTERM, how long running commands may still finish "
+                        "before they are cancelled (default "
+                        f"{DEFAULT_SHUTDOWN_GRACE:g}; a second signal stops at once)")
     return parser
 
 
@@ -233,6 +246,17 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Ag
     if not (concurrent_text or "").isdigit() or int(concurrent_text or 0) < 1:
         raise UsageError(f"{source}: expected a positive whole number, got {concurrent_text!r}")
 
+    grace_text, source = pick("--shutdown-grace", args.shutdown_grace,
+                              f"{DEFAULT_SHUTDOWN_GRACE:g}")
+    try:
+        shutdown_grace = float(grace_text or "")
+    except ValueError:
+        shutdown_grace = math.nan
+    if not 0 <= shutdown_grace < math.inf:
+        raise UsageError(
+            f"{source}: expected a number of seconds, 0 or more, got {grace_text!r}"
+        )
+
     return AgentSettings(
         client_id=client_id,
         server=server,
@@ -243,6 +267,7 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Ag
         server_name=server_name,
         log_level=level,
         max_concurrent=int(concurrent_text or DEFAULT_MAX_CONCURRENT),
+        shutdown_grace=shutdown_grace,
     )
 
 
@@ -301,11 +326,16 @@ async def run_agent(settings: AgentSettings) -> int:
                 async for signum in signals:
                     if not agent.stopping:
                         logger.info(
-                            "Shutting down signal=%s client_id=%s",
+                            "Shutting down signal=%s client_id=%s grace=%g",
+                            signal.Signals(signum).name, settings.client_id,
+                            settings.shutdown_grace,
+                        )
+                        agent.stop(grace=settings.shutdown_grace)
+                    else:  # a second signal: stop at once
+                        logger.warning(
+                            "Second signal, stopping now signal=%s client_id=%s",
                             signal.Signals(signum).name, settings.client_id,
                         )
-                        agent.stop()
-                    else:  # a second signal: stop waiting for the goodbye
                         nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch_signals)

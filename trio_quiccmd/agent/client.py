@@ -12,6 +12,7 @@ from typing import Any
 import trio
 from aioquic.quic.configuration import QuicConfiguration
 
+from ..model import ErrorCode
 from ..quic.connection import ConnectionFailed, QuicSession, SessionHandler, connect, wait_any
 from ..quic.tls import fingerprint, fingerprint_matches, parse_fingerprint, system_ca_locations
 from ..wire import (
@@ -42,6 +43,15 @@ AGENT_VERSION = "trio_quiccmd/0.1"
 
 #: A session that lasted this long resets the reconnect backoff.
 STABLE_SESSION_SECONDS = 10.0
+
+#: After the shutdown grace period, how long the agent still waits for the
+#: commands it cancelled to end and for their results to be acknowledged
+#: before it closes the connection anyway.
+SHUTDOWN_FLUSH_SECONDS = 2.0
+
+#: How often a draining agent checks whether its work is done and its
+#: results acknowledged (aioquic has no event for "the peer acked this stream").
+_DRAIN_POLL_SECONDS = 0.01
 
 
 class AgentRejected(Exception):
@@ -84,6 +94,40 @@ class _AgentSession(SessionHandler):
         # Held results on their way: stream_id -> command_id, and the ids.
         self._result_streams: dict[int, str] = {}
         self._delivering: set[str] = set()
+        # Command streams a result was sent on and whose delivery (the
+        # peer's ACK of the data and FIN) may not have been seen yet, for the
+        # drain to wait on. Pruned when it doubles, so it stays bounded by
+        # the unacknowledged results.
+        self._sent_results: set[int] = set()
+        self._prune_sent_at = 256
+
+    def result_sent(self, stream_id: int) -> None:
+        self._sent_results.add(stream_id)
+        if len(self._sent_results) >= self._prune_sent_at:
+            self._prune_sent_results()
+            self._prune_sent_at = max(256, 2 * len(self._sent_results))
+
+    def _prune_sent_results(self) -> None:
+        session = self.session
+        streams = session.quic._streams if session is not None else {}  # no public accessor
+        self._sent_results = {
+            stream_id for stream_id in self._sent_results
+            if (stream := streams.get(stream_id)) is not None and not stream.sender.is_finished
+        }
+
+    def all_delivered(self) -> bool:
+        """Whether every result sent or held has reached the server, as far
+        as this connection can tell: each result sent on a command's stream is
+        acknowledged, and each held result was taken (or cannot be sent on
+        this connection: its stream was reset)."""
+        if self.session is None:
+            return True
+        self._prune_sent_results()
+        if self._sent_results or self._result_streams:
+            return False
+        return all(
+            result.command_id in self._delivering for result in self._agent._outbox.results()
+        )
 
     def deliver_held(self) -> None:
         """Send each held result not yet sent on this connection, each on a new
@@ -151,7 +195,18 @@ class _AgentSession(SessionHandler):
                 self._agent.handler.cancel(frame.command_id)
                 return
         elif isinstance(frame, CommandFrame) and _is_server_bidi(stream_id):
-            self._nursery.start_soon(self._agent._execute, session, stream_id, frame)
+            agent = self._agent
+            if agent._stopping and not agent.handler.knows(frame.command_id):
+                # Draining: new work is refused; a command already running or
+                # run here is still answered as usual (at most once).
+                agent._refuse(session, stream_id, frame)
+                return
+            logger.debug(
+                "Command received command_id=%s command_type=%s",
+                frame.command_id, frame.command_type,
+            )
+            agent._in_flight += 1
+            self._nursery.start_soon(agent._execute, session, stream_id, frame)
             return
         raise ProtocolError(
             ProtocolErrorCode.UNEXPECTED_FRAME, f"unexpected {frame.type} frame on stream {stream_id}"
@@ -194,6 +249,13 @@ class Agent:
     gone when it is ready is held (at most ``max_held_results``) and
     delivered on the next connection. Both live in memory: a restarted agent
     process starts afresh (with a new :attr:`instance_id`).
+
+    Shutdown: :meth:`stop` with a ``grace`` period drains (new commands are
+    refused, running ones may finish and their results are delivered, the
+    rest are cancelled and reported ``cancelled`` / ``agent_shutdown``), then
+    closes the connection politely and makes :meth:`run` return. Cancelling
+    :meth:`run` instead is the abrupt path: running commands are cancelled
+    without a result and the server times them out.
     """
 
     def __init__(
@@ -254,8 +316,15 @@ class Agent:
         self._session: QuicSession | None = None
         # The connection being set up or in use (welcomed or not), for stop().
         self._current: QuicSession | None = None
+        self._current_link: _AgentSession | None = None
         self._attempt_scope: trio.CancelScope | None = None
         self._stopping = False
+        self._stop_requested = trio.Event()
+        self._stop_grace = 0.0
+        # The drain's cancel scope while one runs, so stop() can shorten it.
+        self._drain_scope: trio.CancelScope | None = None
+        # COMMANDs taken for execution whose task has not finished yet.
+        self._in_flight = 0
         self._connected = trio.Event()
         #: How many sessions were established (1 after the first WELCOME).
         self.sessions_established = 0
@@ -298,22 +367,62 @@ class Agent:
             # else aioquic falls back to certifi's bundle.
         return configuration
 
-    def stop(self) -> None:
-        """Close the connection politely and make :meth:`run` return.
+    def stop(self, grace: float = 0.0) -> None:
+        """Shut down gracefully: drain, close the connection politely, and make
+        :meth:`run` return.
 
-        Synchronous and idempotent, so a signal handler can call it. The server
-        is sent a CONNECTION_CLOSE (it sees the agent leave at once, instead of
-        at its idle timeout); commands still running are cancelled, their
-        results undelivered (the server times them out). If the agent is
-        between connections, :meth:`run` returns without another attempt.
+        Synchronous, so a signal handler can call it. With a welcomed
+        connection open:
 
-        Prefer this to cancelling :meth:`run`: cancellation also stops the
-        connection's own task, so the goodbye may never be sent.
+        1. From now on a new COMMAND is refused at once: RESULT ``failed`` /
+           ``agent_shutting_down``, and it is never run. (One already running
+           or run here is answered as usual.) CANCEL still works.
+        2. Running commands get ``grace`` seconds to finish; their results,
+           and any held ones, are delivered on this connection, and the agent
+           waits until the server has acknowledged them.
+        3. Commands still running then are cancelled and reported
+           ``cancelled`` / ``agent_shutdown`` (the server ends them at once
+           rather than at their deadline); the agent waits at most
+           :data:`SHUTDOWN_FLUSH_SECONDS` more for them to end and for their
+           results to be acknowledged.
+        4. The server is sent a CONNECTION_CLOSE (it sees the agent leave at
+           once, instead of at its idle timeout) and :meth:`run` returns.
+
+        ``grace=0`` (the default) skips step 2. If the connection is lost
+        during the drain, or the agent is not connected when stopped, no
+        reconnect is attempted: running commands are cancelled and results
+        that could not be delivered are lost with the process (:meth:`run`
+        logs how many).
+
+        Calling it again can only shorten the grace period (``stop(0)`` ends
+        the drain now). Cancelling :meth:`run` is the abrupt path: it also
+        stops the connection's own task, so no results are sent and the
+        goodbye may not be either.
         """
+        if not grace >= 0:  # also refuses NaN
+            raise ValueError(f"grace must be a non-negative number of seconds, got {grace!r}")
         if self._stopping:
+            if self._drain_scope is not None:
+                self._drain_scope.deadline = min(
+                    self._drain_scope.deadline, trio.current_time() + grace
+                )
+            else:
+                self._stop_grace = min(self._stop_grace, grace)
             return
         self._stopping = True
+        self._stop_grace = grace
+        self._stop_requested.set()
         current = self._current
+        link = self._current_link
+        if (
+            current is not None
+            and not current.is_closing
+            and link is not None
+            and link.welcome is not None
+        ):
+            # Welcomed (perhaps with commands already taken, in the same
+            # datagram as the WELCOME): _one_session drains, then closes.
+            return
         if current is not None and not current.is_closing:
             current.close(ProtocolErrorCode.NO_ERROR, "agent shutting down")
         elif self._attempt_scope is not None:
@@ -328,8 +437,12 @@ class Agent:
 
         Reports ``started()`` once the first session is welcomed. Raises
         :class:`AgentRejected` if the server refuses this agent for good. Returns
-        after :meth:`stop` once the connection is closed. If cancelled, running
-        commands are cancelled and the connection is abandoned.
+        after :meth:`stop` once the drain is over and the connection is closed.
+
+        If cancelled (the abrupt path), running commands are cancelled without
+        a result (the server times them out), held results are dropped, and
+        the connection is abandoned -- only a best-effort CONNECTION_CLOSE is
+        sent. Use :meth:`stop` to shut down gracefully.
         """
         attempt = 0
         rejected: AgentRejected | None = None
@@ -371,6 +484,13 @@ class Agent:
                     logger.info("Reconnecting in %.2f s attempt=%d", delay, attempt)
                     await trio.sleep(delay)
             self._attempt_scope = None
+            if self._in_flight or len(self._outbox):
+                # No connection to report to, and none will come.
+                logger.warning(
+                    "Results not delivered, lost with the agent client_id=%s "
+                    "running=%d held_results=%d",
+                    self.client_id, self._in_flight, len(self._outbox),
+                )
             # Commands still running have no connection to report to.
             nursery.cancel_scope.cancel()
         if rejected is not None:
@@ -414,6 +534,7 @@ class Agent:
                 raise link.pin_mismatch from exc
             raise
         self._current = session
+        self._current_link = link
         link.session = session
         try:
             if link.pin_mismatch is not None:
@@ -449,8 +570,10 @@ class Agent:
             )
             link.deliver_held()
             task_status.started()
-            await session.terminated.wait()
+            await _wait_any_event(session.terminated, self._stop_requested)
             if self._stopping:
+                if not session.is_closing:
+                    await self._drain(session, link)
                 logger.info("Disconnected from server client_id=%s reason=stopping", self.client_id)
                 return
             logger.warning(
@@ -462,10 +585,64 @@ class Agent:
             self._session = None
             self._link = None
             self._current = None
+            self._current_link = None
             self._connected = trio.Event()
             await session.aclose(
                 ProtocolErrorCode.NO_ERROR, "agent shutting down" if self._stopping else ""
             )
+
+    async def _drain(self, session: QuicSession, link: _AgentSession) -> None:
+        """The graceful part of :meth:`stop`, on a welcomed connection (the
+        caller closes it afterwards). Returns early if the connection is lost."""
+        logger.info(
+            "Draining before shutdown client_id=%s running=%d held_results=%d grace=%.1f",
+            self.client_id, self._in_flight, len(self._outbox), self._stop_grace,
+        )
+        with trio.CancelScope(deadline=trio.current_time() + self._stop_grace) as scope:
+            self._drain_scope = scope
+            try:
+                await self._until_drained(session, link)
+            finally:
+                self._drain_scope = None
+        if session.is_closing:
+            return
+        if self._in_flight:
+            cancelled = self.handler.cancel_all_for_shutdown()
+            logger.warning(
+                "Shutdown grace period over, cancelling running commands client_id=%s count=%d",
+                self.client_id, cancelled,
+            )
+        with trio.move_on_after(SHUTDOWN_FLUSH_SECONDS) as flush:
+            await self._until_drained(session, link)
+        if flush.cancelled_caught:
+            logger.warning(
+                "Closing with work unfinished or unacknowledged client_id=%s running=%d",
+                self.client_id, self._in_flight,
+            )
+
+    async def _until_drained(self, session: QuicSession, link: _AgentSession) -> None:
+        """Return once nothing runs and every result is delivered, or the
+        connection is lost."""
+        while not session.is_closing:
+            if self._in_flight == 0 and link.all_delivered():
+                return
+            await trio.sleep(_DRAIN_POLL_SECONDS)
+
+    def _refuse(self, session: QuicSession, stream_id: int, command: CommandFrame) -> None:
+        """Answer a COMMAND that arrived while shutting down, without running it."""
+        logger.info(
+            "Command refused, the agent is shutting down command_id=%s", command.command_id
+        )
+        refusal = ResultFrame(
+            command_id=command.command_id,
+            status="failed",
+            error="the agent is shutting down",
+            error_code=ErrorCode.AGENT_SHUTTING_DOWN.value,
+        )
+        if session.send_frame(stream_id, refusal, end_stream=True):
+            handler = session.handler
+            if isinstance(handler, _AgentSession):
+                handler.result_sent(stream_id)
 
     @staticmethod
     def _raise_if_fatal(code: int | None, reason: str) -> None:
@@ -479,6 +656,15 @@ class Agent:
             )
 
     async def _execute(self, session: QuicSession, stream_id: int, command: CommandFrame) -> None:
+        # _in_flight was counted when the COMMAND was taken (frame_received).
+        try:
+            await self._execute_counted(session, stream_id, command)
+        finally:
+            self._in_flight -= 1
+
+    async def _execute_counted(
+        self, session: QuicSession, stream_id: int, command: CommandFrame
+    ) -> None:
         received_at = trio.current_time()
         try:
             result = await self.handler.handle(command)
@@ -493,6 +679,9 @@ class Agent:
                 error_code="agent_error",
             )
         if session.send_frame(stream_id, result, end_stream=True):
+            handler = session.handler
+            if isinstance(handler, _AgentSession):
+                handler.result_sent(stream_id)
             return
         # The connection that carried the command is gone (or the server
         # gave up the stream): hold the result until a connection takes it,

@@ -18,10 +18,12 @@ logger = logging.getLogger("trio_quiccmd.agent")
 class _Execution:
     """A command running here: its cancel scope, and its result once done."""
 
-    __slots__ = ("scope", "done", "result", "size")
+    __slots__ = ("scope", "done", "result", "size", "shutdown")
 
     def __init__(self, scope: trio.CancelScope):
         self.scope = scope
+        #: Cancelled because the agent is shutting down (see cancel_all).
+        self.shutdown = False
         self.done = trio.Event()
         self.result: ResultFrame | None = None
         #: The result's encoded size, when it was measured.
@@ -31,8 +33,11 @@ class _Execution:
 class CommandHandler:
     """Runs commands through an executor, each under its own cancel scope.
 
-    The scope is cancelled by CANCEL from the server (see :meth:`cancel`) or by
-    the command's own deadline, so no work runs on after the server gave up.
+    The scope is cancelled by CANCEL from the server (see :meth:`cancel`), by
+    the command's own deadline, so no work runs on after the server gave up,
+    or by the end of the agent's shutdown grace period
+    (:meth:`cancel_all_for_shutdown`: the result is ``cancelled`` /
+    ``agent_shutdown``).
 
     A command runs at most once: a COMMAND whose id is running attaches to
     that execution, and one whose id finished recently (``recent``, see
@@ -64,8 +69,24 @@ class CommandHandler:
         execution.scope.cancel()
         return True
 
+    def cancel_all_for_shutdown(self) -> int:
+        """Cancel every running command because the agent is shutting down.
+
+        Each one's result is ``cancelled`` / ``agent_shutdown`` (unless it
+        finishes on its own first). Returns how many were cancelled.
+        """
+        for execution in self._running.values():
+            execution.shutdown = True
+            execution.scope.cancel()
+        return len(self._running)
+
     def is_running(self, command_id: str) -> bool:
         return command_id in self._running
+
+    def knows(self, command_id: str) -> bool:
+        """Whether ``command_id`` is running here or finished recently (a
+        COMMAND with this id would not be run again)."""
+        return command_id in self._running or command_id in self.recent
 
     async def handle(self, command: CommandFrame) -> ResultFrame:
         """Execute ``command`` and return its RESULT frame (never raises).
@@ -74,8 +95,10 @@ class CommandHandler:
         execution and returns its result. One that finished recently is
         answered at once with its stored result.
 
-        If the surrounding task is cancelled (agent shutdown), the cancellation
-        propagates as usual and no result is produced.
+        If the surrounding task is cancelled (the abrupt path: ``Agent.run``
+        cancelled), the cancellation propagates as usual and no result is
+        produced. A graceful shutdown uses :meth:`cancel_all_for_shutdown`
+        instead, which does produce one.
         """
         command_id = command.command_id
         finished = self.recent.get(command_id)
@@ -136,6 +159,13 @@ class CommandHandler:
         finally:
             if scope.cancelled_caught:
                 logger.info("Command cancelled command_id=%s", command_id)
+        if execution.shutdown:
+            return ResultFrame(
+                command_id=command_id,
+                status="cancelled",
+                error="the agent shut down before the command finished",
+                error_code=ErrorCode.AGENT_SHUTDOWN.value,
+            )
         timed_out = trio.current_time() >= scope.deadline
         return ResultFrame(
             command_id=command_id,
