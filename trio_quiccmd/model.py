@@ -85,6 +85,16 @@ class ErrorCode(str, enum.Enum):
     #: The agent was shutting down when the command arrived, and refused it
     #: without running it (status ``failed``).
     AGENT_SHUTTING_DOWN = "agent_shutting_down"
+    #: The agent itself failed while handling the command (a bug, or a first
+    #: execution abandoned at shutdown that a duplicate delivery attached to).
+    AGENT_ERROR = "agent_error"
+    #: The result is not JSON (or not encodable), so it cannot be sent.
+    INVALID_RESULT = "invalid_result"
+    #: The result does not fit in one frame.
+    RESULT_TOO_LARGE = "result_too_large"
+    #: The command ran, but its result was dropped from the agent's memory
+    #: for space before a re-sent copy asked for it (it is not run again).
+    RESULT_UNAVAILABLE = "result_unavailable"
 
 
 class InvalidTransition(Exception):

@@ -676,7 +676,7 @@ class Agent:
                 command_id=command.command_id,
                 status="failed",
                 error="internal error in the agent",
-                error_code="agent_error",
+                error_code=ErrorCode.AGENT_ERROR.value,
             )
         if session.send_frame(stream_id, result, end_stream=True):
             handler = session.handler

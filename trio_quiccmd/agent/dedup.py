@@ -20,6 +20,7 @@ from typing import Callable
 
 import trio
 
+from ..model import ErrorCode
 from ..wire import ResultFrame, encode_frame
 
 logger = logging.getLogger("trio_quiccmd.agent")
@@ -38,7 +39,7 @@ DEFAULT_HELD_RESULT_BYTES = 64 << 20
 
 #: Error code of the answer to a command that already ran here but whose
 #: result was dropped for space.
-RESULT_UNAVAILABLE = "result_unavailable"
+RESULT_UNAVAILABLE = ErrorCode.RESULT_UNAVAILABLE.value
 
 #: Seconds between two warnings about commands forgotten for space.
 _WARN_INTERVAL = 60.0

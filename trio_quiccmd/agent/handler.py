@@ -120,7 +120,7 @@ class CommandHandler:
             # The first delivery's task was cancelled (agent shutdown) before
             # a result existed; the work may have run in part.
             return self._failed(
-                command, "the command's first execution was abandoned", "agent_error"
+                command, "the command's first execution was abandoned", ErrorCode.AGENT_ERROR.value
             )
         execution = self._running[command_id] = _Execution(
             trio.CancelScope(deadline=trio.current_time() + command.timeout)
@@ -180,13 +180,13 @@ class CommandHandler:
             size = len(encode_frame(frame))
         except (TypeError, ValueError, RecursionError) as exc:
             return self._failed(
-                command, f"result is not JSON-serialisable: {exc}", "invalid_result"
+                command, f"result is not JSON-serialisable: {exc}", ErrorCode.INVALID_RESULT.value
             )
         if size > self.max_result_bytes:
             return self._failed(
                 command,
                 f"result of {size} bytes exceeds the limit of {self.max_result_bytes}",
-                "result_too_large",
+                ErrorCode.RESULT_TOO_LARGE.value,
             )
         execution.size = size
         return frame

@@ -69,7 +69,9 @@ def openapi_document(
                     "type": ["string", "null"],
                     "description": "Machine-readable reason: agent_offline, delivery_timeout, "
                     "execution_timeout, unknown_command_type, executor_error, cancelled, "
-                    "server_shutdown, or one an executor chose",
+                    "server_shutdown, agent_shutdown, agent_shutting_down, agent_error, "
+                    "result_unavailable, invalid_result, result_too_large, or one an "
+                    "executor chose",
                 },
                 "priority": {"type": "integer"},
                 "timeout": {"type": "number"},
