@@ -52,7 +52,11 @@ async def run_server(args: argparse.Namespace) -> None:
     raise_fd_limit()
     data = Path(tempfile.mkdtemp(prefix="quiccmd-scale-"))
     cert, key, _ = ensure_dev_certificate(data)
-    manager = CommandManager(settings=ManagerSettings(hello_timeout=60.0))
+    # The HELLO rate limit (200/s by default) would measure itself, not the
+    # server's handshake capacity: lift it here.
+    manager = CommandManager(
+        settings=ManagerSettings(hello_timeout=60.0, max_hello_rate=1e6, max_agents=10**7)
+    )
     server = CommandServer(manager, server_quic_configuration(cert, key, idle_timeout=60.0))
     async with trio.open_nursery() as nursery:
         address = await nursery.start(server.serve, "127.0.0.1", 0)
