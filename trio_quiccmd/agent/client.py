@@ -633,16 +633,26 @@ class Agent:
         logger.info(
             "Command refused, the agent is shutting down command_id=%s", command.command_id
         )
-        refusal = ResultFrame(
-            command_id=command.command_id,
-            status="failed",
-            error="the agent is shutting down",
-            error_code=ErrorCode.AGENT_SHUTTING_DOWN.value,
+        self._send_result(
+            session,
+            stream_id,
+            ResultFrame(
+                command_id=command.command_id,
+                status="failed",
+                error="the agent is shutting down",
+                error_code=ErrorCode.AGENT_SHUTTING_DOWN.value,
+            ),
         )
-        if session.send_frame(stream_id, refusal, end_stream=True):
-            handler = session.handler
-            if isinstance(handler, _AgentSession):
-                handler.result_sent(stream_id)
+
+    @staticmethod
+    def _send_result(session: QuicSession, stream_id: int, result: ResultFrame) -> bool:
+        """Answer on the command's stream; False if that stream or connection is gone."""
+        if not session.send_frame(stream_id, result, end_stream=True):
+            return False
+        handler = session.handler
+        if isinstance(handler, _AgentSession):
+            handler.result_sent(stream_id)
+        return True
 
     @staticmethod
     def _raise_if_fatal(code: int | None, reason: str) -> None:
@@ -678,10 +688,7 @@ class Agent:
                 error="internal error in the agent",
                 error_code=ErrorCode.AGENT_ERROR.value,
             )
-        if session.send_frame(stream_id, result, end_stream=True):
-            handler = session.handler
-            if isinstance(handler, _AgentSession):
-                handler.result_sent(stream_id)
+        if self._send_result(session, stream_id, result):
             return
         # The connection that carried the command is gone (or the server
         # gave up the stream): hold the result until a connection takes it,
