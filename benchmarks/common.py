@@ -168,3 +168,51 @@ async def http_load(
                 writer.close()
 
     await asyncio.gather(*(connection() for _ in range(concurrency)))
+
+
+# -- the peers' command line and process life (asyncio peers) -------------------------
+
+def check_loopback(system: str, host: str) -> str:
+    """Benchmarks send traffic to this machine only."""
+    import ipaddress
+
+    if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+        raise SystemExit(f"{system}: refusing non-loopback address {host!r}")
+    return host
+
+
+def contract_parser(description: str, default_port: int):
+    """The shared ``agent`` / ``controller`` command line; returns (parser, agent, controller)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    roles = parser.add_subparsers(dest="role", required=True)
+    agent = roles.add_parser("agent")
+    agent.add_argument("--port", type=int, default=port_from_env(default_port))
+    agent.add_argument("--host", default="127.0.0.1")
+    agent.add_argument("--id", type=int, default=0)
+    controller = roles.add_parser("controller")
+    controller.add_argument("--port", type=int, default=port_from_env(default_port))
+    controller.add_argument("--host", default="127.0.0.1")
+    controller.add_argument("--requests", type=int, required=True)
+    controller.add_argument("--concurrency", type=int, required=True)
+    controller.add_argument("--agents", type=int, default=1)
+    return parser, agent, controller
+
+
+def run_asyncio_role(args, agent_main, controller_main) -> int:
+    """Run the role's coroutine; SIGTERM/SIGINT end it and the process exits 0."""
+    import asyncio
+    import signal
+
+    async def with_signals() -> int:
+        task = asyncio.ensure_future(agent_main(args) if args.role == "agent" else controller_main(args))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            return 0
+
+    return asyncio.run(with_signals())

@@ -36,13 +36,10 @@ line of stdout; diagnostics go to stderr.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import ipaddress
 import itertools
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -55,7 +52,9 @@ from common import (  # noqa: E402
     emit,
     make_payload,
     make_result,
-    port_from_env,
+    check_loopback,
+    contract_parser,
+    run_asyncio_role,
     skip,
 )
 
@@ -71,14 +70,6 @@ MAX_SIZE = 1 << 20
 
 def log(msg: str) -> None:
     print(f"[{SYSTEM}] {msg}", file=sys.stderr, flush=True)
-
-
-def check_loopback(host: str) -> str:
-    if host == "localhost":
-        return host
-    if not ipaddress.ip_address(host).is_loopback:
-        raise SystemExit(f"{SYSTEM}: refusing non-loopback address {host!r}")
-    return host
 
 
 def format_host(host: str) -> str:
@@ -296,40 +287,11 @@ async def agent_main(args) -> int:
 # --------------------------------------------------------------------------- entry
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="role", required=True)
-    a = sub.add_parser("agent")
-    a.add_argument("--port", type=int, default=port_from_env(47001))
-    a.add_argument("--host", default="127.0.0.1")
-    a.add_argument("--id", type=int, default=0)
-    c = sub.add_parser("controller")
-    c.add_argument("--port", type=int, default=port_from_env(47001))
-    c.add_argument("--host", default="127.0.0.1")
-    c.add_argument("--requests", type=int, required=True)
-    c.add_argument("--concurrency", type=int, required=True)
-    c.add_argument("--agents", type=int, default=1)
-    args = p.parse_args(argv)
-    check_loopback(args.host)
-    return args
-
-
-async def _with_signals(coro) -> int:
-    """Run ``coro``; SIGTERM/SIGINT cancel it and the process exits cleanly."""
-    task = asyncio.ensure_future(coro)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
-    try:
-        return await task
-    except asyncio.CancelledError:
-        return 0
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    main_coro = agent_main(args) if args.role == "agent" else controller_main(args)
-    return asyncio.run(_with_signals(main_coro))
+    parser, _, _ = contract_parser(__doc__.splitlines()[0], 47001)
+    args = parser.parse_args(argv)
+    check_loopback(SYSTEM, args.host)
+    return run_asyncio_role(args, agent_main, controller_main)
 
 
 if __name__ == "__main__":
