@@ -305,3 +305,31 @@ async def test_remembered_commands_are_bounded(autojump_clock):
     assert len(handler.recent) == count
     await handler.handle(CommandFrame(command_id="c0", command_type="x", timeout=5))
     assert executor.runs == count + 2  # c0 was forgotten for space: it ran again
+
+
+async def test_a_cancel_that_overtakes_its_command_stops_it_from_running(autojump_clock):
+    # CANCEL can arrive in the same datagram as its COMMAND, before the
+    # execution task has started: the command must not run afterwards.
+    from trio_quiccmd import ExecutorRegistry
+    from trio_quiccmd.agent.handler import CommandHandler
+    from trio_quiccmd.wire import CommandFrame
+
+    ran = []
+    registry = ExecutorRegistry()
+
+    @registry.register("work")
+    async def work(payload):
+        ran.append(payload)
+        return "done"
+
+    handler = CommandHandler(registry)
+    assert handler.cancel("c-1") is False  # not running yet
+    early = await handler.handle(CommandFrame(command_id="c-1", command_type="work", payload=1, timeout=5))
+    assert (early.status, early.error_code) == ("cancelled", "cancelled")
+    assert ran == []
+    # Another command is unaffected, and a cancel for a finished one is moot.
+    done = await handler.handle(CommandFrame(command_id="c-2", command_type="work", payload=2, timeout=5))
+    assert done.status == "completed" and ran == [2]
+    handler.cancel("c-2")
+    again = await handler.handle(CommandFrame(command_id="c-2", command_type="work", payload=2, timeout=5))
+    assert again.status == "completed" and ran == [2]

@@ -345,7 +345,13 @@ class Agent:
     async def wait_connected(self) -> None:
         """Return once the agent has a welcomed session. Cancellable, no side effects."""
         while not self.connected:
-            await self._connected.wait()
+            event, session = self._connected, self._session
+            if session is not None and event.is_set():
+                # The welcomed session is closing; a new event follows it.
+                await session.terminated.wait()
+                await trio.sleep(0.01)
+            else:
+                await event.wait()
 
     def _configuration(self) -> QuicConfiguration:
         configuration = QuicConfiguration(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import trio
@@ -28,6 +29,10 @@ class _Execution:
         self.result: ResultFrame | None = None
         #: The result's encoded size, when it was measured.
         self.size: int | None = None
+
+
+#: CANCELs remembered for commands that have not started (oldest forgotten first).
+_MAX_EARLY_CANCELS = 1024
 
 
 class CommandHandler:
@@ -56,15 +61,26 @@ class CommandHandler:
         self.max_result_bytes = max_result_bytes
         self.recent = recent if recent is not None else RecentCommands()
         self._running: dict[str, _Execution] = {}
+        # CANCELs for commands not started yet: a CANCEL can arrive in the
+        # same datagram as its COMMAND, before the execution task has run.
+        self._cancelled_before_start: OrderedDict[str, None] = OrderedDict()
 
     @property
     def running(self) -> int:
         return len(self._running)
 
     def cancel(self, command_id: str) -> bool:
-        """Cancel a running command; False if it is not running here."""
+        """Cancel a command; False if it is not running here.
+
+        A command that has not started yet (and has not finished) is
+        remembered, so that it is answered ``cancelled`` instead of run.
+        """
         execution = self._running.get(command_id)
         if execution is None:
+            if command_id not in self.recent:
+                self._cancelled_before_start[command_id] = None
+                while len(self._cancelled_before_start) > _MAX_EARLY_CANCELS:
+                    self._cancelled_before_start.popitem(last=False)
             return False
         execution.scope.cancel()
         return True
@@ -121,6 +137,16 @@ class CommandHandler:
             # a result existed; the work may have run in part.
             return self._failed(
                 command, "the command's first execution was abandoned", ErrorCode.AGENT_ERROR.value
+            )
+        if command_id in self._cancelled_before_start:
+            del self._cancelled_before_start[command_id]
+            logger.info("Command cancelled before it started command_id=%s", command_id)
+            await trio.lowlevel.checkpoint()
+            return ResultFrame(
+                command_id=command_id,
+                status="cancelled",
+                error="cancelled by the server before it started",
+                error_code=ErrorCode.CANCELLED.value,
             )
         execution = self._running[command_id] = _Execution(
             trio.CancelScope(deadline=trio.current_time() + command.timeout)
