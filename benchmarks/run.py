@@ -185,6 +185,13 @@ def plot(results: dict, concurrencies: list[int], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_path(output: Path) -> Path:
+    """The published plot for the default results file; beside any other one."""
+    if output.resolve() == (HERE / "results" / "latest.json").resolve():
+        return ROOT / "docs" / "benchmarks-throughput.png"
+    return output.with_suffix(".png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=10000)
@@ -212,7 +219,7 @@ def main() -> None:
     if args.report_only:
         results = json.loads(out.read_text())["results"]
         shown = sorted({int(c) for by_c in results.values() for c in by_c})
-        plot(results, shown, ROOT / "docs" / "benchmarks-throughput.png")
+        plot(results, shown, plot_path(out))
         print(table(results, shown))
         return
     previous = json.loads(out.read_text()) if args.update and out.exists() else None
@@ -246,7 +253,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     shown = sorted({int(c) for by_c in results.values() for c in by_c})
-    plot(results, shown, ROOT / "docs" / "benchmarks-throughput.png")
+    plot(results, shown, plot_path(out))
     print(table(results, shown))
 
 
