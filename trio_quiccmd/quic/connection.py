@@ -285,27 +285,24 @@ class QuicSession:
         A stream the peer reset or stopped (STOP_SENDING) refuses data: that is
         the peer's choice, reported here rather than raised.
         """
-        if self._lost_notified:
-            return False
-        try:
-            self.quic.send_stream_data(stream_id, encode_frame(frame), end_stream)
-        except (RuntimeError, ValueError) as exc:  # aioquic: stream reset, finished, or not ours
-            logger.debug("Frame not sent stream=%d: %s", stream_id, exc)
+        if not self._send(stream_id, encode_frame(frame), end_stream):
             return False
         self._unflushed_frames += 1
         if self._unflushed_frames >= FLUSH_BATCH_FRAMES:
             self._transmit_now()
-        self._wake()
         return True
 
     def end_stream(self, stream_id: int) -> bool:
         """End our side of the stream (FIN, no data); False if it cannot be ended now."""
+        return self._send(stream_id, b"", True)
+
+    def _send(self, stream_id: int, data: bytes, end_stream: bool) -> bool:
         if self._lost_notified:
             return False
         try:
-            self.quic.send_stream_data(stream_id, b"", True)
+            self.quic.send_stream_data(stream_id, data, end_stream)
         except (RuntimeError, ValueError) as exc:  # aioquic: reset, already ended, or not ours
-            logger.debug("Stream not ended stream=%d: %s", stream_id, exc)
+            logger.debug("Nothing sent stream=%d: %s", stream_id, exc)
             return False
         self._wake()
         return True
@@ -319,13 +316,6 @@ class QuicSession:
         stream_id = self.quic.get_next_available_stream_id()
         self.send_frame(stream_id, frame, end_stream=end_stream)
         return stream_id
-
-    def reset_stream(self, stream_id: int, error_code: int) -> None:
-        if self._lost_notified:
-            return
-        self.quic.reset_stream(stream_id, error_code)
-        self._decoders.pop(stream_id, None)
-        self._wake()
 
     def close(self, error_code: int = ProtocolErrorCode.NO_ERROR, reason: str = "") -> None:
         """Close the connection; the handler hears ``connection_lost`` at once.
@@ -427,8 +417,6 @@ class QuicSession:
             else:
                 await transport.wait_writable()
         self._unflushed_frames = 0
-        # (_waiting_for_streams stays set: only the peer's MAX_STREAMS, in
-        # datagram_received, answers it; clearing it here lost the wake-up.)
         for data, addr in self.quic.datagrams_to_send(trio.current_time()):
             while not transport.try_send(data, addr):
                 await transport.wait_writable()

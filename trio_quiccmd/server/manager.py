@@ -268,7 +268,8 @@ class CommandManager:
             self._notify_finished(command)
         else:
             self._update(command)
-            self._idle = trio.Event() if self._idle.is_set() else self._idle
+            if self._idle.is_set():
+                self._idle = trio.Event()
             self._set_deadline(
                 command.command_id,
                 trio.current_time() + (timeout if link is not None else connect_timeout),
@@ -541,11 +542,13 @@ class CommandManager:
         queue = self._queues.get(client_id)
         if queue is None:
             return
-        live = self._live
-        pending = sum(1 for _, _, cid in queue if cid in live)
+        # _pending is the count of live entries: no need to walk the queue
+        # (which, on every finish, made a mass expiry quadratic).
+        pending = self._pending.get(client_id, 0)
         if pending == 0:
             del self._queues[client_id]
         elif len(queue) > 2 * pending + 64:
+            live = self._live
             queue[:] = [entry for entry in queue if entry[2] in live]
             heapq.heapify(queue)
 
