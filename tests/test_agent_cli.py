@@ -11,11 +11,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import signal
-import subprocess
 import sys
-from contextlib import asynccontextmanager
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import AsyncIterator, Callable
@@ -23,6 +20,7 @@ from typing import AsyncIterator, Callable
 import pytest
 import trio
 
+from .processes import REPO, clean_env, spawn
 from trio_quiccmd import (
     Agent,
     CommandManager,
@@ -33,7 +31,6 @@ from trio_quiccmd import (
 from trio_quiccmd.quic.tls import ensure_dev_certificate, fingerprint_of_pem_file, parse_fingerprint
 from trio_quiccmd.server.core import server_quic_configuration
 
-REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples" / "command"
 PROG = "python -m trio_quiccmd.agent: error:"
 #: Generous: each test starts at least one Python process that imports aioquic.
@@ -96,80 +93,6 @@ async def server(tmp_path: Path) -> AsyncIterator[SimpleNamespace]:
         with trio.fail_after(10):
             await command_server.shutdown(grace=1.0)
         nursery.cancel_scope.cancel()
-
-
-def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUICCMD_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.update(extra or {})
-    return env
-
-
-class Lines:
-    """The lines a subprocess writes to one pipe, with a wake-up per chunk."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.closed = False
-        self._changed = trio.Event()
-
-    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
-        pending = b""
-        try:
-            async for chunk in stream:
-                pending += chunk
-                *complete, pending = pending.split(b"\n")
-                self.lines += [line.decode(errors="replace") for line in complete]
-                self._wake()
-        finally:
-            if pending:
-                self.lines.append(pending.decode(errors="replace"))
-            self.closed = True
-            self._wake()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def matching(self, text: str) -> list[str]:
-        return [line for line in self.lines if text in line]
-
-    async def wait_for(self, text: str, count: int = 1) -> str:
-        """The ``count``-th line containing ``text``, once it is written."""
-        while len(found := self.matching(text)) < count:
-            if self.closed:
-                raise AssertionError(f"output ended before {count} x {text!r}:\n{self}")
-            await self._changed.wait()
-        return found[count - 1]
-
-    def __str__(self) -> str:
-        return "\n".join(self.lines)
-
-
-@asynccontextmanager
-async def spawn(
-    argv: list[str], *, cwd: Path, env: dict[str, str] | None = None
-) -> AsyncIterator[SimpleNamespace]:
-    """Run ``argv``; yields (process, stdout Lines, stderr Lines). Killed on exit if still running."""
-    process = await trio.lowlevel.open_process(
-        argv,
-        cwd=str(cwd),
-        env=clean_env(env),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    out, err = Lines(), Lines()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(out.pump, process.stdout)
-        nursery.start_soon(err.pump, process.stderr)
-        try:
-            yield SimpleNamespace(process=process, stdout=out, stderr=err)
-        finally:
-            if process.returncode is None:
-                process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
 
 
 def agent_cli(*args: str, cwd: Path, env: dict[str, str] | None = None):

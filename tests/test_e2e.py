@@ -13,10 +13,8 @@ output chunk); where only the API can tell (an agent listed by
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
 import sys
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -28,9 +26,9 @@ import h11
 import pytest
 import trio
 
+from .processes import ProcessEnded, spawn
 from .httpclient import NO_BODY, HttpResponse, check_openapi, http
 
-REPO = Path(__file__).resolve().parent.parent
 #: Per test. Each test starts two Python processes that import aioquic/quart.
 TIMEOUT = 30
 CLIENT_ID = "e2e-1"
@@ -51,84 +49,6 @@ API_PATHS = {
 
 
 # -- subprocesses -------------------------------------------------------------------
-
-
-def clean_env() -> dict[str, str]:
-    """The caller's environment minus any QUICCMD_* setting, with this checkout importable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUICCMD_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-class Lines:
-    """What a subprocess writes to one pipe, line by line, with a wake-up per chunk."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.lines: list[str] = []
-        self.closed = trio.Event()
-        self._changed = trio.Event()
-
-    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
-        pending = b""
-        try:
-            async for chunk in stream:
-                pending += chunk
-                *complete, pending = pending.split(b"\n")
-                self.lines += [line.decode(errors="replace") for line in complete]
-                self._wake()
-        finally:
-            if pending:
-                self.lines.append(pending.decode(errors="replace"))
-            self.closed.set()
-            self._wake()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def matching(self, text: str) -> list[str]:
-        return [line for line in self.lines if text in line]
-
-    async def wait_for(self, text: str, count: int = 1, *, after: int = 0) -> str:
-        """The ``count``-th line containing ``text`` (among lines from index ``after``)."""
-        while len(found := [line for line in self.lines[after:] if text in line]) < count:
-            if self.closed.is_set():
-                raise ProcessEnded(f"{self.name} ended before {count} x {text!r}:\n{self}")
-            await self._changed.wait()
-        return found[count - 1]
-
-    def __str__(self) -> str:
-        return "\n".join(self.lines)
-
-
-class ProcessEnded(AssertionError):
-    pass
-
-
-@asynccontextmanager
-async def spawn(name: str, argv: list[str], *, cwd: Path) -> AsyncIterator[SimpleNamespace]:
-    """Run ``argv`` in ``cwd``; yields process, stdout and stderr. Killed on exit if still running."""
-    process = await trio.lowlevel.open_process(
-        argv,
-        cwd=str(cwd),
-        env=clean_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    out, err = Lines(f"{name} stdout"), Lines(f"{name} stderr")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(out.pump, process.stdout)
-        nursery.start_soon(err.pump, process.stderr)
-        try:
-            yield SimpleNamespace(process=process, stdout=out, stderr=err)
-        finally:
-            if process.returncode is None:
-                process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
 
 
 def free_port(kind: int) -> int:
@@ -198,7 +118,7 @@ async def start_server(directory: Path, exits: AsyncExitStack) -> tuple[SimpleNa
     """
     for attempt in range(3):
         http_port, quic_port = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
-        server = await exits.enter_async_context(spawn("server", [
+        server = await exits.enter_async_context(spawn(name="server", argv=[
             sys.executable, "-m", "trio_quiccmd.server",
             "--http", f"127.0.0.1:{http_port}",
             "--quic", f"127.0.0.1:{quic_port}",
@@ -245,7 +165,7 @@ async def running_stack(directory: Path) -> AsyncIterator[Stack]:
                 "Created development TLS certificate path=.quiccmd/server-cert.pem fingerprint=sha256:"
             )
 
-        agent = await exits.enter_async_context(spawn("agent", [
+        agent = await exits.enter_async_context(spawn(name="agent", argv=[
             sys.executable, "-m", "trio_quiccmd.agent",
             "--id", CLIENT_ID, "--server", quic_address, "--label", "env=test",
         ], cwd=directory))
