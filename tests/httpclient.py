@@ -115,3 +115,15 @@ def check_openapi(document: dict, method: str, path: str, response: HttpResponse
     )
     errors = sorted(validator.iter_errors(response.json()), key=str)
     assert not errors, f"{method} {path} {response.status}: {errors[0]}"
+
+
+def samples(text: str) -> dict[str, float]:
+    """Prometheus text -> {"name{label=value}": value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return values

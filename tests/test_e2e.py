@@ -27,7 +27,7 @@ import pytest
 import trio
 
 from .processes import ProcessEnded, spawn
-from .httpclient import NO_BODY, HttpResponse, check_openapi, http
+from .httpclient import NO_BODY, HttpResponse, check_openapi, http, samples
 
 #: Per test. Each test starts two Python processes that import aioquic/quart.
 TIMEOUT = 30
@@ -209,18 +209,6 @@ async def running_stack(directory: Path) -> AsyncIterator[Stack]:
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     async with running_stack(tmp_path) as running:
         yield running
-
-
-def samples(text: str) -> dict[str, float]:
-    """Prometheus text -> {"name{label=value}": value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            values[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
-    return values
 
 
 def command_url(command: dict) -> str:

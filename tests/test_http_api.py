@@ -18,7 +18,7 @@ import attrs
 import pytest
 import trio
 
-from .httpclient import NO_BODY, HttpResponse, check_openapi, http
+from .httpclient import NO_BODY, HttpResponse, check_openapi, http, samples
 from trio_quiccmd import Agent, builtin_executor
 from trio_quiccmd.config import ServerSettings
 from trio_quiccmd.server.openapi import openapi_document
@@ -607,20 +607,6 @@ async def test_healthz_and_openapi_document(tmp_path):
     }
 
 
-def _samples(text: str) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            key = sample.name + (
-                "{" + ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items())) + "}"
-                if sample.labels else ""
-            )
-            values[key] = sample.value
-    return values
-
-
 async def test_metrics_count_commands_by_outcome(tmp_path):
     with trio.fail_after(TEST_TIMEOUT):
         async with running_server(tmp_path) as h:
@@ -638,7 +624,7 @@ async def test_metrics_count_commands_by_outcome(tmp_path):
             assert response.status == 200
             assert response.headers["content-type"].startswith("text/plain")
             check_openapi(h.document, "GET", "/metrics", response)
-            values = _samples(response.body.decode())
+            values = samples(response.body.decode())
     assert values["command_sent_total"] == 5
     assert values["command_completed_total"] == 2
     assert values["command_failed_total"] == 2  # the executor failure and the offline agent
@@ -657,8 +643,8 @@ async def test_two_servers_in_one_process_have_separate_metrics(tmp_path):
     with trio.fail_after(TEST_TIMEOUT):
         async with running_server(tmp_path / "one") as one, running_server(tmp_path / "two") as two:
             await one.send(409, client_id="x", command_type="echo")
-            first = _samples((await one.request("GET", "/metrics")).body.decode())
-            second = _samples((await two.request("GET", "/metrics")).body.decode())
+            first = samples((await one.request("GET", "/metrics")).body.decode())
+            second = samples((await two.request("GET", "/metrics")).body.decode())
     assert first["command_failed_total"] == 1
     assert second["command_failed_total"] == 0
 
