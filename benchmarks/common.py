@@ -216,3 +216,21 @@ def run_asyncio_role(args, agent_main, controller_main) -> int:
             return 0
 
     return asyncio.run(with_signals())
+
+
+def measure_http_server(system: str, pid: int, port: int, bodies: list, concurrency: int) -> dict:
+    """Warm up, then POST ``bodies`` to /api/command of the server process
+    ``pid``; the report's CPU and peak RSS are that server's."""
+    import asyncio
+
+    asyncio.run(http_load("127.0.0.1", port, "/api/command", bodies[:200], concurrency, Recorder()))
+    recorder = Recorder()
+    cpu_before = process_cpu_seconds(pid)
+    recorder.start()
+    asyncio.run(http_load("127.0.0.1", port, "/api/command", bodies, concurrency, recorder))
+    recorder.stop()
+    cpu = process_cpu_seconds(pid) - cpu_before
+    result = recorder.report(system=system)
+    result["cpu_us_per_command"] = cpu / max(1, result["completed"]) * 1e6
+    result["peak_rss_mib"] = process_peak_rss_mib(pid)
+    return result

@@ -15,7 +15,6 @@ By hand:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import socket
 import subprocess
@@ -26,13 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    # noqa: E402,
     COMMAND_TYPE,
-    Recorder,
     emit,
-    http_load,
     make_payload,
-    process_cpu_seconds,
-    process_peak_rss_mib,
+    measure_http_server,
 )
 
 
@@ -86,22 +83,8 @@ def main() -> None:
         base = f"http://127.0.0.1:{http_port}"
         wait_http(base + "/healthz", lambda body: True)
         wait_http(base + "/api/clients", lambda body: len(body.get("clients", [])) >= args.agents, 60)
-        recorder = Recorder()
-        asyncio.run(http_load("127.0.0.1", http_port, "/api/command", [command_body(i) for i in range(200)], args.concurrency, Recorder()))
-        cpu_before = process_cpu_seconds(server.pid)
-        recorder.start()
-        asyncio.run(
-            http_load(
-                "127.0.0.1", http_port, "/api/command",
-                [command_body(i) for i in range(args.requests)], args.concurrency, recorder,
-            )
-        )
-        recorder.stop()
-        cpu = process_cpu_seconds(server.pid) - cpu_before
-        result = recorder.report(system="quiccmd_http")
-        result["cpu_us_per_command"] = cpu / max(1, result["completed"]) * 1e6
-        result["peak_rss_mib"] = process_peak_rss_mib(server.pid)
-        emit(result)
+        bodies = [command_body(i) for i in range(args.requests)]
+        emit(measure_http_server("quiccmd_http", server.pid, http_port, bodies, args.concurrency))
     finally:
         server.terminate()
         server.wait(15)

@@ -12,7 +12,6 @@ By hand:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import multiprocessing
 import socket
@@ -22,13 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    Recorder,
+    # noqa: E402,
     emit,
-    http_load,
     make_payload,
     make_result,
-    process_cpu_seconds,
-    process_peak_rss_mib,
+    measure_http_server,
 )
 
 
@@ -79,17 +76,7 @@ def main() -> None:
                     raise SystemExit("trivial server did not start")
                 time.sleep(0.05)
         bodies = [{"client_id": "bench-0", "command_type": "echo", "payload": make_payload(i), "wait": True} for i in range(args.requests)]
-        asyncio.run(http_load("127.0.0.1", port, "/api/command", bodies[:200], args.concurrency, Recorder()))
-        recorder = Recorder()
-        cpu_before = process_cpu_seconds(server.pid)
-        recorder.start()
-        asyncio.run(http_load("127.0.0.1", port, "/api/command", bodies, args.concurrency, recorder))
-        recorder.stop()
-        cpu = process_cpu_seconds(server.pid) - cpu_before
-        result = recorder.report(system="trivial_http")
-        result["cpu_us_per_command"] = cpu / max(1, result["completed"]) * 1e6
-        result["peak_rss_mib"] = process_peak_rss_mib(server.pid)
-        emit(result)
+        emit(measure_http_server("trivial_http", server.pid, port, bodies, args.concurrency))
     finally:
         server.terminate()
         server.join(10)
