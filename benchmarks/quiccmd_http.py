@@ -25,7 +25,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    # noqa: E402,
     COMMAND_TYPE,
     emit,
     make_payload,
