@@ -73,3 +73,17 @@ async def cluster(dev_cert, manager_settings) -> AsyncIterator[Cluster]:
         with trio.fail_after(10):
             await server.shutdown(grace=1.0)
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def manager(autojump_clock):
+    """A running CommandManager on a virtual clock, with a small window (4)."""
+    manager = CommandManager(
+        settings=ManagerSettings(
+            max_in_flight_per_agent=4, history_retention=100.0, max_history=50, cleanup_interval=10.0
+        )
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        yield manager
+        nursery.cancel_scope.cancel()

@@ -8,7 +8,6 @@ with it, and the manager keeps nothing for it once it has ended.
 
 from __future__ import annotations
 
-import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +16,7 @@ from hypothesis import strategies as st
 from trio_quiccmd import CommandAlreadyFinished, CommandManager, CommandStatus, ManagerSettings
 from trio_quiccmd.wire import CommandFrame, Hello, ResultFrame
 
-from .test_manager import RecordingSession
+from .recording import RecordingSession
 
 N_COMMANDS = 6
 

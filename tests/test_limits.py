@@ -21,7 +21,7 @@ from trio_quiccmd.agent.client import Agent
 from trio_quiccmd.quic.connection import SessionHandler, connect
 from trio_quiccmd.wire import Hello, ProtocolError, ProtocolErrorCode, Welcome, encode_frame
 
-from .test_manager import RecordingSession, answer, connect_agent
+from .recording import RecordingSession, answer, connect_agent
 from .test_protocol_errors import raw_client_configuration
 
 

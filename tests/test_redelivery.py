@@ -21,7 +21,7 @@ from trio_quiccmd import CommandManager, CommandStatus, ManagerSettings, builtin
 from trio_quiccmd.wire import Hello, ProtocolErrorCode, ResultFrame
 
 from .conftest import wait_until
-from .test_manager import RecordingSession
+from .recording import RecordingSession
 
 
 class AckingSession(RecordingSession):

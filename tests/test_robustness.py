@@ -46,7 +46,7 @@ from trio_quiccmd.wire import (
 )
 
 from .conftest import Cluster, wait_until
-from .test_manager import RecordingSession, answer, connect_agent
+from .recording import RecordingSession, answer, connect_agent
 from .test_protocol_errors import raw_client_configuration
 
 
@@ -100,19 +100,6 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 def _describe(crashes: list[BaseException]) -> str:
     return "; ".join(repr(leaf) for c in crashes for leaf in _leaves(c))
-
-
-@pytest.fixture
-async def manager(autojump_clock):
-    manager = CommandManager(
-        settings=ManagerSettings(
-            max_in_flight_per_agent=4, history_retention=100.0, max_history=50, cleanup_interval=10.0
-        )
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(manager.run)
-        yield manager
-        nursery.cancel_scope.cancel()
 
 
 # -- F1: a peer's STOP_SENDING makes aioquic raise inside a synchronous callback ----
