@@ -131,6 +131,30 @@ def _path(value: Any) -> Path:
 # -- attrs validators ------------------------------------------------------------
 
 
+STORE_SYNC_MODES = ("full", "normal")
+
+
+def parse_store(value: Any) -> str:
+    """``memory``, ``sqlite`` (the file ``commands.db`` in the data dir), or
+    ``sqlite:///relative/path.db`` / ``sqlite:////absolute/path.db`` (the
+    SQLAlchemy spelling: the path is what follows the third slash)."""
+    text = _string(value).strip()
+    if text in ("memory", "sqlite"):
+        return text
+    if text.startswith("sqlite:///") and len(text) > len("sqlite:///"):
+        return text
+    raise ValueError(
+        f"store must be 'memory', 'sqlite' or 'sqlite:///PATH', got {_describe(value)}"
+    )
+
+
+def _store_sync(value: Any) -> str:
+    text = _string(value).strip().lower()
+    if text not in STORE_SYNC_MODES:
+        raise ValueError(f"store_sync must be 'full' or 'normal', got {_describe(value)}")
+    return text
+
+
 def _positive(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{attribute.name} must be greater than 0, got {value!r}")
@@ -166,8 +190,13 @@ class ServerSettings:
     http_port: int = attrs.field(default=8080, validator=_valid_port)
     quic_host: str = "0.0.0.0"
     quic_port: int = attrs.field(default=8474, validator=_valid_port)
-    #: Holds the development certificate (and, later, a durable store).
+    #: Holds the development certificate and the default command store.
     data_dir: Path = attrs.field(default=Path(".quiccmd"), converter=Path)
+    #: Where commands are kept: see :func:`parse_store`.
+    store: str = attrs.field(default="sqlite", converter=parse_store)
+    #: ``full``: a stored command survives a power loss; ``normal``: only a
+    #: crash of the server process (no fsync per commit).
+    store_sync: str = attrs.field(default="full", converter=_store_sync)
     log_level: str = attrs.field(default="INFO", converter=str.upper, validator=attrs.validators.in_(LOG_LEVELS))
     #: A real certificate and key; without them a self-signed one is made in data_dir.
     cert_file: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
@@ -214,6 +243,15 @@ class ServerSettings:
             )
 
     @property
+    def store_path(self) -> Path | None:
+        """The SQLite file commands are kept in, or None for the memory store."""
+        if self.store == "memory":
+            return None
+        if self.store == "sqlite":
+            return self.data_dir / "commands.db"
+        return Path(self.store[len("sqlite:///"):])
+
+    @property
     def http_address(self) -> str:
         return format_host_port(self.http_host, self.http_port)
 
@@ -245,6 +283,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("http", parse_host_port, "HTTP API address (default 127.0.0.1:8080)", "HOST:PORT"),
     _Option("quic", parse_host_port, "QUIC (UDP) address agents dial (default 0.0.0.0:8474)", "HOST:PORT"),
     _Option("data_dir", _path, "directory for the dev certificate and data (default ./.quiccmd)", "DIR"),
+    _Option("store", parse_store, "where commands are kept: sqlite (default: commands.db in the data dir), sqlite:///PATH or memory", "STORE"),
+    _Option("store_sync", _store_sync, "full (default: commits survive power loss) or normal (survive a server crash)", "MODE"),
     _Option("log_level", _log_level, "DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)", "LEVEL"),
     _Option("cert_file", _path, "TLS certificate (PEM); default: a self-signed one in the data dir", "FILE"),
     _Option("key_file", _path, "TLS private key (PEM) for --cert-file", "FILE"),

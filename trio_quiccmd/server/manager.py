@@ -159,8 +159,10 @@ class CommandManager:
     # -- running ---------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Enforce deadlines, HELLO timeouts and history retention until cancelled."""
+        """Enforce deadlines, HELLO timeouts and history retention, and run the
+        store's writer, until cancelled."""
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.store.run)
             nursery.start_soon(self._enforce_deadlines)
             nursery.start_soon(self._trim_history)
             nursery.start_soon(self.registry.enforce_hello_timeout)

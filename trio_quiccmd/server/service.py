@@ -15,12 +15,15 @@ and runs them until a shutdown event, then shuts down in order:
 from __future__ import annotations
 
 import logging
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import AsyncIterator
 from urllib.parse import urlsplit
 
 import attrs
 import hypercorn.trio
 import trio
+from aioquic.quic.configuration import QuicConfiguration
 from hypercorn.config import Config as HypercornConfig
 
 from ..config import ServerSettings, format_host_port
@@ -30,7 +33,8 @@ from .core import CommandServer, server_quic_configuration
 from .http_api import ApiLimits, create_app
 from .manager import CommandManager, ManagerSettings
 from .metrics import Metrics
-from .store import MemoryStore, Store
+from .store import MemoryStore, Store, StoreError
+from .store.sqlite import open_sqlite_store
 
 logger = logging.getLogger("trio_quiccmd.server")
 
@@ -104,6 +108,23 @@ async def _certificate(settings: ServerSettings) -> tuple[Path, Path]:
     return cert_file, key_file
 
 
+@asynccontextmanager
+async def open_store(settings: ServerSettings) -> AsyncIterator[Store]:
+    """The store ``settings`` ask for, open for the duration of the block.
+
+    Raises :class:`~trio_quiccmd.server.store.StoreError` if it cannot be
+    opened (corrupt, locked, in use by another server, newer schema).
+    """
+    path = settings.store_path
+    if path is None:
+        logger.info("Command store kind=memory durable=false")
+        yield MemoryStore()
+        return
+    async with open_sqlite_store(path, synchronous=settings.store_sync) as store:  # type: ignore[arg-type]
+        logger.info("Command store kind=sqlite path=%s sync=%s", path, settings.store_sync)
+        yield store
+
+
 def _first_leaf(group: BaseExceptionGroup, kind: type[BaseException]) -> BaseException | None:
     matched, _ = group.split(kind)
     while isinstance(matched, BaseExceptionGroup):
@@ -144,13 +165,15 @@ async def serve(
 ) -> None:
     """Run the server until ``shutdown_event`` is set, then shut down gracefully.
 
-    ``store`` keeps the commands (default: a new in-memory store, closed on
-    return; a store passed in is left open for its owner).
+    ``store`` keeps the commands (default: the one ``settings.store`` names,
+    opened here and closed on return; a store passed in is left open for its
+    owner). With a durable store, commands still unfinished at shutdown are
+    left as they are, and taken up again at the next start.
 
     Reports :class:`ServerAddresses` (the bound ports, also when port 0 was
     asked) through ``task_status.started`` once both listeners are up. Raises
-    :class:`StartupError` if the certificate is unusable or an address cannot
-    be bound. Returns when everything it started has stopped.
+    :class:`StartupError` if the store or the certificate is unusable or an
+    address cannot be bound. Returns when everything it started has stopped.
 
     If cancelled instead, everything stops at once: no drain, agent
     connections are dropped without a close, open HTTP requests are cut. Set
@@ -165,8 +188,24 @@ async def serve(
     except Exception as exc:  # OSError, ssl/cryptography ValueError: all mean "bad files"
         raise StartupError(f"cannot load the TLS certificate {cert_file} / key {key_file}: {exc}") from None
 
-    owns_store = store is None
-    manager = CommandManager(store if store is not None else MemoryStore(), manager_settings(settings))
+    async with AsyncExitStack() as stack:
+        if store is None:
+            try:
+                store = await stack.enter_async_context(open_store(settings))
+            except StoreError as exc:
+                raise StartupError(str(exc)) from None
+        await _serve_with(settings, store, quic_configuration, shutdown_event, task_status)
+    logger.info("Server stopped")
+
+
+async def _serve_with(
+    settings: ServerSettings,
+    store: Store,
+    quic_configuration: QuicConfiguration,
+    shutdown_event: trio.Event,
+    task_status: trio.TaskStatus[ServerAddresses],
+) -> None:
+    manager = CommandManager(store, manager_settings(settings))
     metrics = Metrics(
         connected_agents=lambda: len(manager.registry.links()),
         unfinished_commands=lambda: manager.unfinished_count,
@@ -234,10 +273,5 @@ async def serve(
         if started or error is None:
             raise
         raise StartupError(f"cannot listen on {listening_on}: {error}") from group
-    finally:
-        if owns_store:
-            with trio.move_on_after(5, shield=True):
-                await manager.store.aclose()
-    logger.info("Server stopped")
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import trio
+
 from ...model import Command
-from . import CommandPage, CommandQuery
+from . import CommandPage, CommandQuery, UnfinishedCommand
 
 
 class MemoryStore:
+    durable = False
+
     def __init__(self) -> None:
         # Insertion order is creation order (ids are created in order), so
         # "newest first" is a reversed walk.
@@ -19,7 +23,10 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._commands)
 
-    def save(self, command: Command) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()  # nothing to do in the background
+
+    def save(self, command: Command, *, deadline_at: float = 0.0, sent_to: str = "") -> None:
         self._commands[command.command_id] = command
         if command.is_terminal and command.command_id not in self._finished:
             self._finished[command.command_id] = command.completed_at or 0.0
@@ -33,9 +40,13 @@ class MemoryStore:
     async def list(self, query: CommandQuery) -> CommandPage:
         matches: list[Command] = []
         limit = query.limit
+        low, high = query.id_range()
         for command in reversed(self._commands.values()):
-            if query.cursor is not None and command.command_id >= query.cursor:
+            command_id = command.command_id
+            if high is not None and command_id >= high:
                 continue
+            if low is not None and command_id < low:
+                break  # newest first: every later one is older still
             if query.client_id is not None and command.client_id != query.client_id:
                 continue
             if query.status is not None and command.status is not query.status:
@@ -46,6 +57,10 @@ class MemoryStore:
                 return CommandPage(matches, matches[-1].command_id)
             matches.append(command)
         return CommandPage(matches, None)
+
+    async def unfinished(self) -> list[UnfinishedCommand]:
+        # Nothing here outlives the process, so there is never anything to recover.
+        return []
 
     async def purge(self, *, finished_before: float, keep_at_most: int) -> int:
         finished = self._finished

@@ -1,0 +1,267 @@
+"""The SQLite store on its own: what it keeps, how it lists, how it refuses bad files."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+import trio
+
+from trio_quiccmd.model import Command, CommandStatus, transition
+from trio_quiccmd.server.store import CommandQuery, MemoryStore, StoreError
+from trio_quiccmd.server.store import sqlite as sqlite_store
+from trio_quiccmd.server.store.sqlite import SqliteStore, list_statement, open_sqlite_store
+
+T0 = 1_800_000_000.0
+
+
+def make_command(
+    n: int,
+    *,
+    client_id: str = "c1",
+    command_type: str = "echo",
+    created_at: float | None = None,
+    status: CommandStatus = CommandStatus.PENDING,
+) -> Command:
+    created_at = T0 + n if created_at is None else created_at
+    command = Command(
+        command_id=f"{int(created_at * 1000):012x}-{n:08x}-0000abcd",
+        client_id=client_id,
+        command_type=command_type,
+        payload={"n": n, "text": "é"},
+        created_at=created_at,
+    )
+    if status is not CommandStatus.PENDING:
+        command = transition(command, CommandStatus.EXECUTING, at=created_at + 0.1)
+    if status.is_terminal:
+        command = transition(
+            command, status, at=created_at + 0.2, result={"n": n} if status is CommandStatus.COMPLETED else None
+        )
+    return command
+
+
+@asynccontextmanager
+async def running(path: Path, **options) -> AsyncIterator[SqliteStore]:
+    """An open store with its writer running, as a manager would run it."""
+    async with open_sqlite_store(path, **options) as store:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            yield store
+            nursery.cancel_scope.cancel()
+
+
+async def test_saved_commands_survive_reopening(tmp_path):
+    path = tmp_path / "commands.db"
+    commands = [make_command(n, status=CommandStatus.COMPLETED) for n in range(10)]
+    async with running(path) as store:
+        for command in commands:
+            store.save(command)
+        await store.flush()
+    async with running(path) as store:
+        for command in commands:
+            assert await store.get(command.command_id) == command
+        assert await store.get("nope") is None
+
+
+async def test_saves_left_at_close_are_committed(tmp_path):
+    path = tmp_path / "commands.db"
+    async with open_sqlite_store(path) as store:
+        # No writer running, no flush: closing must still write it.
+        store.save(make_command(1))
+    async with running(path) as store:
+        assert (await store.get(make_command(1).command_id)) == make_command(1)
+
+
+async def test_the_latest_save_of_a_command_wins(tmp_path):
+    async with running(tmp_path / "c.db") as store:
+        pending = make_command(1)
+        executing = transition(pending, CommandStatus.EXECUTING, at=T0 + 1)
+        done = transition(executing, CommandStatus.COMPLETED, at=T0 + 2, result={"ok": True})
+        store.save(pending)
+        store.save(executing)
+        # Visible before it is committed.
+        assert await store.get(pending.command_id) == executing
+        store.save(done)
+        await store.flush()
+        assert await store.get(pending.command_id) == done
+        page = await store.list(CommandQuery())
+        assert page.commands == [done]
+
+
+async def test_many_saves_are_committed_in_few_transactions(tmp_path, monkeypatch):
+    transactions = []
+    original = SqliteStore._write
+
+    def counting_write(self, batch):
+        transactions.append(len(batch))
+        return original(self, batch)
+
+    monkeypatch.setattr(SqliteStore, "_write", counting_write)
+    async with running(tmp_path / "c.db") as store:
+        for n in range(2000):
+            store.save(make_command(n))
+        await store.flush()
+        assert sum(transactions) == 2000
+        assert len(transactions) <= 3, transactions
+        assert len((await store.list(CommandQuery(limit=1000))).commands) == 1000
+
+
+def _corpus() -> list[Command]:
+    rng = random.Random(7)
+    statuses = list(CommandStatus)
+    return [
+        make_command(
+            n,
+            client_id=rng.choice(["c1", "c2", "c3"]),
+            command_type=rng.choice(["echo", "sleep"]),
+            status=rng.choice(statuses),
+        )
+        for n in range(300)
+    ]
+
+
+QUERIES = [
+    CommandQuery(),
+    CommandQuery(limit=7),
+    CommandQuery(client_id="c2", limit=13),
+    CommandQuery(status=CommandStatus.TIMEOUT, limit=5),
+    CommandQuery(command_type="sleep", status=CommandStatus.COMPLETED, limit=4),
+    CommandQuery(client_id="c1", command_type="echo", status=CommandStatus.PENDING, limit=3),
+    CommandQuery(created_after=T0 + 100, created_before=T0 + 200, limit=9),
+    CommandQuery(client_id="c3", created_after=T0 + 250.5, limit=50),
+    CommandQuery(client_id="nobody"),
+]
+
+
+@pytest.mark.parametrize("query", QUERIES, ids=repr)
+async def test_lists_match_the_memory_store_page_by_page(tmp_path, query):
+    corpus = _corpus()
+    memory = MemoryStore()
+    async with running(tmp_path / "c.db") as store:
+        for command in corpus:
+            memory.save(command)
+            store.save(command)
+        pages = 0
+        expected_page = await memory.list(query)
+        while True:
+            page = await store.list(query)
+            assert page == expected_page
+            pages += 1
+            if page.next_cursor is None:
+                break
+            query = CommandQuery(**{**_fields(query), "cursor": page.next_cursor})
+            expected_page = await memory.list(query)
+        if query.client_id is None and query.status is None and query.created_after is None:
+            assert pages > 1
+
+
+def _fields(query: CommandQuery) -> dict:
+    return {
+        name: getattr(query, name)
+        for name in ("client_id", "status", "command_type", "created_after", "created_before", "limit")
+    }
+
+
+async def test_time_filters_select_by_creation_time(tmp_path):
+    async with running(tmp_path / "c.db") as store:
+        for n in range(10):
+            store.save(make_command(n))
+        page = await store.list(CommandQuery(created_after=T0 + 3, created_before=T0 + 6))
+        assert [c.created_at for c in page.commands] == [T0 + 5, T0 + 4, T0 + 3]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [q for q in QUERIES if q != CommandQuery() and q != CommandQuery(limit=7)]
+    + [CommandQuery(cursor="0001a0000000")],
+    ids=repr,
+)
+async def test_every_filtered_list_searches_an_index_and_never_sorts(tmp_path, query):
+    async with running(tmp_path / "c.db") as store:
+        store.save(make_command(1))
+        await store.flush()
+    db = sqlite3.connect(tmp_path / "c.db")
+    sql, parameters = list_statement(query)
+    plan = " | ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, parameters))
+    db.close()
+    assert "SEARCH commands USING" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan
+
+
+async def test_purge_deletes_old_and_excess_finished_commands_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "PURGE_BATCH", 50)
+    async with running(tmp_path / "c.db") as store:
+        old = [make_command(n, status=CommandStatus.COMPLETED) for n in range(120)]
+        unfinished = [make_command(n, status=CommandStatus.EXECUTING) for n in range(120, 130)]
+        recent = [make_command(n, status=CommandStatus.FAILED) for n in range(130, 200)]
+        for command in old + unfinished + recent:
+            store.save(command)
+        # By age: everything finished before T0 + 120.
+        assert await store.purge(finished_before=T0 + 120, keep_at_most=1000) == 120
+        # By count: keep the 30 most recently finished.
+        assert await store.purge(finished_before=0, keep_at_most=30) == 40
+        left = (await store.list(CommandQuery(limit=1000))).commands
+        assert {c.command_id for c in left} == {
+            c.command_id for c in unfinished + recent[40:]
+        }
+
+
+async def test_a_corrupt_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "commands.db"
+    path.write_bytes(b"this is not a database" * 1000)
+    with pytest.raises(StoreError, match="not a readable database.*move it away"):
+        async with open_sqlite_store(path):
+            pass
+
+
+async def test_another_applications_database_is_refused(tmp_path):
+    path = tmp_path / "other.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE invoices (id INTEGER)")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="not a trio_quiccmd command store"):
+        async with open_sqlite_store(path):
+            pass
+
+
+async def test_a_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "c.db"
+    async with open_sqlite_store(path):
+        pass
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {sqlite_store.SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="newer than this server knows"):
+        async with open_sqlite_store(path):
+            pass
+
+
+async def test_a_database_locked_by_another_process_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT", 0.2)
+    path = tmp_path / "c.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError, match="locked by another process"):
+            async with open_sqlite_store(path):
+                pass
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+async def test_two_servers_never_share_one_store(tmp_path):
+    path = tmp_path / "c.db"
+    async with open_sqlite_store(path):
+        with pytest.raises(StoreError, match="in use by another server"):
+            async with open_sqlite_store(path):
+                pass
+    # Released on close.
+    async with open_sqlite_store(path):
+        pass

@@ -1,0 +1,471 @@
+"""The SQLite store: the default, durable and embedded.
+
+One writer: :meth:`SqliteStore.save` only notes the command's latest state
+(several changes of one command before the next commit are one row write);
+a writer task commits everything noted so far in one transaction, in a
+worker thread, and starts on the next batch as soon as it is done. A busy
+server therefore commits many status changes per transaction (and per
+fsync) while an idle one commits each change at once. :meth:`flush` returns
+when everything saved before it is committed: that is the durability point.
+
+Reads run on a second connection in their own thread; SQLite's write-ahead
+log lets them proceed while a batch is being written.
+
+Open it with :func:`open_sqlite_store`, which closes it (after a last
+commit) when its block ends; the writer task is :meth:`SqliteStore.run`,
+which the :class:`~trio_quiccmd.server.manager.CommandManager` using the
+store runs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal
+
+import trio
+
+from ...model import Command, CommandStatus
+from . import CommandPage, CommandQuery, StoreError, UnfinishedCommand
+
+logger = logging.getLogger("trio_quiccmd.store")
+
+#: The schema, one script per version; a database at version N gets scripts
+#: N+1... applied in one transaction at open. Never edit a released script:
+#: add the next one.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the history. Each command's latest state as JSON, beside the columns
+    # that lists filter and sort on; every list is "newest first", i.e. by
+    # command_id descending, so each filter's index ends in command_id.
+    """
+    CREATE TABLE commands (
+        command_id   TEXT PRIMARY KEY,
+        client_id    TEXT NOT NULL,
+        command_type TEXT NOT NULL,
+        status       TEXT NOT NULL,
+        completed_at REAL,
+        body         TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX commands_by_client ON commands (client_id, command_id);
+    CREATE INDEX commands_by_status ON commands (status, command_id);
+    CREATE INDEX commands_by_type ON commands (command_type, command_id);
+    CREATE INDEX commands_by_completion ON commands (completed_at)
+        WHERE completed_at IS NOT NULL;
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+#: Rows deleted per retention transaction: small enough that a save batch
+#: waiting behind it is not held up noticeably.
+PURGE_BATCH = 2000
+#: How long a statement waits for a lock another process holds, seconds.
+BUSY_TIMEOUT = 2.0
+#: After a failed commit (disk full, I/O error), wait this long and retry.
+RETRY_DELAY = 1.0
+
+Synchronous = Literal["full", "normal"]
+
+_UPSERT = """
+    INSERT INTO commands (command_id, client_id, command_type, status, completed_at, body)
+    VALUES (?, ?, ?, ?, ?, ?)
+    ON CONFLICT (command_id) DO UPDATE SET
+        status = excluded.status,
+        completed_at = excluded.completed_at,
+        body = excluded.body
+"""
+
+_Entry = tuple[Command, float, str]
+
+
+def _encode(command: Command) -> str:
+    # Field names kept, so the sqlite3 shell (and a migration's json_extract) can read it.
+    return json.dumps(
+        {
+            "command_id": command.command_id,
+            "client_id": command.client_id,
+            "command_type": command.command_type,
+            "payload": command.payload,
+            "status": command.status.value,
+            "result": command.result,
+            "error": command.error,
+            "error_code": command.error_code,
+            "priority": command.priority,
+            "timeout": command.timeout,
+            "connect_timeout": command.connect_timeout,
+            "created_at": command.created_at,
+            "sent_at": command.sent_at,
+            "completed_at": command.completed_at,
+        },
+        separators=(",", ":"),
+    )
+
+
+def _decode(body: str) -> Command:
+    fields: dict[str, Any] = json.loads(body)
+    fields["status"] = CommandStatus(fields["status"])
+    return Command(**fields)
+
+
+class SqliteStore:
+    """Commands in a SQLite database file. See the module docstring."""
+
+    durable = True
+
+    def __init__(
+        self,
+        path: Path,
+        writer: sqlite3.Connection,
+        reader: sqlite3.Connection,
+        lock_file: int,
+    ):
+        self.path = path
+        self._writer = writer
+        self._reader = reader
+        self._lock_file = lock_file
+        self._write_limiter = trio.CapacityLimiter(1)
+        self._read_limiter = trio.CapacityLimiter(1)
+        # Saved, not yet being written; then the batch being written.
+        self._dirty: dict[str, _Entry] = {}
+        self._writing: dict[str, _Entry] = {}
+        self._saves = 0
+        self._committed_saves = 0
+        self._dirty_event = trio.Event()
+        self._commit_event = trio.Event()
+        self._closed = False
+
+    # -- writing -----------------------------------------------------------------
+
+    def save(self, command: Command, *, deadline_at: float = 0.0, sent_to: str = "") -> None:
+        if self._closed:
+            raise StoreError(f"the command store {self.path} is closed")
+        self._dirty[command.command_id] = (command, deadline_at, sent_to)
+        self._saves += 1
+        self._dirty_event.set()
+
+    async def flush(self) -> None:
+        target = self._saves
+        while self._committed_saves < target:
+            await self._commit_event.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Commit what is saved, batch after batch, until cancelled.
+
+        If cancelled while a batch is being written, the batch is still
+        committed (the thread is not abandoned); what is saved later is left
+        for :meth:`aclose`.
+        """
+        task_status.started()
+        while True:
+            await self._dirty_event.wait()
+            self._dirty_event = trio.Event()
+            if not await self._commit_dirty():
+                await trio.sleep(RETRY_DELAY)
+                self._dirty_event.set()
+
+    async def _commit_dirty(self) -> bool:
+        """Commit everything saved so far; False (and kept for a retry) if that failed."""
+        batch, self._dirty = self._dirty, {}
+        target = self._saves
+        self._writing = batch
+        try:
+            await trio.to_thread.run_sync(self._write, batch, limiter=self._write_limiter)
+        except sqlite3.Error as exc:
+            logger.error(
+                "Command store write failed path=%s commands=%d error=%r; retrying",
+                self.path, len(batch), str(exc),
+            )
+            self._keep_for_retry(batch)
+            return False
+        except BaseException:
+            # Cancelled while waiting for the writer thread: nothing was written.
+            self._keep_for_retry(batch)
+            raise
+        finally:
+            self._writing = {}
+        self._committed_saves = target
+        done, self._commit_event = self._commit_event, trio.Event()
+        done.set()
+        return True
+
+    def _keep_for_retry(self, batch: dict[str, _Entry]) -> None:
+        # A newer save of the same command (made while this batch was being
+        # written) wins over the one that was not written.
+        for command_id, entry in batch.items():
+            self._dirty.setdefault(command_id, entry)
+        if self._dirty:
+            self._dirty_event.set()
+
+    def _write(self, batch: dict[str, _Entry]) -> None:
+        rows = [
+            (
+                command.command_id,
+                command.client_id,
+                command.command_type,
+                command.status.value,
+                command.completed_at,
+                _encode(command),
+            )
+            for command, _deadline_at, _sent_to in batch.values()
+        ]
+        db = self._writer
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(_UPSERT, rows)
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+
+    # -- reading -----------------------------------------------------------------
+
+    async def get(self, command_id: str) -> Command | None:
+        entry = self._dirty.get(command_id) or self._writing.get(command_id)
+        if entry is not None:
+            return entry[0]
+        return await trio.to_thread.run_sync(self._get, command_id, limiter=self._read_limiter)
+
+    def _get(self, command_id: str) -> Command | None:
+        row = self._reader.execute(
+            "SELECT body FROM commands WHERE command_id = ?", (command_id,)
+        ).fetchone()
+        return None if row is None else _decode(row[0])
+
+    async def list(self, query: CommandQuery) -> CommandPage:
+        # Commit first, so the list shows every change made before it was asked.
+        await self.flush()
+        return await trio.to_thread.run_sync(self._list, query, limiter=self._read_limiter)
+
+    def _list(self, query: CommandQuery) -> CommandPage:
+        sql, parameters = list_statement(query)
+        rows = self._reader.execute(sql, parameters).fetchall()
+        commands = [_decode(body) for (body,) in rows[: query.limit]]
+        more = len(rows) > query.limit
+        return CommandPage(commands, commands[-1].command_id if more else None)
+
+    async def unfinished(self) -> list[UnfinishedCommand]:
+        # Schema version 1 keeps no deadlines: nothing to recover from it.
+        return []
+
+    # -- retention ---------------------------------------------------------------
+
+    async def purge(self, *, finished_before: float, keep_at_most: int) -> int:
+        """Delete in transactions of :data:`PURGE_BATCH` rows, so that save
+        batches get their turn in between. If cancelled, what was deleted
+        stays deleted."""
+        await self.flush()  # judge the commands by their latest state
+        deleted = 0
+        while True:
+            count = await trio.to_thread.run_sync(
+                self._purge_batch, finished_before, keep_at_most, limiter=self._write_limiter
+            )
+            deleted += count
+            if count < PURGE_BATCH:
+                return deleted
+
+    def _purge_batch(self, finished_before: float, keep_at_most: int) -> int:
+        db = self._writer
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            deleted = db.execute(
+                "DELETE FROM commands WHERE command_id IN (SELECT command_id FROM commands"
+                " WHERE completed_at < ? ORDER BY completed_at LIMIT ?)",
+                (finished_before, PURGE_BATCH),
+            ).rowcount
+            if deleted < PURGE_BATCH:
+                (finished,) = db.execute(
+                    "SELECT count(*) FROM commands WHERE completed_at IS NOT NULL"
+                ).fetchone()
+                over = min(finished - keep_at_most, PURGE_BATCH - deleted)
+                if over > 0:
+                    deleted += db.execute(
+                        "DELETE FROM commands WHERE command_id IN (SELECT command_id FROM"
+                        " commands WHERE completed_at IS NOT NULL ORDER BY completed_at LIMIT ?)",
+                        (over,),
+                    ).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+        return deleted
+
+    # -- closing -----------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Commit what is still saved, then close the database.
+
+        Runs shielded, so a cancelled caller still leaves nothing unwritten.
+        """
+        if self._closed:
+            return
+        with trio.CancelScope(shield=True):
+            if self._dirty:
+                await self._commit_dirty()
+            self._closed = True
+            await trio.to_thread.run_sync(self._close, limiter=self._write_limiter)
+
+    def _close(self) -> None:
+        try:
+            self._writer.execute("PRAGMA optimize")
+        except sqlite3.Error:
+            pass  # only statistics for the query planner; the data is committed
+        self._reader.close()
+        self._writer.close()
+        os.close(self._lock_file)
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    # A failed COMMIT may already have rolled back (then ROLLBACK would raise
+    # and hide the real error).
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+
+
+def list_statement(query: CommandQuery) -> tuple[str, list[Any]]:
+    """The SELECT for ``query``: one row more than the page, to know if there is a next."""
+    clauses: list[str] = []
+    parameters: list[Any] = []
+    for column, value in (
+        ("client_id", query.client_id),
+        ("status", None if query.status is None else query.status.value),
+        ("command_type", query.command_type),
+    ):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            parameters.append(value)
+    low, high = query.id_range()
+    if low is not None:
+        clauses.append("command_id >= ?")
+        parameters.append(low)
+    if high is not None:
+        clauses.append("command_id < ?")
+        parameters.append(high)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    parameters.append(query.limit + 1)
+    return f"SELECT body FROM commands{where} ORDER BY command_id DESC LIMIT ?", parameters
+
+
+# -- opening ---------------------------------------------------------------------
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # Autocommit mode: transactions are begun and ended explicitly. Used from
+    # worker threads, one at a time (each connection has its own limiter).
+    return sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+    )
+
+
+def _lock(path: Path) -> int:
+    """Hold an exclusive lock on ``<db>.lock`` for as long as the store is open,
+    so two servers never share one database."""
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreError(
+            f"the command store {path} is in use by another server (pid {holder}, lock file {lock_path})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def migrate(db: sqlite3.Connection, path: Path) -> int:
+    """Bring the schema to :data:`SCHEMA_VERSION`; returns the version found."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the command store {path} has schema version {version}, newer than this "
+                f"server knows ({SCHEMA_VERSION}); upgrade trio_quiccmd or choose another --store"
+            )
+        if version == 0:
+            tables = db.execute(
+                "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+            ).fetchone()[0]
+            if tables:
+                raise StoreError(
+                    f"{path} is an SQLite database but not a trio_quiccmd command store "
+                    "(it has tables and no schema version)"
+                )
+        for script in MIGRATIONS[version:]:
+            for statement in script.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        _rollback(db)
+        raise
+    return version
+
+
+def _open(path: Path, synchronous: Synchronous) -> SqliteStore:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = _lock(path)
+    writer = reader = None
+    try:
+        writer = _connect(path)
+        (mode,) = writer.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode != "wal":
+            raise StoreError(f"the command store {path} cannot use write-ahead logging (mode {mode})")
+        writer.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        found = migrate(writer, path)
+        reader = _connect(path)
+        reader.execute("PRAGMA query_only = ON")
+    except BaseException as exc:
+        for db in (reader, writer):
+            if db is not None:
+                db.close()
+        os.close(lock_file)
+        if isinstance(exc, sqlite3.Error):
+            raise StoreError(_describe(path, exc)) from None
+        raise
+    if found != SCHEMA_VERSION:
+        logger.info(
+            "Command store migrated path=%s from_version=%d to_version=%d", path, found, SCHEMA_VERSION
+        )
+    return SqliteStore(path, writer, reader, lock_file)
+
+
+def _describe(path: Path, error: sqlite3.Error) -> str:
+    text = str(error)
+    if "locked" in text or "busy" in text:
+        return f"the command store {path} is locked by another process ({text})"
+    if "not a database" in text or "malformed" in text or "corrupt" in text:
+        return (
+            f"the command store {path} is not a readable database ({text}); "
+            "restore it from a backup or move it away to start with an empty history"
+        )
+    return f"cannot open the command store {path}: {text}"
+
+
+@asynccontextmanager
+async def open_sqlite_store(
+    path: Path | str, *, synchronous: Synchronous = "full"
+) -> AsyncIterator[SqliteStore]:
+    """Open (creating and migrating as needed) the store at ``path`` for the
+    block; then commit what is left and close it.
+
+    ``synchronous="full"`` makes each commit survive a power loss;
+    ``"normal"`` only a crash of the process (faster: no fsync per commit).
+    Raises :class:`StoreError` if the file is corrupt, locked, in use by
+    another server, or of a newer schema. If cancelled, the last commit still
+    happens (shielded).
+    """
+    if synchronous not in ("full", "normal"):
+        raise ValueError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
+    store = await trio.to_thread.run_sync(_open, Path(path), synchronous)
+    try:
+        yield store
+    finally:
+        await store.aclose()
