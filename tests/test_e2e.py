@@ -574,12 +574,12 @@ async def test_sigterm_refuses_new_work_drains_and_exits_zero(stack: Stack):
         cancelled = await stack.request("POST", command_url(spare) + "/cancel")
         assert cancelled.status == 200 and cancelled.json()["status"] == "cancelled"
 
-        # A long poll during the drain is answered when the grace period ends
-        # the one-minute command.
+        # A long poll during the drain is answered when the grace period ends,
+        # with the one-minute command still executing: the store keeps it for
+        # the next start (tests/test_restart.py), so it is not failed.
         final = await stack.get(command_url(stuck) + "?wait=60", "/api/command/{command_id}")
         assert trio.current_time() - sigterm_at >= SHUTDOWN_GRACE
-        assert (final["status"], final["error_code"]) == ("failed", "server_shutdown"), final
-        assert final["error"] == "the server shut down before the command finished"
+        assert (final["status"], final["error_code"]) == ("executing", None), final
 
         # The server exits 0 within its grace (plus HTTP's own stop).
         with trio.fail_after(SHUTDOWN_GRACE + 8):
@@ -590,12 +590,12 @@ async def test_sigterm_refuses_new_work_drains_and_exits_zero(stack: Stack):
         await server.stderr.closed.wait()
         for text in [
             "Shutdown grace period over unfinished=1",
-            f"Command execution failed command_id={stuck['command_id']} client_id={CLIENT_ID} error_code=server_shutdown",
             f"Agent disconnected client_id={CLIENT_ID}",
             "Server stopped",
         ]:
             assert server.stderr.matching(text), (text, stack.output())
         assert not server.stderr.matching("Traceback"), stack.output()
+        assert not server.stderr.matching("error_code=server_shutdown"), stack.output()
 
         # Once it is gone, the port refuses connections (no half-alive HTTP server).
         with pytest.raises(OSError):

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
+import attrs
 import pytest
 import trio
 
@@ -265,3 +266,72 @@ async def test_two_servers_never_share_one_store(tmp_path):
     # Released on close.
     async with open_sqlite_store(path):
         pass
+
+
+# -- schema versions ------------------------------------------------------------------
+
+
+def _schema_version(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        db.close()
+
+
+async def test_an_empty_file_gets_the_current_schema(tmp_path):
+    path = tmp_path / "commands.db"
+    path.touch()  # e.g. made by a provisioning tool
+    async with running(path) as store:
+        store.save(make_command(1))
+    assert _schema_version(path) == sqlite_store.SCHEMA_VERSION
+
+
+def _version_1_database(path: Path, commands: list[Command]) -> None:
+    db = sqlite3.connect(path, isolation_level=None)
+    for statement in sqlite_store.MIGRATIONS[0].split(";"):
+        if statement.strip():
+            db.execute(statement)
+    db.execute("PRAGMA user_version = 1")
+    db.executemany(
+        "INSERT INTO commands (command_id, client_id, command_type, status, completed_at, body)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            (c.command_id, c.client_id, c.command_type, c.status.value, c.completed_at, sqlite_store._encode(c))
+            for c in commands
+        ],
+    )
+    db.close()
+
+
+async def test_a_version_1_database_is_migrated_with_its_history_and_unfinished_commands(tmp_path):
+    path = tmp_path / "commands.db"
+    queued = attrs.evolve(make_command(1), timeout=30.0, connect_timeout=60.0)
+    running_ = make_command(2, status=CommandStatus.EXECUTING)
+    finished = make_command(3, status=CommandStatus.COMPLETED)
+    _version_1_database(path, [queued, running_, finished])
+
+    async with running(path) as store:
+        page = await store.list(CommandQuery())
+        assert page.commands == [finished, running_, queued]
+        unfinished = await store.unfinished()
+        # The deadlines version 1's rules gave them: delivery within the
+        # longer of the two timeouts, execution within timeout of sending.
+        assert [(u.command, u.deadline_at, u.sent_to) for u in unfinished] == [
+            (queued, pytest.approx(queued.created_at + 60), ""),
+            (running_, pytest.approx(running_.sent_at + running_.timeout), ""),
+        ]
+    assert _schema_version(path) == sqlite_store.SCHEMA_VERSION == 2
+
+
+async def test_unfinished_commands_come_back_with_their_deadline_and_agent_instance(tmp_path):
+    path = tmp_path / "commands.db"
+    async with running(path) as store:
+        store.save(make_command(1), deadline_at=T0 + 61)
+        store.save(make_command(2, status=CommandStatus.EXECUTING), deadline_at=T0 + 62, sent_to="inst-1")
+        store.save(make_command(3, status=CommandStatus.CANCELLED), deadline_at=T0 + 63)
+    async with running(path) as store:
+        assert [(u.command.command_id, u.deadline_at, u.sent_to) for u in await store.unfinished()] == [
+            (make_command(1).command_id, T0 + 61, ""),
+            (make_command(2).command_id, T0 + 62, "inst-1"),
+        ]

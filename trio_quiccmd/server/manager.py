@@ -148,6 +148,10 @@ class CommandManager:
         self._deadlines: list[tuple[float, str]] = []
         self._deadline_of: dict[str, float] = {}
         self._deadline_scope: trio.CancelScope | None = None
+        # How many commands are executing, and (while a durable drain waits
+        # for them) the event it waits on.
+        self._executing_count = 0
+        self._executing_settled: trio.Event | None = None
         self._shutting_down = False
         self._dispatch_stopped = False
         self._idle = trio.Event()
@@ -177,12 +181,20 @@ class CommandManager:
         return self._shutting_down
 
     async def drain(self, grace: float) -> int:
-        """Wait up to ``grace`` seconds for unfinished commands to finish.
+        """Wait up to ``grace`` seconds for unfinished commands to finish;
+        returns how many are left unfinished.
 
-        Those still unfinished then end ``failed`` with ``server_shutdown``;
-        returns how many. If cancelled, nothing is failed.
+        With a durable store, queued commands are not sent any more and stay
+        pending; executing ones get ``grace`` to finish, and those that do not
+        stay executing (their agents keep their results for the next start).
+        Everyone waiting for a command is then answered with its current state.
+        With a store that is not durable, unfinished commands (queued ones are
+        still sent) get ``grace``, then end ``failed`` with ``server_shutdown``.
+        If cancelled, nothing is failed.
         """
         self.begin_shutdown()
+        if self.store.durable:
+            return await self._drain_durable(grace)
         with trio.move_on_after(grace):
             await self._idle.wait()
         # Nothing more goes out: failing an executing command must not hand its
@@ -198,6 +210,64 @@ class CommandManager:
             )
         await self.store.flush()
         return len(left)
+
+    async def _drain_durable(self, grace: float) -> int:
+        self._dispatch_stopped = True
+        if self._executing_count:
+            self._executing_settled = trio.Event()
+            with trio.move_on_after(grace):
+                await self._executing_settled.wait()
+        # Long-polls end now with "still unfinished" instead of at their bound.
+        for promise in self._waiters.values():
+            promise.settled.set()
+        await self.store.flush()
+        return len(self._live)
+
+    async def recover(self) -> int:
+        """Take up the unfinished commands a durable store kept from an earlier run.
+
+        Call before agents connect. Pending commands are queued again, in
+        their old order, and sent when their agent connects; executing ones
+        keep their deadline, accept the result their agent delivers, and are
+        sent again to the agent instance they went to if it reconnects without
+        their result (it remembers the command, so it never runs it twice).
+        Those whose deadline passed while the server was down end ``timeout``
+        now. Returns how many were taken up. If cancelled, nothing is taken up.
+        """
+        stored = await self.store.unfinished()
+        now, wall_now = trio.current_time(), self._wall()
+        expired: list[Command] = []
+        counts = {CommandStatus.PENDING: 0, CommandStatus.EXECUTING: 0}
+        for record in stored:
+            command = record.command
+            command_id, client_id = command.command_id, command.client_id
+            if command_id in self._live:
+                continue
+            self._live[command_id] = command
+            self._set_deadline(command_id, now + (record.deadline_at - wall_now))
+            counts[command.status] += 1
+            if command.status is CommandStatus.PENDING:
+                self._queue_sequence += 1
+                heapq.heappush(
+                    self._queues.setdefault(client_id, []),
+                    (-command.priority, self._queue_sequence, command_id),
+                )
+                self._pending[client_id] = self._pending.get(client_id, 0) + 1
+            else:
+                self._executing.setdefault(client_id, {})[command_id] = record.sent_to
+                self._executing_count += 1
+            if record.deadline_at <= wall_now:
+                expired.append(command)
+        if self._live and self._idle.is_set():
+            self._idle = trio.Event()
+        for command in expired:
+            self._expire(command)
+        if stored:
+            logger.info(
+                "Recovered unfinished commands pending=%d executing=%d expired=%d",
+                counts[CommandStatus.PENDING], counts[CommandStatus.EXECUTING], len(expired),
+            )
+        return len(stored)
 
     # -- the operator's API ----------------------------------------------------
 
@@ -269,13 +339,13 @@ class CommandManager:
             )
             self._notify_finished(command)
         else:
-            self._update(command)
-            if self._idle.is_set():
-                self._idle = trio.Event()
             self._set_deadline(
                 command.command_id,
                 trio.current_time() + (timeout if link is not None else connect_timeout),
             )
+            self._update(command)
+            if self._idle.is_set():
+                self._idle = trio.Event()
             self._queue_sequence += 1
             heapq.heappush(
                 self._queues.setdefault(client_id, []),
@@ -555,8 +625,17 @@ class CommandManager:
             heapq.heapify(queue)
 
     def _update(self, command: Command) -> None:
-        self._live[command.command_id] = command
-        self.store.save(command)
+        """Record a change of an unfinished command (its deadline armed)."""
+        command_id = command.command_id
+        self._live[command_id] = command
+        executing = self._executing.get(command.client_id)
+        self.store.save(
+            command,
+            # Wall clock, so that a restarted server (another trio clock) can
+            # take the command up with the time it has left.
+            deadline_at=self._wall() + self._deadline_of[command_id] - trio.current_time(),
+            sent_to=executing.get(command_id, "") if executing else "",
+        )
 
     def _dispatch(self, client_id: str) -> None:
         """Send commands to the agent while its window has room: first those
@@ -602,10 +681,11 @@ class CommandManager:
             link.send_command(command, command.timeout)
             self._unqueued(client_id)
             command = transition(command, CommandStatus.EXECUTING, at=self._wall())
-            self._update(command)
             assert link.hello is not None
             self._executing.setdefault(client_id, {})[command_id] = link.hello.instance_id
+            self._executing_count += 1
             self._set_deadline(command_id, now + command.timeout)
+            self._update(command)
             logger.info(
                 "Command sent command_id=%s client_id=%s command_type=%s",
                 command_id, client_id, command.command_type,
@@ -666,10 +746,12 @@ class CommandManager:
     def _forget_executing(self, command: Command) -> None:
         client_id, command_id = command.client_id, command.command_id
         executing = self._executing.get(client_id)
-        if executing is not None:
-            executing.pop(command_id, None)
+        if executing is not None and executing.pop(command_id, None) is not None:
             if not executing:
                 del self._executing[client_id]
+            self._executing_count -= 1
+            if self._executing_count == 0 and self._executing_settled is not None:
+                self._executing_settled.set()
         resend = self._resend.get(client_id)
         if resend is not None:
             resend.pop(command_id, None)

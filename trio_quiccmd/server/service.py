@@ -206,6 +206,7 @@ async def _serve_with(
     task_status: trio.TaskStatus[ServerAddresses],
 ) -> None:
     manager = CommandManager(store, manager_settings(settings))
+    await manager.recover()
     metrics = Metrics(
         connected_agents=lambda: len(manager.registry.links()),
         unfinished_commands=lambda: manager.unfinished_count,

@@ -57,6 +57,20 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX commands_by_completion ON commands (completed_at)
         WHERE completed_at IS NOT NULL;
     """,
+    # 2: what a restart needs to take unfinished commands up again: when the
+    # manager ends each, and which agent instance an executing one went to.
+    # Unfinished rows of a version-1 database get the deadline its rules gave.
+    """
+    ALTER TABLE commands ADD COLUMN deadline_at REAL;
+    ALTER TABLE commands ADD COLUMN sent_to TEXT NOT NULL DEFAULT '';
+    UPDATE commands SET deadline_at = CASE status
+        WHEN 'executing' THEN json_extract(body, '$.sent_at') + json_extract(body, '$.timeout')
+        ELSE json_extract(body, '$.created_at')
+            + max(json_extract(body, '$.timeout'), json_extract(body, '$.connect_timeout'))
+        END
+        WHERE completed_at IS NULL;
+    CREATE INDEX commands_unfinished ON commands (command_id) WHERE completed_at IS NULL;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -71,12 +85,15 @@ RETRY_DELAY = 1.0
 Synchronous = Literal["full", "normal"]
 
 _UPSERT = """
-    INSERT INTO commands (command_id, client_id, command_type, status, completed_at, body)
-    VALUES (?, ?, ?, ?, ?, ?)
+    INSERT INTO commands
+        (command_id, client_id, command_type, status, completed_at, body, deadline_at, sent_to)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (command_id) DO UPDATE SET
         status = excluded.status,
         completed_at = excluded.completed_at,
-        body = excluded.body
+        body = excluded.body,
+        deadline_at = excluded.deadline_at,
+        sent_to = excluded.sent_to
 """
 
 _Entry = tuple[Command, float, str]
@@ -209,8 +226,10 @@ class SqliteStore:
                 command.status.value,
                 command.completed_at,
                 _encode(command),
+                None if command.is_terminal else deadline_at,
+                sent_to,
             )
-            for command, _deadline_at, _sent_to in batch.values()
+            for command, deadline_at, sent_to in batch.values()
         ]
         db = self._writer
         db.execute("BEGIN IMMEDIATE")
@@ -248,8 +267,18 @@ class SqliteStore:
         return CommandPage(commands, commands[-1].command_id if more else None)
 
     async def unfinished(self) -> list[UnfinishedCommand]:
-        # Schema version 1 keeps no deadlines: nothing to recover from it.
-        return []
+        await self.flush()
+        return await trio.to_thread.run_sync(self._unfinished, limiter=self._read_limiter)
+
+    def _unfinished(self) -> list[UnfinishedCommand]:
+        rows = self._reader.execute(
+            "SELECT body, deadline_at, sent_to FROM commands"
+            " WHERE completed_at IS NULL ORDER BY command_id"
+        ).fetchall()
+        return [
+            UnfinishedCommand(_decode(body), deadline_at or 0.0, sent_to)
+            for body, deadline_at, sent_to in rows
+        ]
 
     # -- retention ---------------------------------------------------------------
 

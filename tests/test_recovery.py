@@ -1,0 +1,196 @@
+"""A server restart loses nothing (issue 6): the manager over a real SQLite
+store, stopped and started again, with recording agent sessions.
+
+Real clock (the store's commits run in threads, which a virtual clock would
+jump over), short waits bounded by ``fail_after``; "the server was down for
+an hour" is an injected wall clock.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import pytest
+import trio
+
+from trio_quiccmd import CommandManager, CommandStatus, ManagerSettings
+from trio_quiccmd.model import ErrorCode
+from trio_quiccmd.server.store import CommandQuery
+from trio_quiccmd.server.store.sqlite import open_sqlite_store
+from trio_quiccmd.wire import CancelFrame
+
+from .test_redelivery import answer, answer_on, connect, sent_ids
+
+
+@asynccontextmanager
+async def server_run(
+    path: Path, *, wall_clock: Callable[[], float] = time.time
+) -> AsyncIterator[CommandManager]:
+    """One run of the server's command side: store opened, manager running, recovered."""
+    async with open_sqlite_store(path) as store:
+        manager = CommandManager(store, ManagerSettings(), wall_clock=wall_clock)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            await manager.recover()
+            yield manager
+            nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def db(tmp_path) -> Path:
+    return tmp_path / "commands.db"
+
+
+async def test_pending_and_executing_commands_are_taken_up_after_a_restart(db):
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            link, session = connect(manager, "c1", instance="i1")
+            done = await manager.send_command("c1", "echo", "done", timeout=30)
+            answer(link, session, done.command_id, "done")
+            running = await manager.send_command("c1", "sleep", 1, timeout=30)
+            queued = await manager.send_command("c2", "echo", "q", timeout=30, connect_timeout=60)
+            assert queued.status is CommandStatus.PENDING
+            assert await manager.drain(0) == 2
+            # Nothing was failed, and the agent was not told to cancel anything.
+            assert (await manager.get_command(running.command_id)).status is CommandStatus.EXECUTING
+            sent = [frame for frames in session.streams.values() for frame in frames]
+            assert not any(isinstance(frame, CancelFrame) for frame in sent)
+
+        async with server_run(db) as manager:
+            assert manager.unfinished_count == 2
+            assert manager.queued_count("c2") == 1
+            # The agent instance that had it reconnects without its result: re-sent.
+            link, session = connect(manager, "c1", instance="i1")
+            assert sent_ids(session) == [running.command_id]
+            assert session.commands()[0].timeout == pytest.approx(30, abs=2)
+            answer(link, session, running.command_id, "slept")
+            # The offline agent connects: its queued command goes out.
+            link2, session2 = connect(manager, "c2", instance="j1")
+            assert sent_ids(session2) == [queued.command_id]
+            answer(link2, session2, queued.command_id, "q")
+            final = {
+                c.command_id: (c.status, c.result)
+                for c in (await manager.list_commands(limit=10)).commands
+            }
+            assert final == {
+                done.command_id: (CommandStatus.COMPLETED, "done"),
+                running.command_id: (CommandStatus.COMPLETED, "slept"),
+                queued.command_id: (CommandStatus.COMPLETED, "q"),
+            }
+            assert manager.unfinished_count == 0
+
+
+async def test_a_result_the_agent_held_through_the_restart_is_taken(db):
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            connect(manager, "c1", instance="i1")
+            command = await manager.send_command("c1", "echo", timeout=30)
+            await manager.drain(0)
+
+        async with server_run(db) as manager:
+            link, session = connect(manager, "c1", instance="i1", held=[command.command_id])
+            assert sent_ids(session) == []  # it has the result: nothing to re-send
+            answer_on(link, session, 4, command.command_id, "held")
+            assert session.ended == [4]
+            final = await manager.wait(command.command_id, 5)
+            assert (final.status, final.result) == (CommandStatus.COMPLETED, "held")
+
+
+async def test_deadlines_that_passed_while_the_server_was_down_end_in_timeout(db):
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            connect(manager, "c1", instance="i1")
+            running = await manager.send_command("c1", "sleep", timeout=30)
+            queued = await manager.send_command("c2", "echo", timeout=30, connect_timeout=60)
+            fresh = await manager.send_command("c2", "echo", timeout=30, connect_timeout=7200)
+            await manager.drain(0)
+
+        an_hour_later = lambda: time.time() + 3600  # noqa: E731
+        async with server_run(db, wall_clock=an_hour_later) as manager:
+            timed_out = {
+                c.command_id: c.error_code
+                for c in (await manager.list_commands(status="timeout")).commands
+            }
+            assert timed_out == {
+                running.command_id: ErrorCode.EXECUTION_TIMEOUT.value,
+                queued.command_id: ErrorCode.DELIVERY_TIMEOUT.value,
+            }
+            assert (await manager.get_command(fresh.command_id)).status is CommandStatus.PENDING
+            assert manager.unfinished_count == 1 and manager.queued_count("c2") == 1
+
+
+async def test_a_recovered_command_still_ends_at_its_deadline(db):
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            connect(manager, "c1", instance="i1")
+            command = await manager.send_command("c1", "sleep", timeout=1.5)
+            await manager.drain(0)
+
+        async with server_run(db) as manager:
+            started = trio.current_time()
+            final = await manager.wait(command.command_id)
+            assert final.status is CommandStatus.TIMEOUT
+            assert final.error_code == ErrorCode.EXECUTION_TIMEOUT.value
+            # Its deadline was kept, not restarted: 1.5 s from the first send.
+            assert trio.current_time() - started < 1.5
+
+
+async def test_a_durable_drain_answers_long_polls_with_the_current_state(db):
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            link, session = connect(manager, "c1", instance="i1")
+            command = await manager.send_command("c1", "sleep", timeout=30)
+            answers = []
+
+            async def long_poll():
+                answers.append(await manager.wait(command.command_id))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(long_poll)
+                await trio.testing.wait_all_tasks_blocked()
+                assert await manager.drain(0.05) == 1
+            assert [a.status for a in answers] == [CommandStatus.EXECUTING]
+
+
+async def test_a_durable_drain_gives_executing_commands_the_grace_to_finish(db):
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            link, session = connect(manager, "c1", instance="i1")
+            command = await manager.send_command("c1", "sleep", timeout=30)
+            queued = await manager.send_command("c2", "echo", timeout=30, connect_timeout=60)
+            async with trio.open_nursery() as nursery:
+
+                async def drain():
+                    assert await manager.drain(30) == 1  # only the queued one is left
+
+                nursery.start_soon(drain)
+                await trio.testing.wait_all_tasks_blocked()
+                answer(link, session, command.command_id, "in time")
+
+        async with server_run(db) as manager:
+            final = await manager.get_command(command.command_id)
+            assert (final.status, final.result) == (CommandStatus.COMPLETED, "in time")
+            assert (await manager.get_command(queued.command_id)).status is CommandStatus.PENDING
+
+
+async def test_history_is_queryable_after_a_restart(db):
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            link, session = connect(manager, "c1", instance="i1")
+            ids = []
+            for n in range(20):
+                command = await manager.send_command("c1", "echo", n, timeout=30)
+                answer(link, session, command.command_id, n)
+                ids.append(command.command_id)
+            await manager.send_command("c9", "echo", timeout=30)  # agent offline: failed at once
+
+        async with server_run(db) as manager:
+            page = await manager.list_commands(client_id="c1", limit=15)
+            assert [c.command_id for c in page.commands] == ids[::-1][:15]
+            rest = await manager.list_commands(client_id="c1", limit=15, cursor=page.next_cursor)
+            assert [c.result for c in rest.commands] == [4, 3, 2, 1, 0]
+            failed = await manager.store.list(CommandQuery(status=CommandStatus.FAILED))
+            assert [c.error_code for c in failed.commands] == [ErrorCode.AGENT_OFFLINE.value]
