@@ -351,6 +351,10 @@ async def test_bad_query_parameters_are_400(tmp_path):
                 ("/api/commands?limit=-1", "/api/commands", "limit"),
                 ("/api/commands?clientid=x", "/api/commands", "unknown query parameter"),
                 ("/api/commands?status=failed&status=pending", "/api/commands", "more than once"),
+                ("/api/commands?created_after=yesterday", "/api/commands", "RFC 3339"),
+                ("/api/commands?created_after=2026-11-28T10:00:00", "/api/commands", "with an offset"),
+                ("/api/commands?created_before=2026-11-28", "/api/commands", "RFC 3339"),
+                ("/api/commands?created_before=1795866808", "/api/commands", "RFC 3339"),
                 (url + "?wait=-1", "/api/command/{command_id}", "wait"),
                 (url + "?wait=soon", "/api/command/{command_id}", "wait"),
                 (url + "?wait=nan", "/api/command/{command_id}", "wait"),
@@ -546,6 +550,14 @@ async def test_list_is_newest_first_filtered_and_paginated(tmp_path):
             rest = (await h.request("GET", f"/api/commands?client_id=ghost&cursor={by_client['next_cursor']}")).json()
             assert [c["command_id"] for c in rest["commands"]] == list(reversed(created))[3:]
             assert rest["next_cursor"] is None
+
+            # By creation time, as the API writes it (to the millisecond).
+            since = (await h.request("GET", f"/api/commands?created_after={done['created_at']}")).json()
+            assert [c["command_id"] for c in since["commands"]] == [newest["command_id"], done["command_id"]]
+            before = (await h.request(
+                "GET", f"/api/commands?created_before={done['created_at']}&created_after={everything['commands'][-1]['created_at']}"
+            )).json()
+            assert [c["command_id"] for c in before["commands"]] == list(reversed(created))
 
             failed = (await h.request("GET", "/api/commands?status=failed")).json()["commands"]
             assert {c["command_id"] for c in failed} == set(created)

@@ -181,16 +181,18 @@ _process_tag = int.from_bytes(os.urandom(4), "big")
 _last_millis = 0
 
 
-def new_command_id() -> str:
+def new_command_id(created_at: float | None = None) -> str:
     """A unique id whose lexical order is creation order within one server.
 
-    48 bits of milliseconds, then a per-process counter and a random process
-    tag: listing "newest first" is then a plain descending sort on the id,
-    which every store can index.
+    48 bits of milliseconds (of ``created_at``, default now), then a
+    per-process counter and a random process tag: listing "newest first" is
+    then a plain descending sort on the id, which every store can index, and
+    a range of creation times is a range of ids.
     """
     global _last_millis
+    at = time.time() if created_at is None else created_at
     # Never step back with the wall clock (NTP, resume), or a newer id would sort older.
-    millis = max(int(time.time() * 1000) & 0xFFFF_FFFF_FFFF, _last_millis)
+    millis = max(int(at * 1000) & 0xFFFF_FFFF_FFFF, _last_millis)
     _last_millis = millis
     counter = next(_sequence) & 0xFFFF_FFFF
     return f"{millis:012x}-{counter:08x}-{_process_tag:08x}"

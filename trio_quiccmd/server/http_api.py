@@ -54,7 +54,9 @@ MAX_PAYLOAD_DEPTH = 100
 _SEND_FIELDS = frozenset(
     {"client_id", "command_type", "payload", "timeout", "connect_timeout", "priority", "wait"}
 )
-_LIST_PARAMS = frozenset({"client_id", "status", "command_type", "limit", "cursor"})
+_LIST_PARAMS = frozenset(
+    {"client_id", "status", "command_type", "created_after", "created_before", "limit", "cursor"}
+)
 
 #: Error codes for statuses werkzeug raises (routing, body size, timeouts).
 _HTTP_CODES = {
@@ -340,6 +342,25 @@ def _query_int(params: Mapping[str, str], name: str, default: int, low: int, hig
     return int(text)
 
 
+def _query_time(params: Mapping[str, str], name: str) -> float | None:
+    """An RFC 3339 time with an offset (as the API writes them) -> epoch seconds."""
+    text = params.get(name)
+    if text is None:
+        return None
+    try:
+        # fromisoformat also takes forms RFC 3339 does not (week dates, no
+        # "T"); the checks below keep to what a client of this API sends.
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        moment = None
+    if moment is None or "T" not in text.upper() or moment.tzinfo is None:
+        raise _invalid(
+            f"{name} must be an RFC 3339 time with an offset, e.g. 2026-11-28T10:00:00Z, not {text!r}",
+            "invalid_request",
+        )
+    return moment.timestamp()
+
+
 def _wait_bound(command: Command) -> float:
     """Longest a command can stay unfinished, from the manager's deadline rules.
 
@@ -449,6 +470,8 @@ def create_app(
             client_id=params.get("client_id"),
             status=status,
             command_type=params.get("command_type"),
+            created_after=_query_time(params, "created_after"),
+            created_before=_query_time(params, "created_before"),
             limit=limit,
             cursor=params.get("cursor"),
         )

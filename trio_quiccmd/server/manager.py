@@ -314,15 +314,16 @@ class CommandManager:
                     client_id, self.settings.max_queued_per_agent,
                 )
                 raise QueueFull(client_id, self.settings.max_queued_per_agent)
+        created_at = self._wall()
         command = Command(
-            command_id=new_command_id(),
+            command_id=new_command_id(created_at),
             client_id=client_id,
             command_type=command_type,
             payload=payload,
             priority=priority,
             timeout=float(timeout),
             connect_timeout=float(connect_timeout),
-            created_at=self._wall(),
+            created_at=created_at,
         )
         if link is None and connect_timeout <= 0:
             command = transition(
@@ -377,10 +378,16 @@ class CommandManager:
         client_id: str | None = None,
         status: CommandStatus | str | None = None,
         command_type: str | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
         limit: int = 100,
         cursor: str | None = None,
     ) -> CommandPage:
-        """Commands, newest first, filtered; pass ``next_cursor`` for the next page."""
+        """Commands, newest first, filtered; pass ``next_cursor`` for the next page.
+
+        ``created_after`` (inclusive) and ``created_before`` (exclusive) are
+        wall-clock times in seconds since the epoch, to the millisecond.
+        """
         if not 1 <= limit <= 1000:
             raise InvalidCommand("limit must be between 1 and 1000")
         if isinstance(status, str):
@@ -396,6 +403,8 @@ class CommandManager:
                 client_id=client_id,
                 status=status,
                 command_type=command_type,
+                created_after=created_after,
+                created_before=created_before,
                 limit=limit,
                 cursor=cursor,
             )

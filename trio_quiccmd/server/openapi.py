@@ -254,6 +254,18 @@ def openapi_document(
                         },
                     },
                     {
+                        "name": "created_after",
+                        "in": "query",
+                        "schema": {"type": "string", "format": "date-time"},
+                        "description": "Only commands created at or after this RFC 3339 time (millisecond precision)",
+                    },
+                    {
+                        "name": "created_before",
+                        "in": "query",
+                        "schema": {"type": "string", "format": "date-time"},
+                        "description": "Only commands created before this RFC 3339 time",
+                    },
+                    {
                         "name": "cursor",
                         "in": "query",
                         "schema": {"type": "string"},

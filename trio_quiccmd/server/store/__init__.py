@@ -54,7 +54,9 @@ class CommandQuery:
 
 def id_time_prefix(at: float) -> str:
     """The smallest command id created at wall-clock time ``at`` or later."""
-    return f"{max(int(at * 1000), 0):012x}"
+    # The tolerance keeps a time written to the millisecond (``...:00.123Z``,
+    # as the API shows them) on its millisecond despite binary floating point.
+    return f"{max(int(at * 1000 + 1e-3), 0):012x}"
 
 
 @attrs.frozen
