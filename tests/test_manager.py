@@ -300,3 +300,25 @@ async def test_a_timed_out_or_cancelled_command_frees_its_slot_for_the_queue(man
     assert statuses == [CommandStatus.EXECUTING] * 4
     assert manager.queued_count("c1") == 0
     assert {(await manager.get_command(c.command_id)).status for c in slow} == {CommandStatus.TIMEOUT}
+
+
+async def test_send_and_wait_returns_the_final_command_or_its_state_when_the_wait_runs_out(
+    manager, autojump_clock
+):
+    link, session = connect_agent(manager, "c1")
+
+    async def answer_soon():
+        await trio.sleep(1)
+        answer(link, session, session.commands()[0].command_id, result="done")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer_soon)
+        final = await manager.send_and_wait("c1", "echo", timeout=10)
+    assert (final.status, final.result) == (CommandStatus.COMPLETED, "done")
+    assert manager.waiter_count(final.command_id) == 0
+
+    started = trio.current_time()
+    still = await manager.send_and_wait("c1", "sleep", timeout=10, wait_timeout=2)
+    assert still.status is CommandStatus.EXECUTING
+    assert trio.current_time() - started == pytest.approx(2)
+    assert manager.waiter_count(still.command_id) == 0

@@ -361,7 +361,7 @@ def _query_time(params: Mapping[str, str], name: str) -> float | None:
     return moment.timestamp()
 
 
-def _wait_bound(command: Command) -> float:
+def _wait_bound(timeout: float, connect_timeout: float) -> float:
     """Longest a command can stay unfinished, from the manager's deadline rules.
 
     A command gets ``connect_timeout`` (offline agent) or ``timeout`` (agent's
@@ -370,7 +370,7 @@ def _wait_bound(command: Command) -> float:
     the same sum (plus slack for the deadline task to run) means a wait can
     never outlive its command, so it never holds up a shutdown.
     """
-    return max(command.connect_timeout, command.timeout) + command.timeout + 1.0
+    return max(connect_timeout, timeout) + timeout + 1.0
 
 
 # -- the app --------------------------------------------------------------------------
@@ -426,22 +426,18 @@ def create_app(
         if _payload_depth(payload) > MAX_PAYLOAD_DEPTH:
             raise _invalid(f"payload is nested more than {MAX_PAYLOAD_DEPTH} levels deep")
 
-        command = await manager.send_command(
-            client_id,
-            command_type,
-            payload,
-            timeout=timeout,
-            connect_timeout=connect_timeout,
-            priority=priority,
-        )
+        options = dict(timeout=timeout, connect_timeout=connect_timeout, priority=priority)
+        if wait:
+            command = await manager.send_and_wait(
+                client_id, command_type, payload, **options,
+                wait_timeout=_wait_bound(timeout, connect_timeout),
+            )
+        else:
+            command = await manager.send_command(client_id, command_type, payload, **options)
         if command.status is CommandStatus.FAILED and command.error_code == ErrorCode.AGENT_OFFLINE.value:
             return json_response(command_json(command), 409)
-        if not wait:
-            return json_response(command_json(command), 202)
-        if not command.is_terminal:
-            command = await manager.wait(command.command_id, _wait_bound(command))
         # 200 means "final"; should the bound ever be hit, say "still running".
-        return json_response(command_json(command), 200 if command.is_terminal else 202)
+        return json_response(command_json(command), 200 if wait and command.is_terminal else 202)
 
     @app.get("/api/command/<command_id>")
     async def get_command(command_id: str) -> Response:

@@ -292,9 +292,24 @@ class CommandManager:
         :class:`TooManyCommands` if the server already has
         ``max_unfinished_commands`` unfinished; then nothing is created.
 
-        If cancelled after the command was accepted, the command still runs;
-        only the wait for its storage is abandoned.
+        It returns once the command is stored (:meth:`Store.flush`). If
+        cancelled after the command was accepted, the command still runs; only
+        the wait for its storage is abandoned.
         """
+        command = self._accept(client_id, command_type, payload, timeout, connect_timeout, priority)
+        await self.store.flush()
+        return command
+
+    def _accept(
+        self,
+        client_id: str,
+        command_type: str,
+        payload: Any,
+        timeout: float,
+        connect_timeout: float,
+        priority: int,
+    ) -> Command:
+        """Create, record and dispatch a command (the synchronous part of sending)."""
         self._validate(client_id, command_type, timeout, connect_timeout, priority)
         payload = self._own_payload(command_type, {} if payload is None else payload)
         if self._shutting_down:
@@ -360,7 +375,6 @@ class CommandManager:
                 )
             self._dispatch(client_id)
             command = self._live.get(command.command_id, command)
-        await self.store.flush()
         return command
 
     async def get_command(self, command_id: str) -> Command:
@@ -418,35 +432,67 @@ class CommandManager:
         :class:`CommandNotFound`. If cancelled, only this wait ends; the
         command is unaffected.
         """
-        command = self._live.get(command_id)
-        if command is None:
+        if command_id not in self._live:
             return await self.get_command(command_id)
+        promise = self._hold_promise(command_id)
+        try:
+            return await self._settled(command_id, promise, timeout)
+        finally:
+            self._release_promise(command_id, promise)
+
+    async def send_and_wait(
+        self,
+        client_id: str,
+        command_type: str,
+        payload: Any = None,
+        *,
+        timeout: float = 30.0,
+        connect_timeout: float = 0.0,
+        priority: int = 0,
+        wait_timeout: float | None = None,
+    ) -> Command:
+        """:meth:`send_command`, then :meth:`wait` up to ``wait_timeout``
+        seconds (default: until it finishes) for its final state.
+
+        Raises what :meth:`send_command` raises. If cancelled after the
+        command was accepted, the command still runs; only the wait ends.
+        """
+        command = self._accept(client_id, command_type, payload, timeout, connect_timeout, priority)
+        if command.is_terminal:
+            await self.store.flush()
+            return command
+        # Waiting from the start means the finished command is handed over
+        # even if it finishes while being stored: no lookup in the store.
+        promise = self._hold_promise(command.command_id)
+        try:
+            await self.store.flush()
+            return await self._settled(command.command_id, promise, wait_timeout)
+        finally:
+            self._release_promise(command.command_id, promise)
+
+    def _hold_promise(self, command_id: str) -> _Promise:
         promise = self._waiters.get(command_id)
         if promise is None:
             promise = self._waiters[command_id] = _Promise()
         promise.waiters += 1
-        try:
-            if timeout is None:
-                await promise.settled.wait()
-            else:
-                with trio.move_on_after(timeout):
-                    await promise.settled.wait()
-            if promise.command is not None:
-                return promise.command
-            return await self.get_command(command_id)
-        finally:
-            promise.waiters -= 1
-            if promise.waiters == 0 and self._waiters.get(command_id) is promise:
-                del self._waiters[command_id]
+        return promise
 
-    async def send_and_wait(
-        self, client_id: str, command_type: str, payload: Any = None, **options: Any
-    ) -> Command:
-        """:meth:`send_command`, then :meth:`wait` for its final state."""
-        command = await self.send_command(client_id, command_type, payload, **options)
-        if command.is_terminal:
-            return command
-        return await self.wait(command.command_id)
+    def _release_promise(self, command_id: str, promise: _Promise) -> None:
+        promise.waiters -= 1
+        if promise.waiters == 0 and self._waiters.get(command_id) is promise:
+            del self._waiters[command_id]
+
+    async def _settled(self, command_id: str, promise: _Promise, timeout: float | None) -> Command:
+        """The command once ``promise`` settles or ``timeout`` passes."""
+        if timeout is None:
+            await promise.settled.wait()
+        else:
+            with trio.move_on_after(timeout):
+                await promise.settled.wait()
+        if promise.command is not None:
+            return promise.command
+        # Still unfinished (the wait ran out, or a durable drain released it).
+        return await self.get_command(command_id)
 
     async def cancel(self, command_id: str, reason: str = "cancelled by operator") -> Command:
         """Cancel a pending or executing command; returns it, ``cancelled``.
