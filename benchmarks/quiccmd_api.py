@@ -3,7 +3,8 @@
 The controller runs CommandManager + CommandServer (QUIC, TLS verified by the
 agents) in one trio process; agents are separate processes running the
 `Agent` library with an ``echo``-style handler. Every command is tracked
-through pending -> executing -> completed, kept in history, and observed by
+through pending -> executing -> completed, kept in history (``--store
+memory`` or ``sqlite``, the server's default), and observed by
 the Prometheus metrics, exactly as in the server. Log level is WARNING (the
 per-command INFO lines are for operators, not for this measurement).
 
@@ -28,11 +29,22 @@ from trio_quiccmd import Agent, CommandManager, CommandServer, CommandStatus, Ex
 from trio_quiccmd.quic.tls import ensure_dev_certificate  # noqa: E402
 from trio_quiccmd.server.core import server_quic_configuration  # noqa: E402
 from trio_quiccmd.server.metrics import Metrics  # noqa: E402
+from trio_quiccmd.server.store import MemoryStore  # noqa: E402
+from trio_quiccmd.server.store.sqlite import open_sqlite_store  # noqa: E402
 
 
 async def run_controller(args: argparse.Namespace) -> None:
+    if args.store == "memory":
+        await measure(args, MemoryStore())
+    else:
+        # In the cert dir, a fresh temporary directory per run.
+        async with open_sqlite_store(Path(args.cert_dir) / "commands.db", synchronous=args.store_sync) as store:
+            await measure(args, store)
+
+
+async def measure(args: argparse.Namespace, store) -> None:
     cert, key, _ = ensure_dev_certificate(Path(args.cert_dir))
-    manager = CommandManager()
+    manager = CommandManager(store)
     manager.add_observer(
         Metrics(connected_agents=lambda: len(manager.registry), unfinished_commands=lambda: manager.unfinished_count)
     )
@@ -66,7 +78,7 @@ async def run_controller(args: argparse.Namespace) -> None:
         recorder.start()
         await load(args.requests, True)
         recorder.stop()
-        emit(recorder.report(system="quiccmd_api"))
+        emit(recorder.report(system="quiccmd_api" if args.store == "memory" else "quiccmd_api_sqlite"))
         await server.shutdown(grace=1.0)
         nursery.cancel_scope.cancel()
 
@@ -99,6 +111,8 @@ def main() -> None:
     parser.add_argument("--id", type=int, default=0)
     parser.add_argument("--cert-dir", default=".bench-cert")
     parser.add_argument("--ca-file")
+    parser.add_argument("--store", choices=["memory", "sqlite"], default="memory")
+    parser.add_argument("--store-sync", choices=["full", "normal"], default="full")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     try:

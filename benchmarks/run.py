@@ -43,24 +43,30 @@ def free_tcp_port() -> int:
         return s.getsockname()[1]
 
 
-# name -> (controller script, agent script or None, needs our cert dir, label)
+# name -> (controller script, agent script or None, needs our cert dir, label,
+#          extra controller arguments)
 SYSTEMS = {
-    "quiccmd_api": ("quiccmd_api.py", "quiccmd_api.py", True, "trio_quiccmd (Python API)"),
-    "quiccmd_http": ("quiccmd_http.py", "quiccmd_api.py", True, "trio_quiccmd (HTTP, wait=true)"),
-    "trivial_http": ("trivial_http.py", None, False, "trivial Quart-Trio endpoint"),
-    "aioquic_asyncio": ("peers/aioquic_asyncio.py", "peers/aioquic_asyncio.py", False, "raw aioquic (asyncio)"),
-    "nats_reqrep": ("peers/nats_reqrep.py", "peers/nats_reqrep.py", False, "NATS request/reply"),
-    "websockets_json": ("peers/websockets_json.py", "peers/websockets_json.py", False, "websockets JSON"),
-    "grpc_bidi": ("peers/grpc_bidi.py", "peers/grpc_bidi.py", False, "gRPC bidi stream"),
+    "quiccmd_api": ("quiccmd_api.py", "quiccmd_api.py", True, "trio_quiccmd (Python API, memory store)", ()),
+    "quiccmd_api_sqlite": (
+        "quiccmd_api.py", "quiccmd_api.py", True, "trio_quiccmd (Python API, SQLite store)", ("--store", "sqlite"),
+    ),
+    "quiccmd_http": (
+        "quiccmd_http.py", "quiccmd_api.py", True, "trio_quiccmd (HTTP, wait=true, SQLite store)", (),
+    ),
+    "trivial_http": ("trivial_http.py", None, False, "trivial Quart-Trio endpoint", ()),
+    "aioquic_asyncio": ("peers/aioquic_asyncio.py", "peers/aioquic_asyncio.py", False, "raw aioquic (asyncio)", ()),
+    "nats_reqrep": ("peers/nats_reqrep.py", "peers/nats_reqrep.py", False, "NATS request/reply", ()),
+    "websockets_json": ("peers/websockets_json.py", "peers/websockets_json.py", False, "websockets JSON", ()),
+    "grpc_bidi": ("peers/grpc_bidi.py", "peers/grpc_bidi.py", False, "gRPC bidi stream", ()),
 }
 
 
 def run_once(name: str, concurrency: int, requests: int, timeout: float) -> dict:
-    controller, agent, needs_cert, _ = SYSTEMS[name]
+    controller, agent, needs_cert, _, extra = SYSTEMS[name]
     port = free_tcp_port() if name in ("websockets_json", "grpc_bidi") else free_udp_port()
     with tempfile.TemporaryDirectory() as cert_dir:
         args = [PY, str(HERE / controller), "controller", "--port", str(port),
-                "--requests", str(requests), "--concurrency", str(concurrency)]
+                "--requests", str(requests), "--concurrency", str(concurrency), *extra]
         if needs_cert:
             args += ["--cert-dir", cert_dir]
         ctl = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
