@@ -82,6 +82,13 @@ SCHEMA_VERSION = len(MIGRATIONS)
 PURGE_BATCH = 2000
 #: How long a statement waits for a lock another process holds, seconds.
 BUSY_TIMEOUT = 2.0
+#: Changes nobody waits for are committed at most this long (seconds) after
+#: they are saved, or with the next commit someone waits for, or once this
+#: many are waiting. A crash in between loses only such changes, which the
+#: restart recovers: the command is still executing, and its agent answers
+#: it again.
+COMMIT_LINGER = 0.01
+LINGER_BATCH = 1000
 #: After a failed commit (disk full, I/O error), wait this long and retry.
 RETRY_DELAY = 1.0
 
@@ -155,6 +162,8 @@ class SqliteStore:
         self._saves = 0
         self._committed_saves = 0
         self._dirty_event = trio.Event()
+        # Set by flush(): someone waits for a save not yet committed.
+        self._flush_asked = trio.Event()
         self._commit_event = trio.Event()
         self._closed = False
 
@@ -169,6 +178,8 @@ class SqliteStore:
 
     async def flush(self) -> None:
         target = self._saves
+        if self._committed_saves < target:
+            self._flush_asked.set()
         while self._committed_saves < target:
             await self._commit_event.wait()
 
@@ -183,6 +194,13 @@ class SqliteStore:
         while True:
             await self._dirty_event.wait()
             self._dirty_event = trio.Event()
+            if not self._flush_asked.is_set() and len(self._dirty) < LINGER_BATCH:
+                # Nobody waits for these changes (a result, a state change):
+                # let them join the next commit someone does wait for, or
+                # gather for a moment, rather than paying a commit each.
+                with trio.move_on_after(COMMIT_LINGER):
+                    await self._flush_asked.wait()
+            self._flush_asked = trio.Event()
             if not await self._commit_dirty():
                 await trio.sleep(RETRY_DELAY)
                 self._dirty_event.set()
