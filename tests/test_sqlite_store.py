@@ -12,10 +12,14 @@ import attrs
 import pytest
 import trio
 
+import trio.testing
+
 from trio_quiccmd.model import Command, CommandStatus, transition
 from trio_quiccmd.server.store import CommandQuery, MemoryStore, StoreError
 from trio_quiccmd.server.store import sqlite as sqlite_store
 from trio_quiccmd.server.store.sqlite import SqliteStore, list_statement, open_sqlite_store
+
+from .conftest import wait_until
 
 T0 = 1_800_000_000.0
 
@@ -335,3 +339,30 @@ async def test_unfinished_commands_come_back_with_their_deadline_and_agent_insta
             (make_command(1).command_id, T0 + 61, ""),
             (make_command(2).command_id, T0 + 62, "inst-1"),
         ]
+
+
+async def test_changes_nobody_waits_for_ride_with_the_next_awaited_commit(tmp_path, monkeypatch):
+    transactions: list[list[str]] = []
+    original = SqliteStore._write
+
+    def recording_write(self, batch):
+        transactions.append(sorted(batch))
+        return original(self, batch)
+
+    monkeypatch.setattr(SqliteStore, "_write", recording_write)
+    # Long enough that a slow machine cannot commit it alone by accident.
+    monkeypatch.setattr(sqlite_store, "COMMIT_LINGER", 60.0)
+    a, b, c = (make_command(n) for n in range(3))
+    with trio.fail_after(5):
+        async with running(tmp_path / "c.db") as store:
+            store.save(a)  # e.g. a result: nobody flushes for it
+            await trio.testing.wait_all_tasks_blocked()
+            assert transactions == []  # lingering, not committed alone
+            store.save(b)  # a send, which is acknowledged after its commit
+            await store.flush()
+            assert transactions == [sorted([a.command_id, b.command_id])]
+            # Alone, a change is still committed after the linger, without any flush.
+            monkeypatch.setattr(sqlite_store, "COMMIT_LINGER", 0.01)
+            store.save(c)
+            await wait_until(lambda: len(transactions) == 2)
+            assert transactions[1] == [c.command_id]
