@@ -194,6 +194,8 @@ class SqliteStore:
         while True:
             await self._dirty_event.wait()
             self._dirty_event = trio.Event()
+            if not self._dirty:
+                continue  # saved during the last commit, and committed with it
             if not self._flush_asked.is_set() and len(self._dirty) < LINGER_BATCH:
                 # Nobody waits for these changes (a result, a state change):
                 # let them join the next commit someone does wait for, or
