@@ -25,6 +25,22 @@ def test_defaults():
 
 
 @pytest.mark.parametrize(
+    "argv, env, path",
+    [
+        ([], {}, Path(".quiccmd/commands.db")),
+        (["--data-dir", "/var/lib/quiccmd"], {}, Path("/var/lib/quiccmd/commands.db")),
+        (["--store", "memory"], {}, None),
+        (["--store", "sqlite:///history/c.db"], {}, Path("history/c.db")),
+        ([], {"QUICCMD_STORE": "sqlite:////srv/quiccmd/c.db"}, Path("/srv/quiccmd/c.db")),
+    ],
+)
+def test_where_the_store_is(argv, env, path):
+    settings = load_settings(argv, env)
+    assert settings.store_path == path
+    assert settings.store_sync == "full"
+
+
+@pytest.mark.parametrize(
     "text, expected",
     [
         ("127.0.0.1:8080", ("127.0.0.1", 8080)),
@@ -120,6 +136,10 @@ def test_server_table_in_toml(tmp_path):
         (["--max-hello-rate", "0"], {}, None, "option --max-hello-rate: max_hello_rate must be greater than 0"),
         ([], {"QUICCMD_MAX_HELLO_RATE": "inf"}, None, "expected a finite number"),
         ([], {}, "max_hello_rate = true\n", "expected a number, got bool"),
+        (["--store", "postgres://db"], {}, None, "option --store: store must be 'memory', 'sqlite' or 'sqlite:///PATH'"),
+        (["--store", "sqlite:///"], {}, None, "store must be"),
+        ([], {"QUICCMD_STORE_SYNC": "always"}, None, "environment variable QUICCMD_STORE_SYNC: store_sync must be 'full' or 'normal'"),
+        ([], {}, "store = 1\n", "expected a non-empty string"),
     ],
 )
 def test_bad_settings_are_one_line_errors(tmp_path, argv, env, toml, fragment):
