@@ -44,7 +44,7 @@ COMMAND_FIELDS = [
 ]
 API_PATHS = {
     "/api/command", "/api/command/{command_id}", "/api/command/{command_id}/cancel",
-    "/api/commands", "/api/clients", "/healthz", "/metrics", "/openapi.json",
+    "/api/commands", "/api/clients", "/api/audit", "/healthz", "/metrics", "/openapi.json",
 }
 
 

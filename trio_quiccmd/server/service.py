@@ -26,6 +26,9 @@ from hypercorn.config import Config as HypercornConfig
 from ..config import ServerSettings, format_host_port
 from ..quic.tls import ensure_dev_certificate, fingerprint_of_pem_file
 from ..wire import DEFAULT_MAX_FRAME_SIZE
+from ..tokens import TokenFileError
+from .audit import AUDIT_FILE, AuditLog
+from .auth import AgentAuthenticator, ApiAuthenticator, check_http_exposure, is_loopback
 from .core import CommandServer, server_quic_configuration
 from .http_api import ApiLimits, create_app
 from .manager import CommandManager, ManagerSettings
@@ -104,6 +107,38 @@ async def _certificate(settings: ServerSettings) -> tuple[Path, Path]:
     return cert_file, key_file
 
 
+def _security(settings: ServerSettings) -> tuple[AgentAuthenticator, ApiAuthenticator, AuditLog]:
+    """The authenticators and the audit log, from the data dir (blocking file I/O).
+
+    Raises StartupError for an unreadable token file, or when the HTTP API
+    would be open to the network with no token to require.
+    """
+    try:
+        agents = AgentAuthenticator.from_data_dir(settings.data_dir)
+        api = ApiAuthenticator.from_data_dir(
+            settings.data_dir,
+            required=settings.require_api_token
+            or (not is_loopback(settings.http_host) and not settings.allow_unauthenticated_http),
+        )
+        audit = AuditLog(settings.data_dir / AUDIT_FILE)
+    except (TokenFileError, OSError) as exc:
+        raise StartupError(f"cannot load credentials from {settings.data_dir}: {exc}") from None
+    refusal = check_http_exposure(
+        settings.http_host, api, allow_unauthenticated=settings.allow_unauthenticated_http
+    )
+    if refusal is not None:
+        raise StartupError(refusal)
+    if not api.required and (api.tokens.tokens or not is_loopback(settings.http_host)):
+        # Tokens were issued, or the API is on the network, yet a request
+        # without one may still do everything: say so once, loudly.
+        logger.warning(
+            "HTTP API does not require a token host=%s api_tokens=%d "
+            "(set require_api_token to require one)",
+            settings.http_host, len(api.tokens.tokens),
+        )
+    return agents, api, audit
+
+
 def _first_leaf(group: BaseExceptionGroup, kind: type[BaseException]) -> BaseException | None:
     matched, _ = group.split(kind)
     while isinstance(matched, BaseExceptionGroup):
@@ -165,14 +200,20 @@ async def serve(
     except Exception as exc:  # OSError, ssl/cryptography ValueError: all mean "bad files"
         raise StartupError(f"cannot load the TLS certificate {cert_file} / key {key_file}: {exc}") from None
 
+    agent_auth, api_auth, audit = await trio.to_thread.run_sync(_security, settings)
     owns_store = store is None
-    manager = CommandManager(store if store is not None else MemoryStore(), manager_settings(settings))
+    manager = CommandManager(
+        store if store is not None else MemoryStore(),
+        manager_settings(settings),
+        authenticator=agent_auth,
+        policy=None if settings.policy.is_empty else settings.policy,
+    )
     metrics = Metrics(
         connected_agents=lambda: len(manager.registry.links()),
         unfinished_commands=lambda: manager.unfinished_count,
     )
     manager.add_observer(metrics)
-    app = create_app(manager, limits=api_limits(settings), metrics=metrics)
+    app = create_app(manager, limits=api_limits(settings), metrics=metrics, auth=api_auth, audit=audit)
     # The agents' frame limit bounds COMMAND frames (the API refuses bigger
     # payloads); the server reads RESULT frames up to the same size.
     command_server = CommandServer(manager, quic_configuration, max_frame_size=DEFAULT_MAX_FRAME_SIZE)
