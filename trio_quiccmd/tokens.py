@@ -314,7 +314,8 @@ def issue_agent_token(
 ) -> str:
     """Create the token of ``client_id``; returns the secret (not stored anywhere).
 
-    Raises ValueError if it already has one and ``replace`` is false.
+    Raises ValueError if it already has one and ``replace`` is false. A
+    replaced token keeps its bound labels unless ``labels`` are given.
     """
     check_name(client_id, "client_id")
     path = data_dir / AGENT_TOKENS_FILE
@@ -324,6 +325,8 @@ def issue_agent_token(
             raise ValueError(f"{client_id} already has a token (use --replace to issue a new one)")
         secret = new_token(AGENT_PREFIX)
         agents = dict(tokens.agents)
+        if labels is None and client_id in agents:
+            labels = agents[client_id].labels
         agents[client_id] = AgentTokenRecord(
             client_id=client_id, hash=token_hash(secret),
             labels=dict(labels) if labels else None, created_at=_now(),

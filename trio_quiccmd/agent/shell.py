@@ -59,6 +59,7 @@ class ShellExecutor:
                 if room > 0:
                     into += chunk[:room]
 
+        failure: OSError | None = None
         async with trio.open_nursery() as nursery:
             try:
                 process: trio.Process = await nursery.start(
@@ -77,9 +78,12 @@ class ShellExecutor:
                     )
                 )
             except OSError as exc:
-                raise CommandFailed(f"shell: cannot start {argv[0]!r}: {exc.strerror or exc}") from None
-            nursery.start_soon(collect, process.stdout, outputs[0])
-            nursery.start_soon(collect, process.stderr, outputs[1])
+                failure = exc  # raised below, not wrapped in the nursery's group
+            else:
+                nursery.start_soon(collect, process.stdout, outputs[0])
+                nursery.start_soon(collect, process.stderr, outputs[1])
+        if failure is not None:
+            raise CommandFailed(f"shell: cannot start {argv[0]!r}: {failure.strerror or failure}")
         return {
             "exit_code": process.returncode,
             "stdout": outputs[0].decode("utf-8", errors="replace"),
