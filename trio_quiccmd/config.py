@@ -300,7 +300,8 @@ def build_argument_parser(prog: str = "python -m trio_quiccmd.server") -> argpar
         epilog=(
             "Each option can also be set as QUICCMD_<NAME> in the environment "
             "(e.g. QUICCMD_HTTP=0.0.0.0:8080) or as <name> = ... in the --config "
-            "TOML file. Flags win over the environment, which wins over the file."
+            "TOML file. Flags win over the environment, which wins over the file. "
+            "Credentials: python -m trio_quiccmd.server token --help / api-token --help."
         ),
     )
     parser.add_argument("--config", metavar="FILE", help="TOML file of settings (also QUICCMD_CONFIG)")

@@ -182,16 +182,25 @@ async def serve(
     ``store`` keeps the commands (default: a new in-memory store, closed on
     return; a store passed in is left open for its owner).
 
+    Agents are authenticated from the data dir's token files (with the
+    development credential written there), operators by API tokens, and
+    sends and cancels are audited to ``audit.jsonl`` (docs/security.md).
+
     Reports :class:`ServerAddresses` (the bound ports, also when port 0 was
     asked) through ``task_status.started`` once both listeners are up. Raises
-    :class:`StartupError` if the certificate is unusable or an address cannot
-    be bound. Returns when everything it started has stopped.
+    :class:`StartupError` if the certificate or a token file is unusable, if
+    the HTTP API would be open off loopback without a token, or if an address
+    cannot be bound. Returns when everything it started has stopped.
 
     If cancelled instead, everything stops at once: no drain, agent
     connections are dropped without a close, open HTTP requests are cut. Set
     ``shutdown_event`` for a polite stop.
     """
     shutdown_event = shutdown_event if shutdown_event is not None else trio.Event()
+    # Credentials first: a refusal to start writes no certificate, and the
+    # development credential exists by the time the certificate does (what
+    # scripts that wait for server-cert.pem then start an agent rely on).
+    agent_auth, api_auth, audit = await trio.to_thread.run_sync(_security, settings)
     cert_file, key_file = await _certificate(settings)
     try:
         quic_configuration = server_quic_configuration(
@@ -200,7 +209,6 @@ async def serve(
     except Exception as exc:  # OSError, ssl/cryptography ValueError: all mean "bad files"
         raise StartupError(f"cannot load the TLS certificate {cert_file} / key {key_file}: {exc}") from None
 
-    agent_auth, api_auth, audit = await trio.to_thread.run_sync(_security, settings)
     owns_store = store is None
     manager = CommandManager(
         store if store is not None else MemoryStore(),
