@@ -181,6 +181,21 @@ async def test_a_revoked_token_disconnects_its_agent_and_is_refused_afterwards(s
     assert any("action=disconnect" in line for line in rejections(caplog, "client-001"))
 
 
+async def test_a_revocation_first_noticed_by_a_hello_still_disconnects_the_agent(secured):
+    token = issue_agent_token(secured.data_dir, "client-001")
+    issue_agent_token(secured.data_dir, "client-002")
+
+    def revoke_then_a_hello_reloads() -> None:
+        revoke_agent_token(secured.data_dir, "client-001")
+        # What any HELLO does first: re-read the changed file, before the
+        # periodic check looks.
+        secured.manager.registry.authenticator.refresh()
+
+    with trio.fail_after(TIMEOUT):
+        error = await disconnected_by(secured, "client-001", token, revoke_then_a_hello_reloads)
+    assert error.reason == "unauthorized: credential revoked"
+
+
 async def test_a_token_created_on_the_running_server_works_at_once(secured):
     with trio.fail_after(TIMEOUT):
         await refused(secured, "client-009", token="qca_unknown")

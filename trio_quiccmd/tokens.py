@@ -457,6 +457,8 @@ class WatchedFile(Generic[T]):
         # Raises TokenFileError at start: a server must not start on a broken file.
         self._value: T = load(path)
         self._stamp = self._current_stamp()
+        #: Counts reloads, so each of several readers can tell it missed one.
+        self.generation = 0
 
     def _current_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -482,5 +484,6 @@ class WatchedFile(Generic[T]):
             return False
         self._stamp = stamp
         self._value = value
+        self.generation += 1
         logger.info("Token file reloaded path=%s", self.path)
         return True

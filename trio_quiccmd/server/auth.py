@@ -22,7 +22,6 @@ from ..tokens import (
     API_TOKENS_FILE,
     AgentTokens,
     ApiTokens,
-    TokenFileError,
     WatchedFile,
     ensure_dev_agent_token,
     hashes_equal,
@@ -105,9 +104,14 @@ class AgentAuthenticator:
     def tokens(self) -> AgentTokens:
         return self._tokens.value
 
-    def refresh(self) -> bool:
-        """Re-read the token file if it changed; True if it did."""
-        return self._tokens.refresh()
+    @property
+    def generation(self) -> int:
+        """Changes whenever the token file was reloaded (by anyone)."""
+        return self._tokens.generation
+
+    def refresh(self) -> None:
+        """Re-read the token file if it changed."""
+        self._tokens.refresh()
 
     def authenticate(self, client_id: str, token: str | None) -> AgentIdentity:
         """The identity ``token`` proves for ``client_id``; raises AgentAuthFailed."""
@@ -281,7 +285,6 @@ __all__ = [
     "AgentIdentity",
     "ApiAuthenticator",
     "Principal",
-    "TokenFileError",
     "check_http_exposure",
     "is_loopback",
 ]

@@ -13,7 +13,6 @@ import trio
 
 from ..model import Command
 from ..quic.connection import QuicSession, SessionHandler
-from .auth import AgentAuthenticator, AgentAuthFailed
 from ..wire import (
     PROTOCOL_VERSION,
     CancelFrame,
@@ -26,6 +25,7 @@ from ..wire import (
     ResultFrame,
     Welcome,
 )
+from .auth import AgentAuthenticator, AgentAuthFailed
 
 logger = logging.getLogger("trio_quiccmd.server")
 
@@ -407,10 +407,15 @@ class AgentRegistry:
         """Re-read the agent token file when it changes, and close connections
         whose credential no longer holds (UNAUTHORIZED). Runs until cancelled."""
         assert self.authenticator is not None
+        # A HELLO may have reloaded the file since the last look: compare
+        # generations rather than trust refresh() to report the change.
+        seen = self.authenticator.generation
         while True:
             await trio.sleep(interval)
-            if not self.authenticator.refresh():
+            self.authenticator.refresh()
+            if self.authenticator.generation == seen:
                 continue
+            seen = self.authenticator.generation
             for link in self.links():
                 assert link.client_id is not None
                 try:
