@@ -128,3 +128,14 @@ def test_the_audit_log_keeps_the_newest_entries_in_memory_and_skips_bad_lines(tm
     assert [e.client_id for e in entries] == ["c4", "c3"]
     assert cursor is None
     assert reloaded.record(actor="a", action="cancel", client_id=None, command_type=None, command_id="x", outcome="refused", error_code="not_found").id == 6
+
+
+def test_caller_chosen_values_cannot_split_or_forge_audit_log_lines(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="trio_quiccmd.audit")
+    AuditLog(None).record(
+        actor="alice", action="send", client_id="a b", command_type="x\nAudit action=cancel",
+        command_id=None, outcome="refused", error_code="forbidden",
+    )
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "\n" not in line
+    assert "client_id='a b' command_type='x\\nAudit action=cancel'" in line

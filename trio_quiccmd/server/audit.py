@@ -53,6 +53,15 @@ class AuditEntry:
         return attrs.asdict(self)
 
 
+def _value(text: str | None) -> str:
+    """A caller-chosen value as a log token: quoted (escaped) when it has a
+    space or a control character, so it can neither split its line's
+    key=value pairs nor start a forged line."""
+    if text is None:
+        return "None"
+    return text if text.isprintable() and " " not in text and text else repr(text)
+
+
 class AuditLog:
     """Records entries; answers queries newest first. File I/O is a short
     append per entry, done inline so the file's order is the entries' order."""
@@ -113,7 +122,8 @@ class AuditLog:
         logger.info(
             "Audit action=%s actor=%s client_id=%s command_type=%s command_id=%s outcome=%s "
             "error_code=%s remote=%s",
-            action, actor, client_id, command_type, command_id, outcome, error_code, remote or "-",
+            action, actor, _value(client_id), _value(command_type), _value(command_id), outcome,
+            error_code, remote or "-",
         )
         if self.path is not None:
             try:

@@ -79,25 +79,23 @@ class AgentAuthenticator:
         self._dev_hash = token_hash(dev_token) if dev_token else None
 
     @classmethod
-    def from_data_dir(cls, data_dir: Path, *, dev_credential: bool = True) -> "AgentAuthenticator":
-        """Load the token file, and write the development credential if
-        ``dev_credential``. Blocking file I/O; raises TokenFileError or OSError."""
+    def from_data_dir(cls, data_dir: Path) -> "AgentAuthenticator":
+        """Load the token file and write the development credential (kept if
+        it exists). Blocking file I/O; raises TokenFileError or OSError."""
         tokens = WatchedFile(data_dir / AGENT_TOKENS_FILE, load_agent_tokens)
-        dev_token = None
-        if dev_credential:
-            path, dev_token, created = ensure_dev_agent_token(data_dir)
-            if tokens.value.configured:
-                logger.info(
-                    "Agent authentication mode=tokens agents=%d enrollment=%s "
-                    "(the development credential is not accepted)",
-                    len(tokens.value.agents), tokens.value.enrollment_hash is not None,
-                )
-            else:
-                logger.info(
-                    "Agent authentication mode=development credential=%s created=%s "
-                    "(any client_id; issue agent tokens to turn it off)",
-                    path, created,
-                )
+        path, dev_token, created = ensure_dev_agent_token(data_dir)
+        if tokens.value.configured:
+            logger.info(
+                "Agent authentication mode=tokens agents=%d enrollment=%s "
+                "(the development credential is not accepted)",
+                len(tokens.value.agents), tokens.value.enrollment_hash is not None,
+            )
+        else:
+            logger.info(
+                "Agent authentication mode=development credential=%s created=%s "
+                "(any client_id; issue agent tokens to turn it off)",
+                path, created,
+            )
         return cls(tokens, dev_token=dev_token)
 
     @property

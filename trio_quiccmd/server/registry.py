@@ -231,6 +231,12 @@ class AgentLink(SessionHandler):
             raise ProtocolError(
                 ProtocolErrorCode.INVALID_FRAME, "client_id must be 1 to 256 characters"
             )
+        if not frame.client_id.isprintable():
+            # It goes into log lines before the agent is authenticated: a
+            # newline in it could forge a line (an "Audit ..." one, say).
+            raise ProtocolError(
+                ProtocolErrorCode.INVALID_FRAME, "client_id must not contain control characters"
+            )
         # Raises ProtocolError (RATE_LIMITED / TOO_MANY_AGENTS / UNAUTHORIZED):
         # the connection is closed before it is welcomed or registered.
         try:
