@@ -102,6 +102,14 @@ class AgentTokens:
     agents: Mapping[str, AgentTokenRecord] = attrs.field(factory=dict)
     enrollment_hash: str | None = None
     enrollment_created_at: str | None = None
+    # hash -> client_id, for naming the owner of a misused token in the log.
+    # A dict lookup, not a scan: a bad HELLO must cost the same with 100,000
+    # agents as with one. (It is keyed by the SHA-256 of what the peer sent,
+    # so its timing tells the peer nothing about any secret.)
+    _owners: dict[str, str] = attrs.field(init=False, factory=dict, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._owners.update((record.hash, record.client_id) for record in self.agents.values())
 
     @property
     def configured(self) -> bool:
@@ -110,10 +118,7 @@ class AgentTokens:
 
     def owner_of(self, presented_hash: str) -> str | None:
         """The client_id whose token has this hash (for log lines only)."""
-        for record in self.agents.values():
-            if hashes_equal(record.hash, presented_hash):
-                return record.client_id
-        return None
+        return self._owners.get(presented_hash)
 
 
 @attrs.frozen(kw_only=True)
