@@ -151,6 +151,8 @@ async def test_off_loopback_the_server_refuses_to_start_without_a_token(tmp_path
         assert str(info.value).startswith(
             "the HTTP API would listen on 0.0.0.0, which is not loopback, and no API token exists"
         )
+        # Refused before it wrote anything (no certificate, no credential).
+        assert not (tmp_path / "data").exists()
         # The same with require_api_token on loopback and no token to require.
         with pytest.raises(StartupError, match="require_api_token is set but no API token exists"):
             await serve(settings_on(tmp_path, "127.0.0.1", require_api_token=True))

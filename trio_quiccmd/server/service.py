@@ -25,8 +25,8 @@ from hypercorn.config import Config as HypercornConfig
 
 from ..config import ServerSettings, format_host_port
 from ..quic.tls import ensure_dev_certificate, fingerprint_of_pem_file
-from ..wire import DEFAULT_MAX_FRAME_SIZE
 from ..tokens import TokenFileError
+from ..wire import DEFAULT_MAX_FRAME_SIZE
 from .audit import AUDIT_FILE, AuditLog
 from .auth import AgentAuthenticator, ApiAuthenticator, check_http_exposure, is_loopback
 from .core import CommandServer, server_quic_configuration
@@ -114,13 +114,11 @@ def _security(settings: ServerSettings) -> tuple[AgentAuthenticator, ApiAuthenti
     would be open to the network with no token to require.
     """
     try:
-        agents = AgentAuthenticator.from_data_dir(settings.data_dir)
         api = ApiAuthenticator.from_data_dir(
             settings.data_dir,
             required=settings.require_api_token
             or (not is_loopback(settings.http_host) and not settings.allow_unauthenticated_http),
         )
-        audit = AuditLog(settings.data_dir / AUDIT_FILE)
     except (TokenFileError, OSError) as exc:
         raise StartupError(f"cannot load credentials from {settings.data_dir}: {exc}") from None
     refusal = check_http_exposure(
@@ -128,6 +126,11 @@ def _security(settings: ServerSettings) -> tuple[AgentAuthenticator, ApiAuthenti
     )
     if refusal is not None:
         raise StartupError(refusal)
+    try:
+        agents = AgentAuthenticator.from_data_dir(settings.data_dir)
+        audit = AuditLog(settings.data_dir / AUDIT_FILE)
+    except (TokenFileError, OSError) as exc:
+        raise StartupError(f"cannot load credentials from {settings.data_dir}: {exc}") from None
     if not api.required and (api.tokens.tokens or not is_loopback(settings.http_host)):
         # Tokens were issued, or the API is on the network, yet a request
         # without one may still do everything: say so once, loudly.
