@@ -103,6 +103,13 @@ async def test_api_tokens_with_roles_and_restrictions(tmp_path):
         assert (await server_cli(tmp_path, "api-token", "revoke", "deployer", "--data-dir", str(data)))[0] == 0
         assert load_api_tokens(data / API_TOKENS_FILE).tokens == {}
 
+        # Or the server's own config file names the data dir.
+        (tmp_path / "quiccmd.toml").write_text(f'data_dir = "{data}"\n')
+        code, out, err = await server_cli(tmp_path, "api-token", "create", "viewer", "--role", "read",
+                                          "--config", "quiccmd.toml")
+        assert code == 0, err
+        assert set(load_api_tokens(data / API_TOKENS_FILE).tokens) == {"viewer"}
+
 
 def test_a_watched_file_sees_changes_and_keeps_the_last_good_contents(tmp_path):
     path = tmp_path / AGENT_TOKENS_FILE

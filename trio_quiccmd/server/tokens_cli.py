@@ -10,8 +10,9 @@
     api-token list
     api-token revoke NAME
 
-Each takes ``--data-dir DIR`` (default ``$QUICCMD_DATA_DIR`` or ``./.quiccmd``,
-the server's). A new secret is printed once, on stdout, alone on its line;
+Each takes ``--data-dir DIR`` or ``--config FILE``; by default the data dir is
+found as the server finds it (``$QUICCMD_DATA_DIR``, ``data_dir`` in the
+``$QUICCMD_CONFIG`` file, ``./.quiccmd``). A new secret is printed once, on stdout, alone on its line;
 only its hash is stored. A running server sees the change within a second.
 
 Exit status: 0 done, 1 the operation failed (an unknown name, a token that
@@ -26,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..config import ConfigError, load_settings
 from ..tokens import (
     AGENT_TOKENS_FILE,
     API_TOKENS_FILE,
@@ -63,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def data_dir(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--data-dir", metavar="DIR",
-                         help="the server's data dir (default $QUICCMD_DATA_DIR or ./.quiccmd)")
+                         help="the server's data dir (default: as the server finds it: "
+                         "$QUICCMD_DATA_DIR, data_dir in --config / $QUICCMD_CONFIG, ./.quiccmd)")
+        sub.add_argument("--config", metavar="FILE", help="the server's TOML file, for its data_dir")
 
     agent = commands.add_parser("token", help="agent tokens (QUIC)")
     agent_actions = agent.add_subparsers(dest="action", required=True)
@@ -111,7 +115,14 @@ def _labels_text(labels: object) -> str:
 def main(argv: Sequence[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(list(argv))
-    directory = Path(args.data_dir or os.environ.get("QUICCMD_DATA_DIR") or ".quiccmd")
+    try:
+        # The same data dir the server would use, found the way it finds it.
+        directory = Path(args.data_dir) if args.data_dir else load_settings(
+            ["--config", args.config] if args.config else [], os.environ
+        ).data_dir
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.command == "token":
             return _agent_command(parser, args, directory)
