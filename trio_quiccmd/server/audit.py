@@ -126,6 +126,8 @@ class AuditLog:
             error_code, remote or "-",
         )
         if self.path is not None:
+            # Written, not fsync'd: an fsync per send would cost more than the
+            # send; the entry survives a server crash, not a power cut.
             try:
                 # O_APPEND: each line lands whole at the end, even if the file
                 # was rotated (moved away) since the last entry.
