@@ -5,6 +5,7 @@ QUIC, a real HTTP/1.1 client; every answer checked against the OpenAPI document.
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 from pathlib import Path
@@ -32,7 +33,8 @@ def assert_error(response, status: int, code: str, document: dict, method: str, 
     return response.json()["error"]["message"]
 
 
-async def test_loopback_needs_no_token_by_default_but_a_wrong_one_is_401(tmp_path):
+async def test_loopback_needs_no_token_by_default_but_a_wrong_one_is_401(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="trio_quiccmd.http")
     with trio.fail_after(TEST_TIMEOUT):
         async with running_server(tmp_path) as h:
             await h.start_agent("a")
@@ -44,6 +46,9 @@ async def test_loopback_needs_no_token_by_default_but_a_wrong_one_is_401(tmp_pat
             assert wrong.headers["www-authenticate"] == 'Bearer realm="quiccmd", error="invalid_token"'
             not_bearer = await h.request("GET", "/api/clients", headers=[("Authorization", "Basic YTpi")])
             assert_error(not_bearer, 401, "unauthorized", h.document, "GET", "/api/clients")
+    rejected = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Operator rejected ")]
+    assert len(rejected) == 2
+    assert "method=GET path=/api/commands reason='invalid bearer token'" in rejected[0]
 
 
 async def test_require_api_token_on_loopback_and_the_two_roles(tmp_path):
