@@ -31,6 +31,7 @@ from trio_quiccmd.server.core import server_quic_configuration  # noqa: E402
 from trio_quiccmd.server.metrics import Metrics  # noqa: E402
 from trio_quiccmd.server.store import MemoryStore  # noqa: E402
 from trio_quiccmd.server.store.sqlite import open_sqlite_store  # noqa: E402
+from trio_quiccmd.tokens import DEV_AGENT_TOKEN_FILE, read_token_file  # noqa: E402
 
 
 async def run_controller(args: argparse.Namespace) -> None:
@@ -90,11 +91,15 @@ async def run_agent(args: argparse.Namespace) -> None:
         return make_result(payload)
 
     registry.register(COMMAND_TYPE, echo)
+    # The real server (quiccmd_http) writes its development agent credential
+    # beside its certificate; the in-process one here authenticates no one.
+    token_file = Path(args.ca_file).with_name(DEV_AGENT_TOKEN_FILE) if args.ca_file else None
     agent = Agent(
         f"bench-{args.id}",
         (args.host, args.port),
         registry,
         ca_file=args.ca_file,
+        token=read_token_file(token_file) if token_file and token_file.is_file() else None,
         reconnect_max_delay=1.0,
     )
     await agent.run()

@@ -289,10 +289,17 @@ async def test_signal_while_still_connecting_exits_zero(tmp_path):
          "QUICCMD_AGENT_SHUTDOWN_GRACE: expected a number of seconds"),
         (["--id", "a"], {"QUICCMD_AGENT_SERVER": "host:0"}, "QUICCMD_AGENT_SERVER: bad port"),
         (["--id", "a"], {"QUICCMD_AGENT_LABELS": "ok=1,broken"}, "QUICCMD_AGENT_LABELS: bad label 'broken'"),
+        (["--id", "a", "--token-file", "missing.token"], {}, "--token-file missing.token: no such file"),
+        (["--id", "a", "--token-file", "empty.token"], {}, "--token-file empty.token: the file is empty"),
+        (["--id", "a"], {"QUICCMD_AGENT_TOKEN_FILE": "missing.token"},
+         "QUICCMD_AGENT_TOKEN_FILE missing.token: no such file"),
+        (["--id", "a"], {"QUICCMD_AGENT_ALLOW_SHELL": "maybe"},
+         "QUICCMD_AGENT_ALLOW_SHELL: expected 1/0, true/false or yes/no, got 'maybe'"),
     ],
 )
 async def test_bad_flags_exit_2_with_one_clear_line(tmp_path, args, env, message):
     (tmp_path / "not-a-cert.pem").write_text("hello\n")
+    (tmp_path / "empty.token").write_text(" \n")
     with trio.fail_after(TIMEOUT):
         result = await trio.run_process(
             [sys.executable, "-m", "trio_quiccmd.agent", *args],

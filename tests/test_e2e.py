@@ -44,7 +44,7 @@ COMMAND_FIELDS = [
 ]
 API_PATHS = {
     "/api/command", "/api/command/{command_id}", "/api/command/{command_id}/cancel",
-    "/api/commands", "/api/clients", "/healthz", "/metrics", "/openapi.json",
+    "/api/commands", "/api/clients", "/api/audit", "/healthz", "/metrics", "/openapi.json",
 }
 
 
@@ -180,6 +180,17 @@ async def running_stack(directory: Path) -> AsyncIterator[Stack]:
                 "Using the server certificate from the data dir as CA ca_file=.quiccmd/server-cert.pem"
             ), stack.output()
             assert agent.stderr.matching("tls=ca-file"), stack.output()
+            # Nor credential flags: the server wrote a development credential
+            # into ./.quiccmd, the agent found and sent it, the server took it.
+            assert (directory / ".quiccmd" / "agent-dev-token").stat().st_mode & 0o777 == 0o600
+            assert server.stderr.matching(
+                "Agent authentication mode=development credential=.quiccmd/agent-dev-token created=True"
+            ), stack.output()
+            assert agent.stderr.matching(
+                "Using the development credential from the data dir token_file=.quiccmd/agent-dev-token"
+            ), stack.output()
+            await server.stderr.wait_for(f"Agent connected client_id={CLIENT_ID} ")
+            assert server.stderr.matching("credential=development"), stack.output()
             # The agent says it is connected once the server welcomed it; the API
             # should list it by then. Bounded, in case it lags.
             for _ in range(100):

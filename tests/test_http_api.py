@@ -23,6 +23,7 @@ from trio_quiccmd import Agent, builtin_executor
 from trio_quiccmd.config import ServerSettings
 from trio_quiccmd.server.openapi import openapi_document
 from trio_quiccmd.server.service import ServerAddresses, serve
+from trio_quiccmd.tokens import DEV_AGENT_TOKEN_FILE, read_token_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning")
 
@@ -92,6 +93,9 @@ class Harness:
         """A real agent; returns once the server has welcomed it."""
         options.setdefault("executor", self.gates.executor())
         options.setdefault("ca_file", self.settings.data_dir / "server-cert.pem")
+        # The development credential serve() writes, as an agent started from
+        # the same directory finds it.
+        options.setdefault("token", read_token_file(self.settings.data_dir / DEV_AGENT_TOKEN_FILE))
         options.setdefault("reconnect_initial_delay", 0.05)
         options.setdefault("reconnect_max_delay", 0.2)
         agent = Agent(client_id, ("127.0.0.1", self.addresses.quic[1]), **options)
@@ -615,7 +619,7 @@ async def test_healthz_and_openapi_document(tmp_path):
     assert document == h.document
     assert set(document["paths"]) == {
         "/api/command", "/api/command/{command_id}", "/api/command/{command_id}/cancel",
-        "/api/commands", "/api/clients", "/healthz", "/metrics", "/openapi.json",
+        "/api/commands", "/api/clients", "/api/audit", "/healthz", "/metrics", "/openapi.json",
     }
 
 

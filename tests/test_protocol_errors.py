@@ -13,7 +13,7 @@ from aioquic.quic.configuration import QuicConfiguration
 
 from trio_quiccmd import CommandStatus
 from trio_quiccmd.quic.connection import SessionHandler, connect
-from trio_quiccmd.wire import ALPN, CommandFrame, ProtocolErrorCode, encode_frame
+from trio_quiccmd.wire import ALPN, CommandFrame, Hello, ProtocolErrorCode, encode_frame
 
 
 def raw_client_configuration(cert) -> QuicConfiguration:
@@ -45,6 +45,8 @@ async def send_raw_and_wait_close(cluster, data: bytes) -> int | None:
             encode_frame(CommandFrame(command_id="x", command_type="echo", timeout=1)),
             ProtocolErrorCode.UNEXPECTED_FRAME,
         ),
+        # A newline in the client_id could forge a log line: refused before it is logged.
+        (encode_frame(Hello(client_id="a\n2026 INFO Audit action=send")), ProtocolErrorCode.INVALID_FRAME),
     ],
 )
 async def test_bad_frames_close_only_the_offender(cluster, data, code):

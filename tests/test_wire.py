@@ -528,6 +528,7 @@ def test_error_codes_are_stable_wire_values():
         "SHUTTING_DOWN": 0x202,
         "TOO_MANY_AGENTS": 0x203,
         "RATE_LIMITED": 0x204,
+        "UNAUTHORIZED": 0x205,
         "INTERNAL_ERROR": 0x2FF,
     }
     err = ProtocolError(ProtocolErrorCode.INVALID_FRAME, "why")

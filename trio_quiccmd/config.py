@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import attrs
 
+from .server.policy import CommandPolicy, parse_policy
+
 ENV_PREFIX = "QUICCMD_"
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -115,6 +117,16 @@ def _string(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"expected a non-empty string, got {_describe(value)}")
     return value.strip()
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {_describe(value)}")
 
 
 def _log_level(value: Any) -> str:
@@ -232,6 +244,12 @@ class ServerSettings:
     #: HELLOs accepted per second (bursts of one second's worth); more are
     #: closed with RATE_LIMITED.
     max_hello_rate: float = attrs.field(default=200.0, validator=[_positive, _at_most(1_000_000)])
+    #: Ask for an API bearer token on loopback too (off loopback it always is).
+    require_api_token: bool = False
+    #: Serve the HTTP API off loopback with no API token configured (not advised).
+    allow_unauthenticated_http: bool = False
+    #: Which command types agents may get, and payload schemas ([policy] in the TOML file).
+    policy: CommandPolicy = attrs.field(factory=CommandPolicy)
 
     def __attrs_post_init__(self) -> None:
         if (self.cert_file is None) != (self.key_file is None):
@@ -269,6 +287,8 @@ class _Option:
     parse: Callable[[Any], Any]
     help: str
     metavar: str | None = None
+    #: A flag without a value (it means true); the variable and key take true/false.
+    switch: bool = False
 
     @property
     def flag(self) -> str:
@@ -300,6 +320,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("max_unfinished_commands", _integer, "unfinished commands on the server; more get 429 (default 1000000)", "N"),
     _Option("max_agents", _integer, "connected agents; more are refused TOO_MANY_AGENTS (default 100000)", "N"),
     _Option("max_hello_rate", _number, "HELLOs accepted per second; more are refused RATE_LIMITED (default 200)", "PER_SECOND"),
+    _Option("require_api_token", _boolean, "require an API bearer token on loopback too", switch=True),
+    _Option("allow_unauthenticated_http", _boolean, "serve HTTP off loopback with no API token (not advised)", switch=True),
 )
 _BY_NAME = {option.name: option for option in _OPTIONS}
 
@@ -318,14 +340,18 @@ def build_argument_parser(prog: str = "python -m trio_quiccmd.server") -> argpar
         epilog=(
             "Each option can also be set as QUICCMD_<NAME> in the environment "
             "(e.g. QUICCMD_HTTP=0.0.0.0:8080) or as <name> = ... in the --config "
-            "TOML file. Flags win over the environment, which wins over the file."
+            "TOML file. Flags win over the environment, which wins over the file. "
+            "Credentials: python -m trio_quiccmd.server token --help / api-token --help."
         ),
     )
     parser.add_argument("--config", metavar="FILE", help="TOML file of settings (also QUICCMD_CONFIG)")
     for option in _OPTIONS:
         # Strings only: every value goes through the option's own parser, so a
         # flag, a variable and a TOML key fail with the same message.
-        parser.add_argument(option.flag, dest=option.name, metavar=option.metavar, help=option.help)
+        if option.switch:
+            parser.add_argument(option.flag, dest=option.name, action="store_const", const="true", help=option.help)
+        else:
+            parser.add_argument(option.flag, dest=option.name, metavar=option.metavar, help=option.help)
     return parser
 
 
@@ -383,6 +409,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
     # Settings may sit at the top level or in a [server] table (so one file can
     # later also hold other tables); a key in both is an ambiguity, not a merge.
     table = dict(document)
+    values: dict[str, Any] = {}
+    if "policy" in table:
+        try:
+            values["policy"] = parse_policy(table.pop("policy"), path.parent)
+        except ValueError as exc:
+            raise ConfigError(f"config file {str(path)!r}: {exc}") from None
     server = table.pop("server", None)
     if isinstance(server, dict):
         for key in server.keys() & table.keys():
@@ -390,13 +422,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
         table.update(server)
     elif server is not None:
         raise ConfigError(f"config file {str(path)!r}: 'server' must be a table")
-    values: dict[str, Any] = {}
     for key, raw in table.items():
         option = _BY_NAME.get(key)
         if option is None:
             raise ConfigError(
                 f"config file {str(path)!r}: unknown setting {key!r} "
-                f"(known: {', '.join(sorted(_BY_NAME))})"
+                f"(known: {', '.join(sorted(_BY_NAME))}, and a [policy] table)"
             )
         values[key] = _parse(option, raw, f"config file {str(path)!r}: {key}")
     return values

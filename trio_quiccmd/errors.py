@@ -85,3 +85,41 @@ class TooManyCommands(LimitExceeded):
             f"(max_unfinished_commands); retry when some finish"
         )
         self.limit = limit
+
+
+class Unauthorized(QuicCmdError):
+    """No credential, or one the server does not know (HTTP 401)."""
+
+    code = "unauthorized"
+
+
+class Forbidden(QuicCmdError):
+    """The credential is valid but lacks the role or the scope asked for (HTTP 403)."""
+
+    code = "forbidden"
+
+
+class CommandRefused(QuicCmdError):
+    """The server's command policy refused the command; nothing was created or sent (HTTP 422)."""
+
+    code = "command_refused"
+
+
+class PolicyDenied(CommandRefused):
+    """The policy does not allow this command type for this agent."""
+
+    code = "policy_denied"
+
+    def __init__(self, client_id: str, command_type: str, labels: dict[str, str]):
+        shown = ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "no labels"
+        super().__init__(
+            f"command type {command_type!r} is not allowed for agent {client_id} ({shown})"
+        )
+        self.client_id = client_id
+        self.command_type = command_type
+
+
+class InvalidPayload(CommandRefused):
+    """The payload does not match the JSON Schema configured for its command type."""
+
+    code = "invalid_payload"

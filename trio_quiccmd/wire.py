@@ -46,6 +46,8 @@ class ProtocolErrorCode(enum.IntEnum):
     SHUTTING_DOWN = 0x202
     TOO_MANY_AGENTS = 0x203
     RATE_LIMITED = 0x204
+    #: The HELLO's credential was refused (or was revoked): the agent stops.
+    UNAUTHORIZED = 0x205
     INTERNAL_ERROR = 0x2FF
 
 
@@ -68,7 +70,7 @@ class Hello:
     version: int = PROTOCOL_VERSION
     agent_version: str = ""
     capabilities: list[str] = attrs.field(factory=list)
-    #: Opaque credential; checked by the server when authentication is on.
+    #: The agent's credential (docs/security.md); checked before WELCOME.
     token: str | None = None
     #: Ids of finished commands whose results the agent still holds; it
     #: delivers them after WELCOME, each on a stream of its own.

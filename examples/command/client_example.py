@@ -6,8 +6,10 @@ next to this file), then, from the same directory::
     python examples/command/client_example.py --id client-001
 
 Started from the server's directory, the agent finds the server's development
-certificate in ``./.quiccmd/server-cert.pem`` and trusts exactly that; from
-elsewhere pass ``--ca-file`` or ``--server-fingerprint``. Ctrl+C (or SIGTERM)
+certificate in ``./.quiccmd/server-cert.pem`` and trusts exactly that, and
+sends the development credential in ``./.quiccmd/agent-dev-token``; from
+elsewhere pass ``--ca-file`` or ``--server-fingerprint``, and ``--token-file``
+with a token from ``python -m trio_quiccmd.server token create``. Ctrl+C (or SIGTERM)
 closes the connection politely and exits.
 
 The agent is just one task in your nursery: here a second task reports its
@@ -26,6 +28,7 @@ import trio
 
 from trio_quiccmd import Agent
 from trio_quiccmd.quic.tls import DEV_CERT_NAME
+from trio_quiccmd.tokens import DEV_AGENT_TOKEN_FILE, read_token_file
 
 # executor.py sits next to this file (the script's directory is on sys.path).
 from executor import build_registry
@@ -52,6 +55,8 @@ async def main(args: argparse.Namespace) -> None:
         if candidate.is_file():
             ca_file = candidate
             logger.info("Trusting the server's dev certificate ca_file=%s", candidate)
+    token_file = args.token_file or Path(args.data_dir) / DEV_AGENT_TOKEN_FILE
+    token = read_token_file(token_file) if Path(token_file).is_file() else None
     agent = Agent(
         args.id,
         args.server,
@@ -59,6 +64,7 @@ async def main(args: argparse.Namespace) -> None:
         labels=args.labels,
         ca_file=ca_file,
         server_fingerprint=args.server_fingerprint,
+        token=token,
     )
     logger.info("Serving command types=%s", ",".join(registry.command_types))
 
@@ -87,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where the server keeps server-cert.pem (default ./.quiccmd)")
     parser.add_argument("--ca-file", help="CA certificate(s) to verify the server against")
     parser.add_argument("--server-fingerprint", help="sha256:... of the server's certificate")
+    parser.add_argument("--token-file", help="this agent's token (default: the data dir's agent-dev-token)")
     parser.add_argument("--status-every", type=float, default=30.0,
                         help="seconds between status lines (default 30)")
     args = parser.parse_args(argv)

@@ -7,7 +7,8 @@
 #   ./examples/command/test-command.sh                 # terminal 3
 #
 # Settings (environment): BASE_URL (default http://127.0.0.1:8080),
-# CLIENT_ID (default client-001). Needs curl and python3 (to read JSON).
+# CLIENT_ID (default client-001), QUICCMD_TOKEN (an API token with role operate,
+# for a server that requires one). Needs curl and python3 (to read JSON).
 # Exits non-zero if any answer was not what the API promises.
 
 set -euo pipefail
@@ -24,6 +25,9 @@ request() {
     local args=(-sS -X "$method" "$BASE_URL$path" -w $'\n%{http_code}')
     if [[ -n $data ]]; then
         args+=(-H 'Content-Type: application/json' --data-binary "$data")
+    fi
+    if [[ -n ${QUICCMD_TOKEN-} ]]; then
+        args+=(-H "Authorization: Bearer $QUICCMD_TOKEN")
     fi
     if ! out=$(curl "${args[@]}"); then
         echo "Cannot reach $BASE_URL: is the server running? (python -m trio_quiccmd.server)" >&2

@@ -2,6 +2,7 @@
 
 from .client import Agent as Agent
 from .client import AgentRejected as AgentRejected
+from .client import AgentUnauthorized as AgentUnauthorized
 from .client import ServerFingerprintMismatch as ServerFingerprintMismatch
 from .executor import CommandExecutor as CommandExecutor
 from .executor import CommandFailed as CommandFailed

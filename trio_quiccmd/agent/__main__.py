@@ -6,6 +6,7 @@
         [--label k=v ...] [--data-dir DIR] [--ca-file PEM]
         [--server-fingerprint sha256:HEX] [--server-name NAME]
         [--log-level LEVEL] [--max-concurrent N] [--shutdown-grace SECONDS]
+        [--token-file FILE | --token TOKEN] [--allow-shell]
 
 Every flag also has an environment variable, ``QUICCMD_AGENT_<FLAG>`` (e.g.
 ``QUICCMD_AGENT_ID``, ``QUICCMD_AGENT_SERVER``; ``QUICCMD_AGENT_LABELS`` holds
@@ -21,6 +22,14 @@ The server is always verified, by the first of:
    server started from the same directory generated, used as the CA;
 4. the operating system's CA store.
 
+The agent proves its id with a token, the first of: ``--token``,
+``--token-file``, ``QUICCMD_AGENT_TOKEN``, ``QUICCMD_AGENT_TOKEN_FILE``, and
+``<data-dir>/agent-dev-token`` (the development credential a server started
+from the same directory wrote). A refused token stops the agent (exit 1).
+
+``--allow-shell`` adds the ``shell`` command type (agent/shell.py): anyone who
+may send this agent commands can then run programs as its user.
+
 On the first SIGINT/SIGTERM the agent drains (``Agent.stop``): it refuses new
 commands (``failed`` / ``agent_shutting_down``), gives running ones
 ``--shutdown-grace`` seconds (default 10) to finish and delivers their results,
@@ -28,7 +37,7 @@ cancels the rest (reported ``cancelled`` / ``agent_shutdown``), and closes the
 connection politely. A second signal stops at once.
 
 Exit status: 0 after SIGINT/SIGTERM (the connection is closed politely), 2 for
-bad flags, 1 if the server refuses this agent for good.
+bad flags, 1 if the server refuses this agent for good (a refused token included).
 """
 
 from __future__ import annotations
@@ -49,7 +58,10 @@ from cryptography import x509
 
 from ..logs import configure_logging
 from ..quic.tls import DEV_CERT_NAME, parse_fingerprint
-from .client import Agent, AgentRejected
+from ..tokens import DEV_AGENT_TOKEN_FILE, read_token_file
+from .client import Agent, AgentRejected, AgentUnauthorized
+from .executor import ExecutorRegistry, builtin_executor
+from .shell import ShellExecutor
 
 logger = logging.getLogger("trio_quiccmd.agent")
 
@@ -79,6 +91,10 @@ class AgentSettings:
     log_level: str
     max_concurrent: int
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    #: The credential sent in HELLO, and where it came from (for the log).
+    token: str | None = None
+    token_source: str = "none"
+    allow_shell: bool = False
 
     def tls_description(self) -> str:
         """How the server will be verified, for the startup log line."""
@@ -177,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="debug, info, warning, error or critical (default info)")
     parser.add_argument("--max-concurrent", metavar="N",
                         help=f"commands run at once (default {DEFAULT_MAX_CONCURRENT})")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="file holding this agent's token (preferred over --token, "
+                        "which other users can see in the process list)")
+    parser.add_argument("--token", metavar="TOKEN",
+                        help="this agent's token; default: --token-file, then "
+                        f"<data-dir>/{DEV_AGENT_TOKEN_FILE} if it exists")
+    parser.add_argument("--allow-shell", action="store_true", default=None,
+                        help="add the 'shell' command type: whoever may command this agent "
+                        "can run programs as its user [QUICCMD_AGENT_ALLOW_SHELL=1]")
     parser.add_argument("--shutdown-grace", metavar="SECONDS",
                         help="on SIGINT/SIGTERM, how long running commands may still finish "
                         "before they are cancelled (default "
@@ -257,6 +282,22 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Ag
             f"{source}: expected a number of seconds, 0 or more, got {grace_text!r}"
         )
 
+    token, token_source = None, "none"
+    token_text, source = pick("--token", args.token)
+    if token_text:
+        token, token_source = token_text, source
+    else:
+        file_text, source = pick("--token-file", args.token_file)
+        if file_text:
+            token, token_source = _read_token(Path(file_text), source), source
+
+    allow_shell = bool(args.allow_shell)
+    if not allow_shell:
+        shell_text = environ.get(ENV_PREFIX + "ALLOW_SHELL", "").strip().lower()
+        if shell_text not in ("", "0", "false", "no", "1", "true", "yes"):
+            raise UsageError(f"{ENV_PREFIX}ALLOW_SHELL: expected 1/0, true/false or yes/no, got {shell_text!r}")
+        allow_shell = shell_text in ("1", "true", "yes")
+
     return AgentSettings(
         client_id=client_id,
         server=server,
@@ -268,7 +309,41 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Ag
         log_level=level,
         max_concurrent=int(concurrent_text or DEFAULT_MAX_CONCURRENT),
         shutdown_grace=shutdown_grace,
+        token=token,
+        token_source=token_source,
+        allow_shell=allow_shell,
     )
+
+
+def _read_token(path: Path, source: str) -> str:
+    try:
+        return read_token_file(path)
+    except FileNotFoundError:
+        raise UsageError(f"{source} {path}: no such file") from None
+    except OSError as exc:
+        raise UsageError(f"{source} {path}: cannot read it: {exc.strerror}") from None
+    except ValueError:
+        raise UsageError(f"{source} {path}: the file is empty") from None
+
+
+def with_dev_credential(settings: AgentSettings) -> AgentSettings:
+    """Use ``<data-dir>/agent-dev-token`` when no token was given and it exists."""
+    if settings.token is not None:
+        return settings
+    candidate = settings.data_dir / DEV_AGENT_TOKEN_FILE
+    if not candidate.is_file():
+        return settings
+    token = _read_token(candidate, "data dir credential")
+    logger.info("Using the development credential from the data dir token_file=%s", candidate)
+    return attrs.evolve(settings, token=token, token_source=str(candidate))
+
+
+def build_executor(settings: AgentSettings) -> ExecutorRegistry:
+    """The built-in command types, plus ``shell`` with --allow-shell."""
+    registry = builtin_executor()
+    if settings.allow_shell:
+        registry.register("shell", ShellExecutor().run)
+    return registry
 
 
 def with_dev_certificate(settings: AgentSettings) -> AgentSettings:
@@ -297,9 +372,12 @@ def _format_host(host: str) -> str:
 
 async def run_agent(settings: AgentSettings) -> int:
     """Run until SIGINT/SIGTERM (-> 0) or a final refusal (-> 1)."""
+    executor = build_executor(settings)
     agent = Agent(
         settings.client_id,
         settings.server,
+        executor,
+        token=settings.token,
         labels=settings.labels,
         ca_file=settings.ca_file,
         server_fingerprint=settings.server_fingerprint,
@@ -309,11 +387,17 @@ async def run_agent(settings: AgentSettings) -> int:
     # Signals are ours from here on; "Agent starting" says so.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         logger.info(
-            "Agent starting client_id=%s server=%s:%s tls=%s labels=%s",
+            "Agent starting client_id=%s server=%s:%s tls=%s token=%s labels=%s command_types=%s",
             settings.client_id, _format_host(settings.server[0]), settings.server[1],
-            settings.tls_description(),
+            settings.tls_description(), settings.token_source,
             ",".join(f"{k}={v}" for k, v in sorted(settings.labels.items())),
+            ",".join(executor.command_types),
         )
+        if settings.allow_shell:
+            logger.warning(
+                "The shell command type is enabled: whoever may command this agent can run "
+                "programs as its user client_id=%s", settings.client_id,
+            )
         if settings.tls_description() == "system-ca":
             logger.info(
                 "Verifying the server against the system CA store "
@@ -341,6 +425,8 @@ async def run_agent(settings: AgentSettings) -> int:
             nursery.start_soon(watch_signals)
             try:
                 await agent.run()
+            except AgentUnauthorized:
+                return 1  # Agent.run logged "Agent unauthorized, stopping ..."
             except AgentRejected as exc:
                 logger.error("Agent rejected by the server client_id=%s error=%s",
                              settings.client_id, exc)
@@ -363,7 +449,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         # aioquic logs every handshake at INFO; that is debugging detail here.
         logging.getLogger("quic").setLevel(logging.WARNING)
     try:
-        settings = with_dev_certificate(settings)
+        settings = with_dev_credential(with_dev_certificate(settings))
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

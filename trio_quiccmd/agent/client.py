@@ -58,6 +58,17 @@ class AgentRejected(Exception):
     """The server refused this agent in a way retrying will not fix."""
 
 
+class AgentUnauthorized(AgentRejected):
+    """The server refused this agent's credential (or revoked it): close code
+    UNAUTHORIZED. The agent stops rather than retry: the same token would be
+    refused again, and a fleet of agents redialling with a bad token is a
+    flood. ``reason`` is the server's explanation."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"the server refused this agent's credential: {reason}")
+        self.reason = reason
+
+
 class ServerFingerprintMismatch(ConnectionFailed):
     """The server's certificate is not the one this agent pinned.
 
@@ -238,6 +249,10 @@ class Agent:
       only the holder of the pinned certificate's key can get past the pin.
       Expiry and host name are not checked: the pin names the certificate
       exactly. If a CA is given as well, both checks apply.
+
+    The agent proves its ``client_id`` with ``token`` (sent in HELLO; see
+    docs/security.md). A server that refuses it closes with UNAUTHORIZED, and
+    :meth:`run` raises :class:`AgentUnauthorized` instead of reconnecting.
 
     A pin mismatch raises :class:`ServerFingerprintMismatch` for that attempt;
     :meth:`run` logs it as an error and retries with backoff.
@@ -442,7 +457,8 @@ class Agent:
         """Stay connected until :meth:`stop`, reconnecting with backoff and jitter.
 
         Reports ``started()`` once the first session is welcomed. Raises
-        :class:`AgentRejected` if the server refuses this agent for good. Returns
+        :class:`AgentRejected` if the server refuses this agent for good
+        (:class:`AgentUnauthorized` for a refused or revoked token). Returns
         after :meth:`stop` once the drain is over and the connection is closed.
 
         If cancelled (the abrupt path), running commands are cancelled without
@@ -464,6 +480,13 @@ class Agent:
                             # server that welcomes and then drops us at once
                             # must not be redialled in a tight loop.
                             attempt = 0
+                    except AgentUnauthorized as exc:
+                        logger.error(
+                            "Agent unauthorized, stopping client_id=%s server=%s:%s reason=%r",
+                            self.client_id, self.server[0], self.server[1], exc.reason,
+                        )
+                        rejected = exc
+                        break
                     except AgentRejected as exc:
                         rejected = exc
                         break
@@ -662,6 +685,8 @@ class Agent:
 
     @staticmethod
     def _raise_if_fatal(code: int | None, reason: str) -> None:
+        if code == ProtocolErrorCode.UNAUTHORIZED:
+            raise AgentUnauthorized(reason)
         if code == ProtocolErrorCode.UNSUPPORTED_VERSION:
             raise AgentRejected(f"the server refused this agent: {reason}")
         if code == ProtocolErrorCode.REPLACED:

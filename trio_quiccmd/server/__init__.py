@@ -1,9 +1,14 @@
 """The server side: command manager, agent registry, stores, QUIC endpoint."""
 
+from .audit import AuditLog as AuditLog
+from .auth import AgentAuthenticator as AgentAuthenticator
+from .auth import ApiAuthenticator as ApiAuthenticator
 from .core import CommandServer as CommandServer
 from .core import server_quic_configuration as server_quic_configuration
 from .manager import CommandManager as CommandManager
 from .manager import ManagerSettings as ManagerSettings
+from .policy import AllowRule as AllowRule
+from .policy import CommandPolicy as CommandPolicy
 from .registry import ClientInfo as ClientInfo
 from .store import CommandPage as CommandPage
 from .store import CommandQuery as CommandQuery

@@ -1,5 +1,8 @@
 """``python -m trio_quiccmd.server``: run the server until SIGINT/SIGTERM.
 
+``python -m trio_quiccmd.server token ...`` / ``api-token ...`` manage
+credentials instead (see :mod:`.tokens_cli`).
+
 Exit status: 0 after a graceful shutdown, 1 if it could not start or a second
 signal forced it to stop without finishing the drain, 2 for a bad setting.
 """
@@ -15,6 +18,7 @@ import trio
 
 from ..config import ConfigError, ServerSettings, format_host_port, load_settings
 from ..logs import configure_logging
+from . import tokens_cli
 from .service import ServerAddresses, StartupError, serve
 
 PROG = "python -m trio_quiccmd.server"
@@ -71,8 +75,12 @@ def _startup_error(group: BaseExceptionGroup) -> StartupError | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] in tokens_cli.COMMANDS:
+        # `token ...` / `api-token ...`: manage credentials, do not serve.
+        return tokens_cli.main(arguments)
     try:
-        settings = load_settings(argv)
+        settings = load_settings(arguments)
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

@@ -34,8 +34,12 @@ class CommandServer:
         quic_configuration: QuicConfiguration,
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        credential_check_interval: float = 1.0,
     ):
         self.manager = manager
+        #: How often the agent token file is checked for changes (revocations
+        #: close connected agents within this).
+        self.credential_check_interval = credential_check_interval
         self.endpoint = QuicEndpoint(
             quic_configuration, manager.registry.new_link, max_frame_size=max_frame_size
         )
@@ -50,6 +54,8 @@ class CommandServer:
         """
         async with trio.open_nursery() as nursery:
             await nursery.start(self.manager.run)
+            if self.manager.registry.authenticator is not None:
+                nursery.start_soon(self.manager.registry.watch_credentials, self.credential_check_interval)
             address = await nursery.start(self.endpoint.serve, host, port)
             logger.info("QUIC endpoint listening address=%s:%s", address[0], address[1])
             task_status.started(address)

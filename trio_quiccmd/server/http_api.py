@@ -19,20 +19,25 @@ import math
 from typing import Any, Iterable, Mapping, NoReturn
 
 import attrs
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from ..errors import (
     CommandAlreadyFinished,
     CommandNotFound,
+    CommandRefused,
+    Forbidden,
     InvalidCommand,
     LimitExceeded,
     PayloadTooLarge,
     QuicCmdError,
     ShuttingDown,
+    Unauthorized,
 )
 from ..model import Command, CommandStatus, ErrorCode
+from .audit import ACTIONS, OUTCOMES, AuditEntry, AuditLog
+from .auth import ANONYMOUS, ApiAuthenticator
 from .manager import CommandManager
 from .metrics import Metrics
 from .openapi import openapi_document
@@ -57,6 +62,20 @@ _SEND_FIELDS = frozenset(
 _LIST_PARAMS = frozenset(
     {"client_id", "status", "command_type", "created_after", "created_before", "limit", "cursor"}
 )
+_AUDIT_PARAMS = frozenset({"actor", "action", "client_id", "command_id", "outcome", "limit", "cursor"})
+
+#: The role each route needs when the API authenticates (routes not listed:
+#: /healthz and /openapi.json, open to all).
+_ROUTE_ROLES = {
+    "send_command": "operate",
+    "cancel_command": "operate",
+    "get_command": "read",
+    "list_commands": "read",
+    "list_clients": "read",
+    "metrics_endpoint": "read",
+    "list_audit": "read",
+}
+_AUDITED_ROUTES = {"send_command": "send", "cancel_command": "cancel"}
 
 #: Error codes for statuses werkzeug raises (routing, body size, timeouts).
 _HTTP_CODES = {
@@ -126,6 +145,12 @@ def command_json(command: Command) -> dict[str, Any]:
         "sent_at": rfc3339(command.sent_at),
         "completed_at": rfc3339(command.completed_at),
     }
+
+
+def audit_json(entry: AuditEntry) -> dict[str, Any]:
+    body = entry.to_json()
+    body["at"] = rfc3339(entry.at)
+    return body
 
 
 def client_json(client: ClientInfo) -> dict[str, Any]:
@@ -301,7 +326,7 @@ def _priority_field(body: Mapping[str, Any]) -> int:
     return value
 
 
-_FREE_TEXT_QUERY_PARAMETERS = frozenset({"client_id", "command_type", "cursor"})
+_FREE_TEXT_QUERY_PARAMETERS = frozenset({"client_id", "command_type", "cursor", "actor", "command_id"})
 
 
 def _query(allowed: frozenset[str]) -> dict[str, str]:
@@ -381,8 +406,14 @@ def create_app(
     *,
     limits: ApiLimits | None = None,
     metrics: Metrics | None = None,
+    auth: ApiAuthenticator | None = None,
+    audit: AuditLog | None = None,
 ) -> QuartTrio:
     """The HTTP API over ``manager``. ``metrics`` feeds ``GET /metrics`` (404 without it).
+
+    ``auth`` checks bearer tokens and roles (None: every request may do
+    everything); ``audit`` records sends and cancels and feeds ``GET
+    /api/audit`` (404 without it).
 
     The app holds no state of its own; serve it with ``hypercorn.trio.serve``.
     """
@@ -402,6 +433,40 @@ def create_app(
     def refuse_if_shutting_down() -> None:
         if manager.shutting_down:
             raise ShuttingDown()
+
+    def record(
+        action: str, client_id: str | None, command_type: str | None, command_id: str | None,
+        error_code: str | None = None,
+    ) -> None:
+        if audit is not None:
+            audit.record(
+                actor=g.principal.name, action=action, client_id=client_id,
+                command_type=command_type, command_id=command_id,
+                outcome="refused" if error_code else "accepted", error_code=error_code,
+                remote=request.remote_addr or "",
+            )
+
+    @app.before_request
+    async def authenticate() -> None:
+        g.principal = ANONYMOUS
+        role = _ROUTE_ROLES.get(request.endpoint or "")
+        if auth is None or role is None:
+            return
+        try:
+            g.principal = auth.authenticate(request.headers.get("Authorization"))
+        except Unauthorized as exc:
+            logger.warning(
+                "Operator rejected remote=%s method=%s path=%s reason=%r",
+                request.remote_addr, request.method, request.path, str(exc),
+            )
+            raise
+        try:
+            auth.require_role(g.principal, role, f"{request.method} {request.url_rule.rule}")
+        except Forbidden as exc:
+            action = _AUDITED_ROUTES.get(request.endpoint or "")
+            if action is not None:
+                record(action, None, None, (request.view_args or {}).get("command_id"), exc.code)
+            raise
 
     # -- routes ---------------------------------------------------------------
 
@@ -426,18 +491,30 @@ def create_app(
         if _payload_depth(payload) > MAX_PAYLOAD_DEPTH:
             raise _invalid(f"payload is nested more than {MAX_PAYLOAD_DEPTH} levels deep")
 
-        options = dict(timeout=timeout, connect_timeout=connect_timeout, priority=priority)
-        if wait:
-            command = await manager.send_and_wait(
-                client_id, command_type, payload, **options,
-                wait_timeout=_wait_bound(timeout, connect_timeout),
+        try:
+            if auth is not None:
+                auth.require_scope(g.principal, client_id, command_type, manager.registry.labels_of(client_id))
+            command = await manager.send_command(
+                client_id,
+                command_type,
+                payload,
+                timeout=timeout,
+                connect_timeout=connect_timeout,
+                priority=priority,
             )
-        else:
-            command = await manager.send_command(client_id, command_type, payload, **options)
+        except QuicCmdError as exc:
+            record("send", client_id, command_type, None, exc.code)
+            raise
         if command.status is CommandStatus.FAILED and command.error_code == ErrorCode.AGENT_OFFLINE.value:
+            record("send", client_id, command_type, command.command_id, ErrorCode.AGENT_OFFLINE.value)
             return json_response(command_json(command), 409)
+        record("send", client_id, command_type, command.command_id)
+        if not wait:
+            return json_response(command_json(command), 202)
+        if not command.is_terminal:
+            command = await manager.wait(command.command_id, _wait_bound(command.timeout, command.connect_timeout))
         # 200 means "final"; should the bound ever be hit, say "still running".
-        return json_response(command_json(command), 200 if wait and command.is_terminal else 202)
+        return json_response(command_json(command), 200 if command.is_terminal else 202)
 
     @app.get("/api/command/<command_id>")
     async def get_command(command_id: str) -> Response:
@@ -484,8 +561,46 @@ def create_app(
             raise _invalid(
                 f"reason must be a string of 1 to {MAX_REASON_LENGTH} characters", "invalid_request"
             )
-        command = await manager.cancel(command_id, reason)
+        client_id = command_type = None
+        try:
+            command = await manager.get_command(command_id)
+            client_id, command_type = command.client_id, command.command_type
+            if auth is not None:
+                auth.require_scope(g.principal, client_id, command_type, manager.registry.labels_of(client_id))
+            command = await manager.cancel(command_id, reason)
+        except QuicCmdError as exc:
+            record("cancel", client_id, command_type, command_id, exc.code)
+            raise
+        record("cancel", client_id, command_type, command_id)
         return json_response(command_json(command))
+
+    @app.get("/api/audit")
+    async def list_audit() -> Response:
+        if audit is None:
+            raise ApiError(404, "not_found", "the audit log is not enabled on this server")
+        params = _query(_AUDIT_PARAMS)
+        for name, allowed in (("action", ACTIONS), ("outcome", OUTCOMES)):
+            if name in params and params[name] not in allowed:
+                raise _invalid(f"unknown {name} {params[name]!r}; one of {', '.join(allowed)}", "invalid_request")
+        cursor = params.get("cursor")
+        if cursor is not None and not (cursor.isascii() and cursor.isdigit()):
+            raise _invalid(f"cursor must be a next_cursor from an earlier page, not {cursor!r}", "invalid_request")
+        limit = _query_int(params, "limit", limits.default_list_limit, 1, limits.max_list_limit)
+        entries, next_cursor = audit.query(
+            actor=params.get("actor") or None,
+            action=params.get("action"),
+            client_id=params.get("client_id") or None,
+            command_id=params.get("command_id") or None,
+            outcome=params.get("outcome"),
+            limit=limit,
+            before=int(cursor) if cursor else None,
+        )
+        return json_response(
+            {
+                "entries": [audit_json(e) for e in entries],
+                "next_cursor": str(next_cursor) if next_cursor is not None else None,
+            }
+        )
 
     @app.get("/api/clients")
     async def list_clients() -> Response:
@@ -533,6 +648,16 @@ def create_app(
         if isinstance(error, LimitExceeded):
             # queue_full / too_many_commands: nothing was created; back off and retry.
             return error_response(429, error.code, str(error), headers={"Retry-After": "1"})
+        if isinstance(error, Unauthorized):
+            challenge = 'Bearer realm="quiccmd"'
+            if request.headers.get("Authorization"):
+                challenge += ', error="invalid_token"'
+            return error_response(401, error.code, str(error), headers={"WWW-Authenticate": challenge})
+        if isinstance(error, Forbidden):
+            return error_response(403, error.code, str(error))
+        if isinstance(error, CommandRefused):
+            # policy_denied / invalid_payload: nothing was created or sent.
+            return error_response(422, error.code, str(error))
         if isinstance(error, PayloadTooLarge):
             return error_response(413, error.code, str(error))
         if isinstance(error, InvalidCommand):

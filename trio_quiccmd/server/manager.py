@@ -20,6 +20,7 @@ import trio
 from ..errors import (
     CommandAlreadyFinished,
     CommandNotFound,
+    CommandRefused,
     InvalidCommand,
     PayloadTooLarge,
     QueueFull,
@@ -40,6 +41,8 @@ from ..wire import (
     ResultFrame,
     json_dumps,
 )
+from .auth import AgentAuthenticator
+from .policy import CommandPolicy
 from .registry import AgentLink, AgentRegistry, ClientInfo
 from .store import CommandPage, CommandQuery, MemoryStore, Store
 
@@ -116,6 +119,8 @@ class CommandManager:
         settings: ManagerSettings | None = None,
         *,
         wall_clock: Callable[[], float] = time.time,
+        authenticator: AgentAuthenticator | None = None,
+        policy: CommandPolicy | None = None,
     ):
         self.settings = settings or ManagerSettings()
         self.store: Store = store if store is not None else MemoryStore()
@@ -125,7 +130,10 @@ class CommandManager:
             hello_timeout=self.settings.hello_timeout,
             max_agents=self.settings.max_agents,
             max_hello_rate=self.settings.max_hello_rate,
+            authenticator=authenticator,
         )
+        #: Which command types each agent may get, and payload schemas (None: all).
+        self.policy = policy
         self._wall = wall_clock
         self._observers: list[CommandObserver] = []
         # Unfinished commands: the manager is their authority.
@@ -290,7 +298,8 @@ class CommandManager:
         :class:`ShuttingDown` while the server drains, :class:`QueueFull` if
         the agent already has ``max_queued_per_agent`` commands queued and
         :class:`TooManyCommands` if the server already has
-        ``max_unfinished_commands`` unfinished; then nothing is created.
+        ``max_unfinished_commands`` unfinished, and :class:`PolicyDenied` /
+        :class:`InvalidPayload` if the policy refuses it; then nothing is created.
 
         It returns once the command is stored (:meth:`Store.flush`). If
         cancelled after the command was accepted, the command still runs; only
@@ -312,6 +321,15 @@ class CommandManager:
         """Create, record and dispatch a command (the synchronous part of sending)."""
         self._validate(client_id, command_type, timeout, connect_timeout, priority)
         payload = self._own_payload(command_type, {} if payload is None else payload)
+        if self.policy is not None:
+            try:
+                self.policy.check(client_id, command_type, payload, self.registry.labels_of(client_id))
+            except CommandRefused as exc:
+                logger.warning(
+                    "Command refused client_id=%s command_type=%s error_code=%s",
+                    client_id, command_type, exc.code,
+                )
+                raise
         if self._shutting_down:
             raise ShuttingDown()
         link = self.registry.get(client_id)

@@ -46,6 +46,14 @@ def openapi_document(
         "schema": {"type": "string"},
     }
     bad_request = _error("Bad JSON, a wrong type, an unknown field or parameter, or a value out of range")
+    unauthorized = _error(
+        "No bearer token where one is required, or one the server does not know "
+        "(error unauthorized; has WWW-Authenticate: Bearer)"
+    )
+    forbidden = _error(
+        "The token lacks the role (operate) or its command-type / agent-label "
+        "restrictions exclude this command (error forbidden)"
+    )
     not_found = _error("No command with this id (or it was purged from the history)")
 
     schemas: dict[str, Any] = {
@@ -161,6 +169,42 @@ def openapi_document(
                 "message": {"type": "string"},
             },
         },
+        "AuditEntry": {
+            "type": "object",
+            "required": [
+                "id", "at", "actor", "action", "client_id", "command_type", "command_id",
+                "outcome", "error_code", "remote",
+            ],
+            "additionalProperties": False,
+            "properties": {
+                "id": {"type": "integer", "minimum": 1, "description": "Increasing; never reused"},
+                "at": timestamp,
+                "actor": {"type": "string", "description": "The API token's name, or anonymous"},
+                "action": {"type": "string", "enum": ["send", "cancel"]},
+                "client_id": {"type": ["string", "null"]},
+                "command_type": {"type": ["string", "null"]},
+                "command_id": {"type": ["string", "null"]},
+                "outcome": {"type": "string", "enum": ["accepted", "refused"]},
+                "error_code": {
+                    "type": ["string", "null"],
+                    "description": "Why it was refused: the API error code (forbidden, "
+                    "policy_denied, invalid_payload, queue_full, not_found, agent_offline, ...)",
+                },
+                "remote": {"type": "string", "description": "The caller's address"},
+            },
+        },
+        "AuditPage": {
+            "type": "object",
+            "required": ["entries", "next_cursor"],
+            "additionalProperties": False,
+            "properties": {
+                "entries": {"type": "array", "items": _ref("AuditEntry")},
+                "next_cursor": {
+                    "type": ["string", "null"],
+                    "description": "Pass as ?cursor= for the next (older) page; null on the last",
+                },
+            },
+        },
         "Error": {
             "type": "object",
             "required": ["error"],
@@ -190,8 +234,13 @@ def openapi_document(
                         "The agent is offline and connect_timeout is 0: the failed command "
                         "(status failed, error_code agent_offline)",
                     ),
+                    "401": unauthorized,
+                    "403": forbidden,
                     "413": _error(f"The body is over {max_payload_bytes} bytes, or the payload "
                                   "is over the agents' frame limit"),
+                    "422": _error("The command policy refused it and nothing was created or sent: "
+                                  "the type is not allowed for this agent (policy_denied) or the "
+                                  "payload does not match the type's JSON Schema (invalid_payload)"),
                     "429": _error("A limit was hit and nothing was created: the agent's queue is "
                                   "full (queue_full) or the server holds too many unfinished "
                                   "commands (too_many_commands); retry later"),
@@ -216,6 +265,7 @@ def openapi_document(
                 "responses": {
                     "200": _json(_ref("Command"), "The command (terminal, or as it is when the wait ended)"),
                     "400": bad_request,
+                    "401": unauthorized,
                     "404": not_found,
                 },
             }
@@ -232,6 +282,8 @@ def openapi_document(
                 "responses": {
                     "200": _json(_ref("Command"), "The command, cancelled"),
                     "400": bad_request,
+                    "401": unauthorized,
+                    "403": forbidden,
                     "404": not_found,
                     "409": _error("Already finished; the error carries the command"),
                 },
@@ -272,14 +324,54 @@ def openapi_document(
                         "description": "next_cursor of the previous page",
                     },
                 ],
-                "responses": {"200": _json(_ref("CommandPage"), "A page of commands"), "400": bad_request},
+                "responses": {
+                    "200": _json(_ref("CommandPage"), "A page of commands"),
+                    "400": bad_request,
+                    "401": unauthorized,
+                },
             }
         },
         "/api/clients": {
             "get": {
                 "operationId": "listClients",
                 "summary": "Connected agents",
-                "responses": {"200": _json(_ref("ClientList"), "The connected agents")},
+                "responses": {
+                    "200": _json(_ref("ClientList"), "The connected agents"),
+                    "401": unauthorized,
+                },
+            }
+        },
+        "/api/audit": {
+            "get": {
+                "operationId": "listAudit",
+                "summary": "Audit log of sends and cancels, newest first, filtered and paginated",
+                "parameters": [
+                    {"name": "actor", "in": "query", "schema": {"type": "string"}},
+                    {"name": "action", "in": "query", "schema": {"type": "string", "enum": ["send", "cancel"]}},
+                    {"name": "client_id", "in": "query", "schema": {"type": "string"}},
+                    {"name": "command_id", "in": "query", "schema": {"type": "string"}},
+                    {"name": "outcome", "in": "query", "schema": {"type": "string", "enum": ["accepted", "refused"]}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {
+                            "type": "integer", "minimum": 1, "maximum": max_list_limit,
+                            "default": default_list_limit,
+                        },
+                    },
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "schema": {"type": "string", "pattern": "^[0-9]*$"},
+                        "description": "next_cursor of the previous page",
+                    },
+                ],
+                "responses": {
+                    "200": _json(_ref("AuditPage"), "A page of audit entries"),
+                    "400": bad_request,
+                    "401": unauthorized,
+                    "404": _error("The audit log is not enabled on this server"),
+                },
             }
         },
         "/healthz": {
@@ -300,7 +392,8 @@ def openapi_document(
                     "200": {
                         "description": "Prometheus text exposition format",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
+                    },
+                    "401": unauthorized,
                 },
             }
         },
@@ -312,6 +405,13 @@ def openapi_document(
             }
         },
     }
+
+    # Bearer tokens: required off loopback (or with require_api_token), optional
+    # otherwise; the empty alternative says "or none, when the server allows it".
+    for path, operations in paths.items():
+        if path not in ("/healthz", "/openapi.json"):
+            for operation in operations.values():
+                operation["security"] = [{"bearerAuth": []}, {}]
 
     return {
         "openapi": "3.1.0",
@@ -325,5 +425,15 @@ def openapi_document(
             ),
         },
         "paths": paths,
-        "components": {"schemas": schemas},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API token (python -m trio_quiccmd.server api-token create); "
+                    "role read for GET endpoints, operate to send and cancel",
+                }
+            },
+        },
     }

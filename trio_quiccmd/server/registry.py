@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
+from typing import Mapping, Protocol
 
 import attrs
 import trio
@@ -25,6 +25,7 @@ from ..wire import (
     ResultFrame,
     Welcome,
 )
+from .auth import AgentAuthenticator, AgentAuthFailed
 
 logger = logging.getLogger("trio_quiccmd.server")
 
@@ -57,6 +58,10 @@ class ClientInfo:
     queued: int
 
 
+def _format_labels(labels: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
 def _is_client_bidi(stream_id: int) -> bool:
     return stream_id % 4 == 0
 
@@ -75,6 +80,10 @@ class AgentLink(SessionHandler):
         self.hello_overdue = False
         #: Its HELLO was refused by a limit; the connection is closing.
         self.refused = False
+        #: How it proved its client_id ("token", "enrollment", "development";
+        #: "" without authentication), and the hash of what it presented.
+        self.credential = ""
+        self.presented_hash = ""
         self._control_stream: int | None = None
         self._stream_of: dict[str, int] = {}  # command_id -> stream_id
         self._command_on: dict[int, str] = {}  # stream_id -> command_id
@@ -222,10 +231,17 @@ class AgentLink(SessionHandler):
             raise ProtocolError(
                 ProtocolErrorCode.INVALID_FRAME, "client_id must be 1 to 256 characters"
             )
-        # Raises ProtocolError (RATE_LIMITED / TOO_MANY_AGENTS): the
-        # connection is closed before it is welcomed or registered.
+        if not frame.client_id.isprintable():
+            # It goes into log lines before the agent is authenticated: a
+            # newline in it could forge a line (an "Audit ..." one, say).
+            raise ProtocolError(
+                ProtocolErrorCode.INVALID_FRAME, "client_id must not contain control characters"
+            )
+        # Raises ProtocolError (RATE_LIMITED / TOO_MANY_AGENTS / UNAUTHORIZED):
+        # the connection is closed before it is welcomed or registered.
         try:
             self._registry.admit(frame.client_id, self.remote_address)
+            frame = self._registry.authenticate(self, frame)
         except ProtocolError:
             self.refused = True
             raise
@@ -304,8 +320,11 @@ class AgentRegistry:
         hello_timeout: float = 10.0,
         max_agents: int = 100_000,
         max_hello_rate: float = 200.0,
+        authenticator: AgentAuthenticator | None = None,
     ):
         self.listener = listener
+        #: None: every HELLO is taken at its word (an embedded server's choice).
+        self.authenticator = authenticator
         self.max_in_flight_per_agent = max_in_flight_per_agent
         self.hello_timeout = hello_timeout
         self.max_agents = max_agents
@@ -351,6 +370,69 @@ class AgentRegistry:
                 f"the server already has {self.max_agents} connected agents",
             )
 
+    def authenticate(self, link: AgentLink, hello: Hello) -> Hello:
+        """Check ``hello``'s credential; returns it with the labels the server
+        asserts and without the secret. Raises ProtocolError(UNAUTHORIZED)."""
+        if self.authenticator is None:
+            return hello
+        try:
+            identity = self.authenticator.authenticate(hello.client_id, hello.token)
+        except AgentAuthFailed as exc:
+            logger.warning(
+                "Agent rejected client_id=%s remote=%s reason=%r%s",
+                hello.client_id, link.remote_address, exc.reason,
+                f" {exc.detail}" if exc.detail else "",
+            )
+            raise ProtocolError(ProtocolErrorCode.UNAUTHORIZED, f"unauthorized: {exc.reason}") from None
+        link.credential = identity.credential
+        link.presented_hash = identity.presented_hash
+        labels = hello.labels
+        if identity.labels is not None:
+            if dict(identity.labels) != hello.labels:
+                # The token's labels are the server's word; the agent's own
+                # claim is only logged, so a rogue agent cannot widen its scope.
+                logger.info(
+                    "Agent labels replaced by its token's client_id=%s claimed=%s bound=%s",
+                    hello.client_id, _format_labels(hello.labels), _format_labels(identity.labels),
+                )
+            labels = dict(identity.labels)
+        return attrs.evolve(hello, labels=labels, token=None)
+
+    def labels_of(self, client_id: str) -> Mapping[str, str] | None:
+        """The labels to judge ``client_id`` by: its connection's (the token's
+        bound labels, else what it said in HELLO), else those bound to its
+        token while it is offline; None if unknown."""
+        link = self.get(client_id)
+        if link is not None and link.hello is not None:
+            return link.hello.labels
+        if self.authenticator is not None:
+            return self.authenticator.labels_of(client_id)
+        return None
+
+    async def watch_credentials(self, interval: float = 1.0) -> None:
+        """Re-read the agent token file when it changes, and close connections
+        whose credential no longer holds (UNAUTHORIZED). Runs until cancelled."""
+        assert self.authenticator is not None
+        # A HELLO may have reloaded the file since the last look: compare
+        # generations rather than trust refresh() to report the change.
+        seen = self.authenticator.generation
+        while True:
+            await trio.sleep(interval)
+            self.authenticator.refresh()
+            if self.authenticator.generation == seen:
+                continue
+            seen = self.authenticator.generation
+            for link in self.links():
+                assert link.client_id is not None
+                try:
+                    self.authenticator.check(link.client_id, link.presented_hash)
+                except AgentAuthFailed as exc:
+                    logger.warning(
+                        "Agent rejected client_id=%s remote=%s reason=%r action=disconnect",
+                        link.client_id, link.remote_address, "credential revoked: " + exc.reason,
+                    )
+                    link.close(ProtocolErrorCode.UNAUTHORIZED, "unauthorized: credential revoked")
+
     def attach(self, link: AgentLink) -> None:
         self._unidentified.pop(link, None)
         client_id = link.client_id
@@ -364,9 +446,9 @@ class AgentRegistry:
             old.close(ProtocolErrorCode.REPLACED, "replaced by a newer connection")
         self._links[client_id] = link
         logger.info(
-            "Agent connected client_id=%s remote=%s labels=%s",
-            client_id, link.remote_address,
-            ",".join(f"{k}={v}" for k, v in sorted(link.hello.labels.items())),
+            "Agent connected client_id=%s remote=%s labels=%s%s",
+            client_id, link.remote_address, _format_labels(link.hello.labels),
+            f" credential={link.credential}" if link.credential else "",
         )
         self.listener.agent_connected(link)
 

@@ -28,7 +28,10 @@ from hypercorn.config import Config as HypercornConfig
 
 from ..config import ServerSettings, format_host_port
 from ..quic.tls import ensure_dev_certificate, fingerprint_of_pem_file
+from ..tokens import TokenFileError
 from ..wire import DEFAULT_MAX_FRAME_SIZE
+from .audit import AUDIT_FILE, AuditLog
+from .auth import AgentAuthenticator, ApiAuthenticator, check_http_exposure, is_loopback
 from .core import CommandServer, server_quic_configuration
 from .http_api import ApiLimits, create_app
 from .manager import CommandManager, ManagerSettings
@@ -125,6 +128,41 @@ async def open_store(settings: ServerSettings) -> AsyncIterator[Store]:
         yield store
 
 
+def _security(settings: ServerSettings) -> tuple[AgentAuthenticator, ApiAuthenticator, AuditLog]:
+    """The authenticators and the audit log, from the data dir (blocking file I/O).
+
+    Raises StartupError for an unreadable token file, or when the HTTP API
+    would be open to the network with no token to require.
+    """
+    try:
+        api = ApiAuthenticator.from_data_dir(
+            settings.data_dir,
+            required=settings.require_api_token
+            or (not is_loopback(settings.http_host) and not settings.allow_unauthenticated_http),
+        )
+    except (TokenFileError, OSError) as exc:
+        raise StartupError(f"cannot load credentials from {settings.data_dir}: {exc}") from None
+    refusal = check_http_exposure(
+        settings.http_host, api, allow_unauthenticated=settings.allow_unauthenticated_http
+    )
+    if refusal is not None:
+        raise StartupError(refusal)
+    try:
+        agents = AgentAuthenticator.from_data_dir(settings.data_dir)
+        audit = AuditLog(settings.data_dir / AUDIT_FILE)
+    except (TokenFileError, OSError) as exc:
+        raise StartupError(f"cannot load credentials from {settings.data_dir}: {exc}") from None
+    if not api.required and (api.tokens.tokens or not is_loopback(settings.http_host)):
+        # Tokens were issued, or the API is on the network, yet a request
+        # without one may still do everything: say so once, loudly.
+        logger.warning(
+            "HTTP API does not require a token host=%s api_tokens=%d "
+            "(set require_api_token to require one)",
+            settings.http_host, len(api.tokens.tokens),
+        )
+    return agents, api, audit
+
+
 def _first_leaf(group: BaseExceptionGroup, kind: type[BaseException]) -> BaseException | None:
     matched, _ = group.split(kind)
     while isinstance(matched, BaseExceptionGroup):
@@ -170,16 +208,26 @@ async def serve(
     owner). With a durable store, commands still unfinished at shutdown are
     left as they are, and taken up again at the next start.
 
+    Agents are authenticated from the data dir's token files (with the
+    development credential written there), operators by API tokens, and
+    sends and cancels are audited to ``audit.jsonl`` (docs/security.md).
+
     Reports :class:`ServerAddresses` (the bound ports, also when port 0 was
     asked) through ``task_status.started`` once both listeners are up. Raises
-    :class:`StartupError` if the store or the certificate is unusable or an
-    address cannot be bound. Returns when everything it started has stopped.
+    :class:`StartupError` if the store, the certificate or a token file is
+    unusable, if the HTTP API would be open off loopback without a token, or
+    if an address cannot be bound. Returns when everything it started has
+    stopped.
 
     If cancelled instead, everything stops at once: no drain, agent
     connections are dropped without a close, open HTTP requests are cut. Set
     ``shutdown_event`` for a polite stop.
     """
     shutdown_event = shutdown_event if shutdown_event is not None else trio.Event()
+    # Credentials first: a refusal to start writes no certificate, and the
+    # development credential exists by the time the certificate does (what
+    # scripts that wait for server-cert.pem then start an agent rely on).
+    security = await trio.to_thread.run_sync(_security, settings)
     cert_file, key_file = await _certificate(settings)
     try:
         quic_configuration = server_quic_configuration(
@@ -194,25 +242,32 @@ async def serve(
                 store = await stack.enter_async_context(open_store(settings))
             except StoreError as exc:
                 raise StartupError(str(exc)) from None
-        await _serve_with(settings, store, quic_configuration, shutdown_event, task_status)
+        await _serve_with(settings, store, security, quic_configuration, shutdown_event, task_status)
     logger.info("Server stopped")
 
 
 async def _serve_with(
     settings: ServerSettings,
     store: Store,
+    security: tuple[AgentAuthenticator, ApiAuthenticator, AuditLog],
     quic_configuration: QuicConfiguration,
     shutdown_event: trio.Event,
     task_status: trio.TaskStatus[ServerAddresses],
 ) -> None:
-    manager = CommandManager(store, manager_settings(settings))
+    agent_auth, api_auth, audit = security
+    manager = CommandManager(
+        store,
+        manager_settings(settings),
+        authenticator=agent_auth,
+        policy=None if settings.policy.is_empty else settings.policy,
+    )
     await manager.recover()
     metrics = Metrics(
         connected_agents=lambda: len(manager.registry.links()),
         unfinished_commands=lambda: manager.unfinished_count,
     )
     manager.add_observer(metrics)
-    app = create_app(manager, limits=api_limits(settings), metrics=metrics)
+    app = create_app(manager, limits=api_limits(settings), metrics=metrics, auth=api_auth, audit=audit)
     # The agents' frame limit bounds COMMAND frames (the API refuses bigger
     # payloads); the server reads RESULT frames up to the same size.
     command_server = CommandServer(manager, quic_configuration, max_frame_size=DEFAULT_MAX_FRAME_SIZE)

@@ -1,0 +1,125 @@
+"""Server authentication with a real certificate, as docs/security.md tells an
+operator to set it up: a private CA, a server certificate it issued
+(``--cert-file`` / ``--key-file``), agents that trust the CA and check the
+name. The whole service runs (``serve``), agents are real, over loopback QUIC.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+from pathlib import Path
+
+import pytest
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from trio_quiccmd import Agent
+from trio_quiccmd.config import ServerSettings
+from trio_quiccmd.quic.connection import ConnectionFailed
+from trio_quiccmd.quic.tls import fingerprint_of_pem_file
+from trio_quiccmd.server.service import serve
+from trio_quiccmd.tokens import issue_agent_token
+
+TIMEOUT = 20
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def make_ca_and_server_certificate(directory: Path) -> tuple[Path, Path, Path]:
+    """(ca.pem, server-cert.pem, server-key.pem): a CA, and a certificate it
+    issued for cmd.example.test and 127.0.0.1 (what the openssl recipe makes)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("quiccmd test CA")).issuer_name(_name("quiccmd test CA"))
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(_name("cmd.example.test")).issuer_name(ca.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("cmd.example.test"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = directory / "ca.pem", directory / "server-cert.pem", directory / "server-key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths
+
+
+@pytest.fixture
+async def real_cert_server(tmp_path: Path, caplog):
+    caplog.set_level(logging.INFO)
+    ca, cert, key = make_ca_and_server_certificate(tmp_path / "pki")
+    settings = ServerSettings(
+        http_host="127.0.0.1", http_port=0, quic_host="127.0.0.1", quic_port=0,
+        data_dir=tmp_path / "data", cert_file=cert, key_file=key, shutdown_grace=0.0,
+    )
+    token = issue_agent_token(settings.data_dir, "web-07")
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(
+            lambda task_status: serve(settings, shutdown_event=shutdown, task_status=task_status)
+        )
+        yield addresses, ca, cert, token
+        shutdown.set()
+
+
+async def connects(address: tuple[str, int], **options) -> None:
+    """An agent gets a session (and is then stopped)."""
+    agent = Agent("web-07", address, **options)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        agent.stop()
+
+
+async def refused(address: tuple[str, int], **options) -> None:
+    """One connection attempt fails in the TLS handshake: no session, no HELLO sent."""
+    agent = Agent("web-07", address, handshake_timeout=5.0, **options)
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(ConnectionFailed):
+            await agent._serve_one_session(nursery, trio.TASK_STATUS_IGNORED)
+    assert agent.sessions_established == 0
+
+
+async def test_agents_trust_the_issuing_ca_and_check_the_name(real_cert_server, caplog):
+    addresses, ca, cert, token = real_cert_server
+    address = ("127.0.0.1", addresses.quic[1])
+    with trio.fail_after(TIMEOUT):
+        # The CA and the certificate's DNS name (not in DNS here: --server-name).
+        await connects(address, ca_file=ca, server_name="cmd.example.test", token=token)
+        # The CA and the address itself (an IP SAN).
+        await connects(address, ca_file=ca, token=token)
+        # A pin of the real certificate works too (the server logs it).
+        await connects(address, server_fingerprint=fingerprint_of_pem_file(cert), token=token)
+        # A name the certificate does not carry is refused, as is a CA that did not issue it.
+        await refused(address, ca_file=ca, server_name="other.example.test", token=token)
+        await refused(address, ca_file=cert, server_name="cmd.example.test", token=token)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"Using TLS certificate path={cert} fingerprint=sha256:") for m in messages)

@@ -1,0 +1,97 @@
+"""The bundled agent's ``shell`` command type: only with --allow-shell, output
+capped, cancellation kills the program."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import trio
+
+from trio_quiccmd import CommandFailed
+from trio_quiccmd.agent.__main__ import build_executor, build_parser, resolve_settings
+from trio_quiccmd.agent.shell import ShellExecutor
+
+TIMEOUT = 15
+
+
+def settings(*args: str, env: dict[str, str] | None = None):
+    return resolve_settings(build_parser().parse_args(["--id", "a", *args]), env or {})
+
+
+def test_shell_exists_only_with_allow_shell():
+    assert "shell" not in build_executor(settings()).command_types
+    assert "shell" in build_executor(settings("--allow-shell")).command_types
+    assert "shell" in build_executor(settings(env={"QUICCMD_AGENT_ALLOW_SHELL": "1"})).command_types
+    assert "shell" not in build_executor(settings(env={"QUICCMD_AGENT_ALLOW_SHELL": "0"})).command_types
+
+
+async def test_without_allow_shell_a_shell_command_is_an_unknown_type(cluster):
+    with trio.fail_after(TIMEOUT):
+        await cluster.start_agent("plain", executor=build_executor(settings()))
+        command = await cluster.manager.send_and_wait("plain", "shell", {"command": "true"})
+    assert command.error_code == "unknown_command_type"
+
+
+async def test_with_allow_shell_it_runs_and_reports_exit_code_and_output(cluster):
+    with trio.fail_after(TIMEOUT):
+        await cluster.start_agent("sh", executor=build_executor(settings("--allow-shell")))
+        command = await cluster.manager.send_and_wait(
+            "sh", "shell", {"command": "echo out; echo err >&2; exit 3"}
+        )
+    assert command.status.value == "completed"
+    assert command.result == {"exit_code": 3, "stdout": "out\n", "stderr": "err\n", "truncated": False}
+
+
+async def test_output_is_capped_per_stream():
+    shell = ShellExecutor(max_output_bytes=1000)
+    with trio.fail_after(TIMEOUT):
+        result = await shell.run({"argv": ["/bin/sh", "-c", "head -c 5000 /dev/zero | tr '\\0' x; echo e >&2"]})
+    assert result["stdout"] == "x" * 1000
+    assert result["stderr"] == "e\n"
+    assert result["truncated"] is True and result["exit_code"] == 0
+
+
+async def test_cancelling_kills_the_whole_process_group(tmp_path: Path):
+    pidfile = tmp_path / "pid"
+    shell = ShellExecutor()
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(shell.run, {"command": f"sleep 60 & echo $! > {pidfile}; wait"})
+            while not pidfile.exists() or not pidfile.read_text().strip():
+                await trio.sleep(0.01)  # the file is the only sign the child started
+            nursery.cancel_scope.cancel()
+    child = int(pidfile.read_text())
+    # The background child, not just /bin/sh, is gone (or a zombie awaiting init).
+    with trio.fail_after(5):
+        while True:
+            try:
+                os.kill(child, 0)
+                state = Path(f"/proc/{child}/stat").read_text().split()[2]
+            except (ProcessLookupError, FileNotFoundError):
+                break
+            if state == "Z":
+                break
+            await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ([], 'shell needs {"argv": [...]} or {"command": "..."}'),
+        ({}, 'exactly one of "argv" and "command"'),
+        ({"argv": []}, "argv must be a non-empty array of strings"),
+        ({"command": " "}, "command must be a non-empty string"),
+    ],
+)
+async def test_bad_payloads_fail_clearly(payload, message):
+    with pytest.raises(CommandFailed, match=re.escape(message)) as info:
+        await ShellExecutor().run(payload)
+    assert info.value.error_code == "invalid_payload"
+
+
+async def test_a_program_that_cannot_start_fails_the_command():
+    with pytest.raises(CommandFailed, match="shell: cannot start '/no/such/program'"):
+        await ShellExecutor().run({"argv": ["/no/such/program"]})

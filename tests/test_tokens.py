@@ -1,0 +1,148 @@
+"""Credentials on disk and the commands that manage them:
+``python -m trio_quiccmd.server token|api-token ...`` as real subprocesses,
+the files they write, and the running server's view of changes."""
+
+from __future__ import annotations
+
+import json
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from trio_quiccmd.tokens import (
+    AGENT_TOKENS_FILE,
+    API_TOKENS_FILE,
+    TokenFileError,
+    WatchedFile,
+    issue_agent_token,
+    load_agent_tokens,
+    load_api_tokens,
+    token_hash,
+)
+
+from .processes import clean_env
+
+TIMEOUT = 30
+
+
+async def server_cli(cwd: Path, *args: str) -> tuple[int, str, str]:
+    result = await trio.run_process(
+        [sys.executable, "-m", "trio_quiccmd.server", *args],
+        cwd=str(cwd), env=clean_env(), capture_stdout=True, capture_stderr=True, check=False,
+    )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+def private(path: Path) -> bool:
+    return stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+async def test_agent_tokens_are_printed_once_and_stored_as_hashes(tmp_path):
+    data = tmp_path / ".quiccmd"
+    with trio.fail_after(TIMEOUT):
+        code, out, err = await server_cli(tmp_path, "token", "create", "client-001", "--label", "role=web")
+        assert code == 0, err
+        [secret] = out.splitlines()
+        assert secret.startswith("qca_") and len(secret) == 4 + 43
+        text = (data / AGENT_TOKENS_FILE).read_text()
+        assert secret not in text and token_hash(secret) in text
+        assert private(data / AGENT_TOKENS_FILE)
+        record = load_agent_tokens(data / AGENT_TOKENS_FILE).agents["client-001"]
+        assert record.labels == {"role": "web"}
+
+        # Not twice by accident; --replace issues a new one.
+        code, out, err = await server_cli(tmp_path, "token", "create", "client-001")
+        assert (code, out) == (1, "")
+        assert "client-001 already has a token (use --replace to issue a new one)" in err
+        code, out, _ = await server_cli(tmp_path, "token", "create", "client-001", "--replace")
+        assert code == 0 and out.strip() != secret
+
+        code, out, _ = await server_cli(tmp_path, "token", "create", "--enrollment")
+        assert code == 0 and out.startswith("qce_")
+        code, out, _ = await server_cli(tmp_path, "token", "list")
+        assert code == 0
+        assert out.splitlines()[:2] == ["client_id\tlabels\tcreated_at", out.splitlines()[1]]
+        assert out.splitlines()[1].startswith("client-001\trole=web\t")
+        assert out.splitlines()[2].startswith("(enrollment token)")
+        assert "qca_" not in out and "sha256" not in out
+
+        assert (await server_cli(tmp_path, "token", "revoke", "client-001"))[0] == 0
+        assert (await server_cli(tmp_path, "token", "revoke", "--enrollment"))[0] == 0
+        assert not load_agent_tokens(data / AGENT_TOKENS_FILE).configured
+        code, _, err = await server_cli(tmp_path, "token", "revoke", "client-001")
+        assert code == 1 and "client-001 has no token" in err
+
+        # Usage errors: exit 2, one line.
+        code, _, err = await server_cli(tmp_path, "token", "create")
+        assert code == 2 and "give a CLIENT_ID or --enrollment" in err
+        code, _, err = await server_cli(tmp_path, "token", "create", "bad id!")
+        assert code == 1 and "client_id 'bad id!' must be" in err
+
+
+async def test_api_tokens_with_roles_and_restrictions(tmp_path):
+    data = tmp_path / "elsewhere"
+    with trio.fail_after(TIMEOUT):
+        code, out, err = await server_cli(
+            tmp_path, "api-token", "create", "deployer", "--role", "operate",
+            "--command-type", "restart", "--command-type", "echo", "--label", "env=prod",
+            "--data-dir", str(data),
+        )
+        assert code == 0, err
+        assert out.strip().startswith("qco_")
+        record = load_api_tokens(data / API_TOKENS_FILE).tokens["deployer"]
+        assert (record.role, record.command_types, record.labels) == ("operate", ("restart", "echo"), {"env": "prod"})
+        assert record.hash == token_hash(out.strip())
+        assert private(data / API_TOKENS_FILE)
+        code, out, _ = await server_cli(tmp_path, "api-token", "list", "--data-dir", str(data))
+        assert out.splitlines()[1].startswith("deployer\toperate\trestart,echo\tenv=prod\t")
+        code, _, err = await server_cli(tmp_path, "api-token", "create", "x", "--role", "admin", "--data-dir", str(data))
+        assert code == 2 and "invalid choice: 'admin'" in err
+        assert (await server_cli(tmp_path, "api-token", "revoke", "deployer", "--data-dir", str(data)))[0] == 0
+        assert load_api_tokens(data / API_TOKENS_FILE).tokens == {}
+
+        # Or the server's own config file names the data dir.
+        (tmp_path / "quiccmd.toml").write_text(f'data_dir = "{data}"\n')
+        code, out, err = await server_cli(tmp_path, "api-token", "create", "viewer", "--role", "read",
+                                          "--config", "quiccmd.toml")
+        assert code == 0, err
+        assert set(load_api_tokens(data / API_TOKENS_FILE).tokens) == {"viewer"}
+
+
+def test_a_watched_file_sees_changes_and_keeps_the_last_good_contents(tmp_path):
+    path = tmp_path / AGENT_TOKENS_FILE
+    watched = WatchedFile(path, load_agent_tokens)
+    assert not watched.value.configured and not watched.refresh()
+    issue_agent_token(tmp_path, "a")
+    assert watched.refresh() and set(watched.value.agents) == {"a"}
+    assert not watched.refresh()
+    path.write_text("{ broken")
+    assert not watched.refresh()
+    assert set(watched.value.agents) == {"a"}  # a typo does not lock everyone out
+
+
+@pytest.mark.parametrize(
+    "document, message",
+    [
+        ("[]", "not a version 1 token file"),
+        ('{"version": 1, "agents": {"a": {"hash": "md5:x"}}}', "hash must be sha256:<64 hex digits>"),
+        ('{"version": 1, "agents": {"a": {"hash": "sha256:' + "0" * 64 + '", "labels": [1]}}}', "labels must be an object"),
+    ],
+)
+def test_a_malformed_token_file_is_a_clear_error(tmp_path, document, message):
+    path = tmp_path / AGENT_TOKENS_FILE
+    path.write_text(document)
+    with pytest.raises(TokenFileError, match=message):
+        load_agent_tokens(path)
+    # A server does not start on it.
+    with pytest.raises(TokenFileError):
+        WatchedFile(path, load_agent_tokens)
+
+
+def test_api_token_file_roles_are_checked(tmp_path):
+    path = tmp_path / API_TOKENS_FILE
+    path.write_text(json.dumps({"version": 1, "tokens": {"x": {"hash": "sha256:" + "0" * 64, "role": "root"}}}))
+    with pytest.raises(TokenFileError, match="role must be one of read, operate"):
+        load_api_tokens(path)

@@ -1,0 +1,494 @@
+"""Credentials on disk: agent tokens, operator (API) tokens, the development credential.
+
+A token is a random secret with a recognisable prefix (``qca_`` agent,
+``qce_`` enrollment, ``qcd_`` development, ``qco_`` operator). Only its SHA-256
+is stored: the secrets are 256 random bits, so a fast hash is enough (nothing
+to brute-force), and a stolen token file lets no one in.
+
+Two JSON files in the server's data dir, each written atomically (a temporary
+file renamed over the old one) with mode 0600:
+
+* ``agent_tokens.json``: one token per ``client_id`` (with labels the server
+  asserts for that agent), and at most one enrollment token;
+* ``api_tokens.json``: operator tokens by name, each with a role and optional
+  restrictions.
+
+The server reads them and notices changes (:class:`WatchedFile`), so
+``python -m trio_quiccmd.server token create ...`` works on a running server.
+The development agent credential is a plain file, ``agent-dev-token``, that a
+server writes so an agent started from the same directory can read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
+
+import attrs
+
+logger = logging.getLogger("trio_quiccmd.tokens")
+
+AGENT_TOKENS_FILE = "agent_tokens.json"
+API_TOKENS_FILE = "api_tokens.json"
+DEV_AGENT_TOKEN_FILE = "agent-dev-token"
+
+AGENT_PREFIX = "qca_"
+ENROLLMENT_PREFIX = "qce_"
+DEV_PREFIX = "qcd_"
+API_PREFIX = "qco_"
+
+ROLES = ("read", "operate")
+
+_FORMAT_VERSION = 1
+_NAME_RE = re.compile(r"[A-Za-z0-9._@:-]{1,256}")
+
+
+class TokenFileError(ValueError):
+    """A token file is unreadable or malformed. ``str()`` is one line naming the file."""
+
+
+def new_token(prefix: str) -> str:
+    """A fresh secret: ``prefix`` + 43 characters of URL-safe base64 (256 bits)."""
+    return prefix + secrets.token_urlsafe(32)
+
+
+def token_hash(token: str) -> str:
+    """``sha256:<hex>`` of a token, as the files store it."""
+    return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def hashes_equal(stored: str, presented: str) -> bool:
+    """Constant-time comparison of two stored-form hashes."""
+    return hmac.compare_digest(stored.encode("ascii", "replace"), presented.encode("ascii", "replace"))
+
+
+def check_name(name: str, what: str) -> str:
+    """A client_id or token name: 1-256 characters of ``A-Za-z0-9._@:-``."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(f"{what} {name!r} must be 1-256 characters of letters, digits and . _ @ : -")
+    return name
+
+
+def _now() -> str:
+    moment = datetime.datetime.now(datetime.timezone.utc)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# -- records -------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class AgentTokenRecord:
+    client_id: str
+    hash: str
+    #: Labels the server asserts for this agent, replacing the ones its HELLO
+    #: claims; None: the agent's own labels are taken as they come.
+    labels: Mapping[str, str] | None = None
+    created_at: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class AgentTokens:
+    agents: Mapping[str, AgentTokenRecord] = attrs.field(factory=dict)
+    enrollment_hash: str | None = None
+    enrollment_created_at: str | None = None
+    # hash -> client_id, for naming the owner of a misused token in the log.
+    # A dict lookup, not a scan: a bad HELLO must cost the same with 100,000
+    # agents as with one. (It is keyed by the SHA-256 of what the peer sent,
+    # so its timing tells the peer nothing about any secret.)
+    _owners: dict[str, str] = attrs.field(init=False, factory=dict, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._owners.update((record.hash, record.client_id) for record in self.agents.values())
+
+    @property
+    def configured(self) -> bool:
+        """Whether any agent credential was issued (then the dev credential is refused)."""
+        return bool(self.agents) or self.enrollment_hash is not None
+
+    def owner_of(self, presented_hash: str) -> str | None:
+        """The client_id whose token has this hash (for log lines only)."""
+        return self._owners.get(presented_hash)
+
+
+@attrs.frozen(kw_only=True)
+class ApiTokenRecord:
+    name: str
+    hash: str
+    role: str
+    #: Command types this token may send and cancel; None: any.
+    command_types: tuple[str, ...] | None = None
+    #: Agents this token may send to and cancel on: those whose labels
+    #: include all of these; None: any agent.
+    labels: Mapping[str, str] | None = None
+    created_at: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class ApiTokens:
+    tokens: Mapping[str, ApiTokenRecord] = attrs.field(factory=dict)
+
+    def find(self, presented_hash: str) -> ApiTokenRecord | None:
+        """The record with this hash. Every record is compared (no early exit)."""
+        found = None
+        for record in self.tokens.values():
+            if hashes_equal(record.hash, presented_hash):
+                found = record
+        return found
+
+
+# -- reading and writing -----------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise TokenFileError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise TokenFileError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(document, dict) or document.get("version") != _FORMAT_VERSION:
+        raise TokenFileError(f"{path}: not a version {_FORMAT_VERSION} token file")
+    return document
+
+
+def _labels(value: Any, where: str) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise TokenFileError(f"{where}: labels must be an object of strings")
+    return dict(value)
+
+
+def _hash_field(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+        raise TokenFileError(f"{where}: hash must be sha256:<64 hex digits>")
+    return value
+
+
+def load_agent_tokens(path: Path) -> AgentTokens:
+    """The agent tokens in ``path``; empty if it does not exist. Raises TokenFileError."""
+    document = _read_json(path)
+    if document is None:
+        return AgentTokens()
+    agents: dict[str, AgentTokenRecord] = {}
+    raw_agents = document.get("agents", {})
+    if not isinstance(raw_agents, dict):
+        raise TokenFileError(f"{path}: 'agents' must be an object")
+    for client_id, raw in raw_agents.items():
+        where = f"{path}: agent {client_id!r}"
+        if not isinstance(raw, dict):
+            raise TokenFileError(f"{where}: must be an object")
+        agents[client_id] = AgentTokenRecord(
+            client_id=client_id,
+            hash=_hash_field(raw.get("hash"), where),
+            labels=_labels(raw.get("labels"), where),
+            created_at=str(raw.get("created_at", "")),
+        )
+    enrollment = document.get("enrollment")
+    if enrollment is not None and not isinstance(enrollment, dict):
+        raise TokenFileError(f"{path}: 'enrollment' must be an object or null")
+    return AgentTokens(
+        agents=agents,
+        enrollment_hash=_hash_field(enrollment.get("hash"), f"{path}: enrollment") if enrollment else None,
+        enrollment_created_at=str(enrollment.get("created_at", "")) if enrollment else None,
+    )
+
+
+def load_api_tokens(path: Path) -> ApiTokens:
+    """The operator tokens in ``path``; empty if it does not exist. Raises TokenFileError."""
+    document = _read_json(path)
+    if document is None:
+        return ApiTokens()
+    raw_tokens = document.get("tokens", {})
+    if not isinstance(raw_tokens, dict):
+        raise TokenFileError(f"{path}: 'tokens' must be an object")
+    tokens: dict[str, ApiTokenRecord] = {}
+    for name, raw in raw_tokens.items():
+        where = f"{path}: token {name!r}"
+        if not isinstance(raw, dict):
+            raise TokenFileError(f"{where}: must be an object")
+        role = raw.get("role")
+        if role not in ROLES:
+            raise TokenFileError(f"{where}: role must be one of {', '.join(ROLES)}")
+        types = raw.get("command_types")
+        if types is not None and (
+            not isinstance(types, list) or not all(isinstance(t, str) and t for t in types)
+        ):
+            raise TokenFileError(f"{where}: command_types must be a list of strings")
+        tokens[name] = ApiTokenRecord(
+            name=name,
+            hash=_hash_field(raw.get("hash"), where),
+            role=role,
+            command_types=tuple(types) if types is not None else None,
+            labels=_labels(raw.get("labels"), where),
+            created_at=str(raw.get("created_at", "")),
+        )
+    return ApiTokens(tokens=tokens)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, mode 0600: readers see the old
+    file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def save_agent_tokens(path: Path, tokens: AgentTokens) -> None:
+    document: dict[str, Any] = {
+        "version": _FORMAT_VERSION,
+        "agents": {
+            record.client_id: {
+                "hash": record.hash,
+                "labels": dict(record.labels) if record.labels is not None else None,
+                "created_at": record.created_at,
+            }
+            for record in sorted(tokens.agents.values(), key=lambda r: r.client_id)
+        },
+        "enrollment": (
+            {"hash": tokens.enrollment_hash, "created_at": tokens.enrollment_created_at}
+            if tokens.enrollment_hash is not None
+            else None
+        ),
+    }
+    write_private(path, json.dumps(document, indent=2) + "\n")
+
+
+def save_api_tokens(path: Path, tokens: ApiTokens) -> None:
+    document = {
+        "version": _FORMAT_VERSION,
+        "tokens": {
+            record.name: {
+                "hash": record.hash,
+                "role": record.role,
+                "command_types": list(record.command_types) if record.command_types is not None else None,
+                "labels": dict(record.labels) if record.labels is not None else None,
+                "created_at": record.created_at,
+            }
+            for record in sorted(tokens.tokens.values(), key=lambda r: r.name)
+        },
+    }
+    write_private(path, json.dumps(document, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock for a read-modify-write of ``path`` (two CLI
+    invocations at once must not lose each other's token)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+# -- issuing (what the CLI does) -----------------------------------------------------------
+
+
+def issue_agent_token(
+    data_dir: Path, client_id: str, *, labels: Mapping[str, str] | None = None, replace: bool = False
+) -> str:
+    """Create the token of ``client_id``; returns the secret (not stored anywhere).
+
+    Raises ValueError if it already has one and ``replace`` is false. A
+    replaced token keeps its bound labels unless ``labels`` are given.
+    """
+    check_name(client_id, "client_id")
+    path = data_dir / AGENT_TOKENS_FILE
+    with locked(path):
+        tokens = load_agent_tokens(path)
+        if client_id in tokens.agents and not replace:
+            raise ValueError(f"{client_id} already has a token (use --replace to issue a new one)")
+        secret = new_token(AGENT_PREFIX)
+        agents = dict(tokens.agents)
+        if labels is None and client_id in agents:
+            labels = agents[client_id].labels
+        agents[client_id] = AgentTokenRecord(
+            client_id=client_id, hash=token_hash(secret),
+            labels=dict(labels) if labels else None, created_at=_now(),
+        )
+        save_agent_tokens(path, attrs.evolve(tokens, agents=agents))
+    return secret
+
+
+def revoke_agent_token(data_dir: Path, client_id: str) -> None:
+    """Remove the token of ``client_id``. Raises KeyError if it has none."""
+    path = data_dir / AGENT_TOKENS_FILE
+    with locked(path):
+        tokens = load_agent_tokens(path)
+        if client_id not in tokens.agents:
+            raise KeyError(client_id)
+        agents = {k: v for k, v in tokens.agents.items() if k != client_id}
+        save_agent_tokens(path, attrs.evolve(tokens, agents=agents))
+
+
+def issue_enrollment_token(data_dir: Path) -> str:
+    """Create (or replace) the enrollment token; returns the secret."""
+    path = data_dir / AGENT_TOKENS_FILE
+    with locked(path):
+        tokens = load_agent_tokens(path)
+        secret = new_token(ENROLLMENT_PREFIX)
+        save_agent_tokens(
+            path, attrs.evolve(tokens, enrollment_hash=token_hash(secret), enrollment_created_at=_now())
+        )
+    return secret
+
+
+def revoke_enrollment_token(data_dir: Path) -> bool:
+    """Remove the enrollment token; False if there was none."""
+    path = data_dir / AGENT_TOKENS_FILE
+    with locked(path):
+        tokens = load_agent_tokens(path)
+        if tokens.enrollment_hash is None:
+            return False
+        save_agent_tokens(path, attrs.evolve(tokens, enrollment_hash=None, enrollment_created_at=None))
+    return True
+
+
+def issue_api_token(
+    data_dir: Path,
+    name: str,
+    *,
+    role: str,
+    command_types: tuple[str, ...] | None = None,
+    labels: Mapping[str, str] | None = None,
+    replace: bool = False,
+) -> str:
+    """Create the operator token ``name``; returns the secret."""
+    check_name(name, "token name")
+    if role not in ROLES:
+        raise ValueError(f"role {role!r} must be one of {', '.join(ROLES)}")
+    path = data_dir / API_TOKENS_FILE
+    with locked(path):
+        tokens = load_api_tokens(path)
+        if name in tokens.tokens and not replace:
+            raise ValueError(f"an API token named {name} exists (use --replace to issue a new one)")
+        secret = new_token(API_PREFIX)
+        records = dict(tokens.tokens)
+        records[name] = ApiTokenRecord(
+            name=name, hash=token_hash(secret), role=role,
+            command_types=tuple(command_types) if command_types else None,
+            labels=dict(labels) if labels else None, created_at=_now(),
+        )
+        save_api_tokens(path, ApiTokens(tokens=records))
+    return secret
+
+
+def revoke_api_token(data_dir: Path, name: str) -> None:
+    """Remove the operator token ``name``. Raises KeyError if there is none."""
+    path = data_dir / API_TOKENS_FILE
+    with locked(path):
+        tokens = load_api_tokens(path)
+        if name not in tokens.tokens:
+            raise KeyError(name)
+        save_api_tokens(path, ApiTokens(tokens={k: v for k, v in tokens.tokens.items() if k != name}))
+
+
+# -- the development credential ---------------------------------------------------------------
+
+
+def ensure_dev_agent_token(data_dir: Path) -> tuple[Path, str, bool]:
+    """The data dir's development agent credential, created if missing.
+
+    Returns (path, token, created). Written 0600, like the dev key.
+    """
+    path = data_dir / DEV_AGENT_TOKEN_FILE
+    try:
+        token = read_token_file(path)
+        return path, token, False
+    except FileNotFoundError:
+        pass
+    token = new_token(DEV_PREFIX)
+    write_private(path, token + "\n")
+    return path, token, True
+
+
+def read_token_file(path: Path) -> str:
+    """The token in ``path`` (surrounding whitespace dropped). Raises OSError,
+    or ValueError if the file is empty."""
+    token = Path(path).read_text(encoding="utf-8").strip()
+    if not token:
+        raise ValueError(f"{path} is empty")
+    return token
+
+
+# -- noticing changes ---------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class WatchedFile(Generic[T]):
+    """A file parsed by ``load``, parsed again when it changes on disk.
+
+    A change is a new (inode, size, mtime) -- a rename over the file, as
+    :func:`write_private` does, always makes one. If the new contents do not
+    parse, the last good ones stay in force and an error is logged: a typo in
+    a hand edit must not lock the whole fleet out.
+    """
+
+    def __init__(self, path: Path, load: Callable[[Path], T]):
+        self.path = path
+        self._load = load
+        self._stamp: tuple[int, int, int] | None = None
+        # Raises TokenFileError at start: a server must not start on a broken file.
+        self._value: T = load(path)
+        self._stamp = self._current_stamp()
+        #: Counts reloads, so each of several readers can tell it missed one.
+        self.generation = 0
+
+    def _current_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    @property
+    def value(self) -> T:
+        return self._value
+
+    def refresh(self) -> bool:
+        """Re-read the file if it changed; True if the value changed."""
+        stamp = self._current_stamp()
+        if stamp == self._stamp:
+            return False
+        try:
+            value = self._load(self.path)
+        except TokenFileError as exc:
+            logger.error("Token file not reloaded, keeping the previous one error=%r", str(exc))
+            self._stamp = stamp
+            return False
+        self._stamp = stamp
+        self._value = value
+        self.generation += 1
+        logger.info("Token file reloaded path=%s", self.path)
+        return True
