@@ -366,3 +366,26 @@ async def test_changes_nobody_waits_for_ride_with_the_next_awaited_commit(tmp_pa
             store.save(c)
             await wait_until(lambda: len(transactions) == 2)
             assert transactions[1] == [c.command_id]
+
+
+async def test_recently_finished_commands_are_read_without_the_database(tmp_path, monkeypatch):
+    async with running(tmp_path / "c.db") as store:
+        finished = [make_command(n, status=CommandStatus.COMPLETED) for n in range(5)]
+        unfinished = make_command(9, status=CommandStatus.EXECUTING)
+        for command in [*finished, unfinished]:
+            store.save(command)
+        await store.flush()
+
+        def no_reads(*args):
+            raise AssertionError("read the database")
+
+        monkeypatch.setattr(SqliteStore, "_get", no_reads)
+        for command in finished:
+            assert await store.get(command.command_id) == command
+        # Only finished ones are kept (the manager holds the unfinished).
+        with pytest.raises(AssertionError, match="read the database"):
+            await store.get(unfinished.command_id)
+        # A purge forgets them, so a purged command is not served from memory.
+        monkeypatch.undo()
+        await store.purge(finished_before=T0 + 100, keep_at_most=100)
+        assert await store.get(finished[0].command_id) is None

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import sqlite3
+from collections import OrderedDict
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
@@ -89,6 +90,8 @@ BUSY_TIMEOUT = 2.0
 #: it again.
 COMMIT_LINGER = 0.01
 LINGER_BATCH = 1000
+#: How many of the latest finished commands are also kept in memory.
+RECENT_FINISHED = 4096
 #: After a failed commit (disk full, I/O error), wait this long and retry.
 RETRY_DELAY = 1.0
 
@@ -159,6 +162,10 @@ class SqliteStore:
         # Saved, not yet being written; then the batch being written.
         self._dirty: dict[str, _Entry] = {}
         self._writing: dict[str, _Entry] = {}
+        # The latest finished commands, committed: "send, then look it up"
+        # (a wait that starts after the command finished, a GET right after)
+        # is answered without a read in a worker thread.
+        self._recent: OrderedDict[str, Command] = OrderedDict()
         self._saves = 0
         self._committed_saves = 0
         self._dirty_event = trio.Event()
@@ -228,6 +235,12 @@ class SqliteStore:
         finally:
             self._writing = {}
         self._committed_saves = target
+        recent = self._recent
+        for command, _deadline_at, _sent_to in batch.values():
+            if command.is_terminal:
+                recent[command.command_id] = command
+        while len(recent) > RECENT_FINISHED:
+            recent.popitem(last=False)
         done, self._commit_event = self._commit_event, trio.Event()
         done.set()
         return True
@@ -269,6 +282,9 @@ class SqliteStore:
         entry = self._dirty.get(command_id) or self._writing.get(command_id)
         if entry is not None:
             return entry[0]
+        recent = self._recent.get(command_id)
+        if recent is not None:
+            return recent
         return await trio.to_thread.run_sync(self._get, command_id, limiter=self._read_limiter)
 
     def _get(self, command_id: str) -> Command | None:
@@ -316,6 +332,8 @@ class SqliteStore:
                 self._purge_batch, finished_before, keep_at_most, limiter=self._write_limiter
             )
             deleted += count
+            if count:
+                self._recent.clear()  # it may hold some of them
             if count < PURGE_BATCH:
                 return deleted
 
