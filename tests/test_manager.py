@@ -322,3 +322,18 @@ async def test_send_and_wait_returns_the_final_command_or_its_state_when_the_wai
     assert still.status is CommandStatus.EXECUTING
     assert trio.current_time() - started == pytest.approx(2)
     assert manager.waiter_count(still.command_id) == 0
+
+
+async def test_an_agent_stopping_a_command_at_its_deadline_is_a_timeout_not_a_cancel(
+    manager, autojump_clock
+):
+    # On a busy server the agent's report can be handled before our own
+    # deadline task runs; the outcome must not depend on which comes first.
+    link, session = connect_agent(manager, "c1")
+    command = await manager.send_command("c1", "sleep", timeout=1)
+    answer(
+        link, session, command.command_id, status="cancelled",
+        error="deadline passed", error_code="execution_timeout",
+    )
+    final = await manager.get_command(command.command_id)
+    assert (final.status, final.error_code) == (CommandStatus.TIMEOUT, "execution_timeout")

@@ -615,6 +615,10 @@ class CommandManager:
         else:
             status = _RESULT_STATUS[frame.status]
             error_code = frame.error_code
+            if status is CommandStatus.CANCELLED and error_code == ErrorCode.EXECUTION_TIMEOUT.value:
+                # The agent stopped it at the command's deadline, a moment
+                # before ours fired here: the same timeout, not a cancel.
+                status = CommandStatus.TIMEOUT
             if status is CommandStatus.FAILED and error_code is None:
                 error_code = ErrorCode.EXECUTOR_ERROR
             elif status is CommandStatus.CANCELLED and error_code is None:
