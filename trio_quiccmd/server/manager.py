@@ -94,6 +94,17 @@ class _Promise:
         self.waiters = 0
 
 
+class _StagingRound:
+    """Accepted commands stored together (durable store): set once they are
+    stored and queued, with each one's state right after it was queued or sent."""
+
+    __slots__ = ("done", "states")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.states: dict[str, Command] = {}
+
+
 class CommandObserver(Protocol):
     """Told of lifecycle events (metrics hang off this)."""
 
@@ -156,6 +167,12 @@ class CommandManager:
         self._deadlines: list[tuple[float, str]] = []
         self._deadline_of: dict[str, float] = {}
         self._deadline_scope: trio.CancelScope | None = None
+        # Durable store: accepted commands waiting to be stored before they
+        # join their agents' queues (see _queue_stored_commands), and the
+        # round they are gathered in.
+        self._staged: list[tuple[str, tuple[int, int, str]]] = []
+        self._staging_wake = trio.Event()
+        self._staged_round = _StagingRound()
         # How many commands are executing, and (while a durable drain waits
         # for them) the event it waits on.
         self._executing_count = 0
@@ -175,6 +192,8 @@ class CommandManager:
         store's writer, until cancelled."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.store.run)
+            if self.store.durable:
+                nursery.start_soon(self._queue_stored_commands)
             nursery.start_soon(self._enforce_deadlines)
             nursery.start_soon(self._trim_history)
             nursery.start_soon(self.registry.enforce_hello_timeout)
@@ -301,13 +320,14 @@ class CommandManager:
         ``max_unfinished_commands`` unfinished, and :class:`PolicyDenied` /
         :class:`InvalidPayload` if the policy refuses it; then nothing is created.
 
-        It returns once the command is stored (:meth:`Store.flush`). If
-        cancelled after the command was accepted, the command still runs; only
-        the wait for its storage is abandoned.
+        It returns once the command is stored (:meth:`Store.flush`); with a
+        durable store the command is sent to its agent only then, so a command
+        never runs unless the history has it. If cancelled after the command
+        was accepted, the command still runs; only the wait for its storage
+        is abandoned.
         """
         command = self._accept(client_id, command_type, payload, timeout, connect_timeout, priority)
-        await self.store.flush()
-        return command
+        return await self._stored(command)
 
     def _accept(
         self,
@@ -381,19 +401,59 @@ class CommandManager:
             if self._idle.is_set():
                 self._idle = trio.Event()
             self._queue_sequence += 1
-            heapq.heappush(
-                self._queues.setdefault(client_id, []),
-                (-priority, self._queue_sequence, command.command_id),
-            )
+            entry = (-priority, self._queue_sequence, command.command_id)
             self._pending[client_id] = self._pending.get(client_id, 0) + 1
             if link is None:
                 logger.info(
                     "Command queued for offline agent command_id=%s client_id=%s connect_timeout=%s",
                     command.command_id, client_id, connect_timeout,
                 )
-            self._dispatch(client_id)
-            command = self._live.get(command.command_id, command)
+            if self.store.durable:
+                # Queued (and so sent) only once stored: nothing runs on an
+                # agent that a crash could leave out of the history.
+                self._staged.append((client_id, entry))
+                self._staging_wake.set()
+            else:
+                heapq.heappush(self._queues.setdefault(client_id, []), entry)
+                self._dispatch(client_id)
+                command = self._live.get(command.command_id, command)
         return command
+
+    async def _stored(self, command: Command) -> Command:
+        """Wait until ``command`` (just accepted) is stored, and, with a durable
+        store, queued or sent; its state then."""
+        if command.is_terminal or not self.store.durable:
+            await self.store.flush()
+            return command
+        staging = self._staged_round
+        await staging.done.wait()
+        # As it was when sent (or queued), as without a durable store; a
+        # command ended while it was being stored (cancelled) is looked up.
+        return staging.states.get(command.command_id) or await self.get_command(command.command_id)
+
+    async def _queue_stored_commands(self) -> None:
+        """Durable store: move accepted commands into their agents' queues, and
+        dispatch them, once the store has them, batch after batch."""
+        while True:
+            await self._staging_wake.wait()
+            self._staging_wake = trio.Event()
+            staged, self._staged = self._staged, []
+            staging, self._staged_round = self._staged_round, _StagingRound()
+            await self.store.flush()
+            clients: dict[str, None] = {}
+            for client_id, entry in staged:
+                command = self._live.get(entry[2])
+                if command is not None and command.status is CommandStatus.PENDING:
+                    heapq.heappush(self._queues.setdefault(client_id, []), entry)
+                    clients[client_id] = None
+            for client_id in clients:
+                self._dispatch(client_id)
+            live = self._live
+            for _client_id, (_priority, _sequence, command_id) in staged:
+                command = live.get(command_id)
+                if command is not None:
+                    staging.states[command_id] = command
+            staging.done.set()
 
     async def get_command(self, command_id: str) -> Command:
         """The command's current state. Raises :class:`CommandNotFound`."""
@@ -483,7 +543,7 @@ class CommandManager:
         # even if it finishes while being stored: no lookup in the store.
         promise = self._hold_promise(command.command_id)
         try:
-            await self.store.flush()
+            await self._stored(command)
             return await self._settled(command.command_id, promise, wait_timeout)
         finally:
             self._release_promise(command.command_id, promise)
