@@ -20,6 +20,7 @@ import trio.testing
 
 from trio_quiccmd import CommandManager, CommandStatus, ManagerSettings
 from trio_quiccmd.model import ErrorCode
+from trio_quiccmd.server.policy import AllowRule, CommandPolicy
 from trio_quiccmd.server.store import CommandQuery
 from trio_quiccmd.server.store.sqlite import SqliteStore, open_sqlite_store
 from trio_quiccmd.wire import CancelFrame
@@ -29,11 +30,11 @@ from .test_redelivery import answer, answer_on, connect, sent_ids
 
 @asynccontextmanager
 async def server_run(
-    path: Path, *, wall_clock: Callable[[], float] = time.time
+    path: Path, *, wall_clock: Callable[[], float] = time.time, policy: CommandPolicy | None = None
 ) -> AsyncIterator[CommandManager]:
     """One run of the server's command side: store opened, manager running, recovered."""
     async with open_sqlite_store(path) as store:
-        manager = CommandManager(store, ManagerSettings(), wall_clock=wall_clock)
+        manager = CommandManager(store, ManagerSettings(), wall_clock=wall_clock, policy=policy)
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.run)
             await manager.recover()
@@ -227,3 +228,20 @@ async def test_a_command_is_sent_to_its_agent_only_once_it_is_stored(db, monkeyp
                 commit_may_finish.set()
             assert [frame.command_id for frame in session.commands()] == [sent[0].command_id]
             assert sent[0].status is CommandStatus.EXECUTING
+
+
+async def test_a_queued_command_the_new_policy_forbids_is_not_sent_after_a_restart(db):
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            allowed = await manager.send_command("c1", "shell", {"command": "id"}, connect_timeout=600)
+            also_queued = await manager.send_command("c1", "echo", "e", connect_timeout=600)
+            await manager.drain(0)
+
+        # Restarted with a policy that no longer lets anyone have "shell".
+        tightened = CommandPolicy(rules=(AllowRule(labels={}, command_types=frozenset({"echo"})),))
+        async with server_run(db, policy=tightened) as manager:
+            link, session = connect(manager, "c1", instance="i1")
+            assert sent_ids(session) == [also_queued.command_id]
+            refused = await manager.get_command(allowed.command_id)
+            assert (refused.status, refused.error_code) == (CommandStatus.FAILED, "policy_denied")
+            assert manager.queued_count("c1") == 0

@@ -389,3 +389,21 @@ async def test_recently_finished_commands_are_read_without_the_database(tmp_path
         monkeypatch.undo()
         await store.purge(finished_before=T0 + 100, keep_at_most=100)
         assert await store.get(finished[0].command_id) is None
+
+
+async def test_a_new_store_is_readable_only_by_the_servers_user(tmp_path):
+    path = tmp_path / "data" / "commands.db"
+    async with running(path) as store:
+        store.save(make_command(1, status=CommandStatus.COMPLETED))
+        await store.flush()
+        for name in ("commands.db", "commands.db-wal", "commands.db-shm", "commands.db.lock"):
+            assert (path.parent / name).stat().st_mode & 0o777 == 0o600, name
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+
+
+async def test_an_unwritable_store_location_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError, match="cannot open the command store"):
+        async with open_sqlite_store(blocker / "commands.db"):
+            pass

@@ -171,6 +171,8 @@ class CommandManager:
         # join their agents' queues (see _queue_stored_commands), and the
         # round they are gathered in.
         self._staged: list[tuple[str, tuple[int, int, str]]] = []
+        # Recovered pending commands to judge by the policy before sending.
+        self._policy_recheck: set[str] = set()
         self._staging_wake = trio.Event()
         self._staged_round = _StagingRound()
         # How many commands are executing, and (while a durable drain waits
@@ -280,6 +282,11 @@ class CommandManager:
                     (-command.priority, self._queue_sequence, command_id),
                 )
                 self._pending[client_id] = self._pending.get(client_id, 0) + 1
+                if self.policy is not None:
+                    # The policy may have changed with the restart: judge it
+                    # again when it is about to be sent (the agent's labels
+                    # are known then).
+                    self._policy_recheck.add(command_id)
             else:
                 self._executing.setdefault(client_id, {})[command_id] = record.sent_to
                 self._executing_count += 1
@@ -815,6 +822,9 @@ class CommandManager:
             command = self._live.get(command_id)
             if command is None or command.status is not CommandStatus.PENDING:
                 continue  # cancelled or timed out while queued
+            if self._policy_recheck and command_id in self._policy_recheck:
+                if not self._allowed_now(command, link):
+                    continue
             link.send_command(command, command.timeout)
             self._unqueued(client_id)
             command = transition(command, CommandStatus.EXECUTING, at=self._wall())
@@ -830,7 +840,24 @@ class CommandManager:
             for observer in self._observers:
                 observer.command_sent(command)
         if not queue:
-            del self._queues[client_id]
+            # (A refused recovered command may have pruned it already.)
+            self._queues.pop(client_id, None)
+
+    def _allowed_now(self, command: Command, link: AgentLink) -> bool:
+        """A recovered command, judged by today's policy before it is sent;
+        one refused now ends ``failed`` with the policy's code."""
+        self._policy_recheck.discard(command.command_id)
+        assert self.policy is not None and link.hello is not None
+        try:
+            self.policy.check(command.client_id, command.command_type, command.payload, link.hello.labels)
+        except CommandRefused as exc:
+            logger.warning(
+                "Recovered command refused by the policy command_id=%s client_id=%s error_code=%s",
+                command.command_id, command.client_id, exc.code,
+            )
+            self._finish(command, CommandStatus.FAILED, error=str(exc), error_code=exc.code)
+            return False
+        return True
 
     def _finish(
         self,
@@ -848,6 +875,8 @@ class CommandManager:
         )
         del self._live[command.command_id]
         del self._deadline_of[command.command_id]
+        if self._policy_recheck:
+            self._policy_recheck.discard(command.command_id)
         self._compact_deadlines()
         if was_executing:
             self._forget_executing(command)

@@ -489,7 +489,14 @@ def migrate(db: sqlite3.Connection, path: Path) -> int:
 
 
 def _open(path: Path, synchronous: Synchronous) -> SqliteStore:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Payloads and results may be secrets: only the server's user reads them.
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # A new database is created 0600; SQLite gives its -wal and -shm
+        # files the same mode. An existing file keeps the mode it was given.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    except OSError as exc:
+        raise StoreError(f"cannot open the command store {path}: {exc.strerror or exc}") from None
     lock_file = _lock(path)
     writer = reader = None
     try:
