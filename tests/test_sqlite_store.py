@@ -407,3 +407,24 @@ async def test_an_unwritable_store_location_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="cannot open the command store"):
         async with open_sqlite_store(blocker / "commands.db"):
             pass
+
+
+async def test_a_damaged_database_met_while_reading_is_a_store_error(tmp_path, monkeypatch):
+    async with running(tmp_path / "c.db") as store:
+        def damaged(*args):
+            raise sqlite3.DatabaseError("database disk image is malformed")
+
+        monkeypatch.setattr(SqliteStore, "_unfinished", damaged)
+        monkeypatch.setattr(SqliteStore, "_get", damaged)
+        with pytest.raises(StoreError, match="is not a readable database"):
+            await store.unfinished()
+        with pytest.raises(StoreError, match="is not a readable database"):
+            await store.get("x")
+
+
+async def test_unfinished_commands_are_read_even_with_no_writer_running(tmp_path):
+    # At start the manager recovers before it runs the store's writer.
+    async with open_sqlite_store(tmp_path / "c.db") as store:
+        store.save(make_command(1), deadline_at=T0 + 60)
+        with trio.fail_after(5):
+            assert [u.command.command_id for u in await store.unfinished()] == [make_command(1).command_id]

@@ -27,7 +27,7 @@ import sqlite3
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Callable, Literal, TypeVar
 
 import trio
 
@@ -61,8 +61,8 @@ MIGRATIONS: tuple[str, ...] = (
     # 2: what a restart needs to take unfinished commands up again: when the
     # manager ends each, and which agent instance an executing one went to.
     # Unfinished rows of a version-1 database get the deadline its rules gave.
-    # And one agent's commands in one state ("what failed on web-3?") without
-    # walking all of that agent's history.
+    # And one agent's, or one type's, commands in one state ("what failed on
+    # web-3?") without walking all of that agent's or type's history.
     """
     ALTER TABLE commands ADD COLUMN deadline_at REAL;
     ALTER TABLE commands ADD COLUMN sent_to TEXT NOT NULL DEFAULT '';
@@ -74,13 +74,14 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE completed_at IS NULL;
     CREATE INDEX commands_unfinished ON commands (command_id) WHERE completed_at IS NULL;
     CREATE INDEX commands_by_client_status ON commands (client_id, status, command_id);
+    CREATE INDEX commands_by_type_status ON commands (command_type, status, command_id);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 #: Rows deleted per retention transaction: small enough that a save batch
-#: waiting behind it is not held up noticeably.
-PURGE_BATCH = 2000
+#: waiting behind it is not held up noticeably (about 20 ms at a million rows).
+PURGE_BATCH = 500
 #: How long a statement waits for a lock another process holds, seconds.
 BUSY_TIMEOUT = 2.0
 #: Changes nobody waits for are committed at most this long (seconds) after
@@ -92,6 +93,8 @@ COMMIT_LINGER = 0.01
 LINGER_BATCH = 1000
 #: How many of the latest finished commands are also kept in memory.
 RECENT_FINISHED = 4096
+#: Longest a list waits for earlier changes to be committed, seconds.
+LIST_FLUSH_WAIT = 2.0
 #: After a failed commit (disk full, I/O error), wait this long and retry.
 RETRY_DELAY = 1.0
 
@@ -110,6 +113,7 @@ _UPSERT = """
 """
 
 _Entry = tuple[Command, float, str]
+_T = TypeVar("_T")
 
 
 def _encode(command: Command) -> str:
@@ -133,6 +137,16 @@ def _encode(command: Command) -> str:
         },
         separators=(",", ":"),
     )
+
+
+def _text(value: str) -> str:
+    """``value`` as SQLite can store it: a lone surrogate (which JSON input can
+    carry) cannot be encoded as UTF-8, and would fail the whole batch."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode()
+    return value
 
 
 def _decode(body: str) -> Command:
@@ -257,20 +271,33 @@ class SqliteStore:
         rows = [
             (
                 command.command_id,
-                command.client_id,
-                command.command_type,
+                _text(command.client_id),
+                _text(command.command_type),
                 command.status.value,
                 command.completed_at,
                 _encode(command),
                 None if command.is_terminal else deadline_at,
-                sent_to,
+                _text(sent_to),
             )
             for command, deadline_at, sent_to in batch.values()
         ]
         db = self._writer
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany(_UPSERT, rows)
+            try:
+                db.executemany(_UPSERT, rows)
+            except sqlite3.Error:
+                raise
+            except Exception:
+                # A row SQLite cannot take (a bug upstream of the store): keep
+                # the others rather than the writer, and with it the server.
+                for row in rows:
+                    try:
+                        db.execute(_UPSERT, row)
+                    except sqlite3.Error:
+                        raise
+                    except Exception:
+                        logger.exception("Command not stored command_id=%s", row[0])
             db.execute("COMMIT")
         except BaseException:
             _rollback(db)
@@ -285,7 +312,16 @@ class SqliteStore:
         recent = self._recent.get(command_id)
         if recent is not None:
             return recent
-        return await trio.to_thread.run_sync(self._get, command_id, limiter=self._read_limiter)
+        return await self._read(self._get, command_id)
+
+    async def _read(self, read: Callable[..., _T], *args: Any) -> _T:
+        """Run ``read`` on the reading connection, in its thread. A damaged
+        database raises :class:`StoreError` with the message the server
+        gives at start, rather than a bare sqlite3 error."""
+        try:
+            return await trio.to_thread.run_sync(read, *args, limiter=self._read_limiter)
+        except sqlite3.Error as exc:
+            raise StoreError(_describe(self.path, exc)) from None
 
     def _get(self, command_id: str) -> Command | None:
         row = self._reader.execute(
@@ -294,9 +330,11 @@ class SqliteStore:
         return None if row is None else _decode(row[0])
 
     async def list(self, query: CommandQuery) -> CommandPage:
-        # Commit first, so the list shows every change made before it was asked.
-        await self.flush()
-        return await trio.to_thread.run_sync(self._list, query, limiter=self._read_limiter)
+        # Commit first, so the list shows every change made before it was
+        # asked; but a store failing to write still answers from what it has.
+        with trio.move_on_after(LIST_FLUSH_WAIT):
+            await self.flush()
+        return await self._read(self._list, query)
 
     def _list(self, query: CommandQuery) -> CommandPage:
         sql, parameters = list_statement(query)
@@ -306,8 +344,11 @@ class SqliteStore:
         return CommandPage(commands, commands[-1].command_id if more else None)
 
     async def unfinished(self) -> list[UnfinishedCommand]:
-        await self.flush()
-        return await trio.to_thread.run_sync(self._unfinished, limiter=self._read_limiter)
+        # Commit what is saved here rather than wait for the writer task:
+        # this is called at start, before the manager runs it.
+        if self._dirty:
+            await self._commit_dirty()
+        return await self._read(self._unfinished)
 
     def _unfinished(self) -> list[UnfinishedCommand]:
         rows = self._reader.execute(
@@ -327,41 +368,49 @@ class SqliteStore:
         stays deleted."""
         await self.flush()  # judge the commands by their latest state
         deleted = 0
-        while True:
-            count = await trio.to_thread.run_sync(
-                self._purge_batch, finished_before, keep_at_most, limiter=self._write_limiter
+        while True:  # by age
+            count = await self._delete_oldest_finished("completed_at < ?", (finished_before,), PURGE_BATCH)
+            deleted += count
+            if count < PURGE_BATCH:
+                break
+        # By count: counted once, on the reading connection (no write lock held).
+        over = await self._read(self._count_finished) - keep_at_most
+        while over > 0:
+            count = await self._delete_oldest_finished(
+                "completed_at IS NOT NULL", (), min(over, PURGE_BATCH)
             )
             deleted += count
-            if count:
-                self._recent.clear()  # it may hold some of them
-            if count < PURGE_BATCH:
-                return deleted
+            over -= count
+            if count == 0:
+                break
+        if deleted:
+            self._recent.clear()  # it may hold some of them
+        return deleted
 
-    def _purge_batch(self, finished_before: float, keep_at_most: int) -> int:
+    async def _delete_oldest_finished(self, where: str, parameters: tuple, limit: int) -> int:
+        return await trio.to_thread.run_sync(
+            self._delete_oldest, where, parameters, limit, limiter=self._write_limiter
+        )
+
+    def _delete_oldest(self, where: str, parameters: tuple, limit: int) -> int:
         db = self._writer
         db.execute("BEGIN IMMEDIATE")
         try:
             deleted = db.execute(
                 "DELETE FROM commands WHERE command_id IN (SELECT command_id FROM commands"
-                " WHERE completed_at < ? ORDER BY completed_at LIMIT ?)",
-                (finished_before, PURGE_BATCH),
+                f" WHERE {where} ORDER BY completed_at LIMIT ?)",
+                (*parameters, limit),
             ).rowcount
-            if deleted < PURGE_BATCH:
-                (finished,) = db.execute(
-                    "SELECT count(*) FROM commands WHERE completed_at IS NOT NULL"
-                ).fetchone()
-                over = min(finished - keep_at_most, PURGE_BATCH - deleted)
-                if over > 0:
-                    deleted += db.execute(
-                        "DELETE FROM commands WHERE command_id IN (SELECT command_id FROM"
-                        " commands WHERE completed_at IS NOT NULL ORDER BY completed_at LIMIT ?)",
-                        (over,),
-                    ).rowcount
             db.execute("COMMIT")
         except BaseException:
             _rollback(db)
             raise
         return deleted
+
+    def _count_finished(self) -> int:
+        return self._reader.execute(
+            "SELECT count(*) FROM commands WHERE completed_at IS NOT NULL"
+        ).fetchone()[0]
 
     # -- closing -----------------------------------------------------------------
 
@@ -373,8 +422,11 @@ class SqliteStore:
         if self._closed:
             return
         with trio.CancelScope(shield=True):
-            if self._dirty:
-                await self._commit_dirty()
+            if self._dirty and not await self._commit_dirty():
+                logger.error(
+                    "Command store closed with changes it could not write path=%s lost=%d",
+                    self.path, len(self._dirty),
+                )
             self._closed = True
             await trio.to_thread.run_sync(self._close, limiter=self._write_limiter)
 
@@ -419,7 +471,8 @@ def list_statement(query: CommandQuery) -> tuple[str, list[Any]]:
     # without statistics the planner cannot know: with a million rows it
     # picked the type index for client + type + time and walked 33,000 rows.
     if query.client_id is None:
-        index = ""
+        both = query.command_type is not None and query.status is not None
+        index = " INDEXED BY commands_by_type_status" if both else ""
     elif query.status is not None:
         index = " INDEXED BY commands_by_client_status"
     else:
