@@ -8,6 +8,8 @@ for real).
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 import trio
 import trio.testing
@@ -16,7 +18,10 @@ from trio_quiccmd import (
     CommandAlreadyFinished,
     CommandNotFound,
     CommandStatus,
+    CommandManager,
     InvalidCommand,
+    ManagerSettings,
+    MemoryStore,
     ShuttingDown,
 )
 from trio_quiccmd.wire import CancelFrame, ResultFrame
@@ -337,3 +342,25 @@ async def test_an_agent_stopping_a_command_at_its_deadline_is_a_timeout_not_a_ca
     )
     final = await manager.get_command(command.command_id)
     assert (final.status, final.error_code) == (CommandStatus.TIMEOUT, "execution_timeout")
+
+
+async def test_a_failing_history_trim_is_logged_and_retried_not_fatal(autojump_clock, caplog):
+    class FlakyStore(MemoryStore):
+        failures = 2
+
+        async def purge(self, **limits):
+            if self.failures:
+                self.failures -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return await super().purge(**limits)
+
+    store = FlakyStore()
+    manager = CommandManager(store, ManagerSettings(cleanup_interval=1, max_history=1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        await trio.sleep(3.5)  # three trims: two fail, the third works
+        assert store.failures == 0
+        nursery.cancel_scope.cancel()
+    assert [r.getMessage() for r in caplog.records if "trim failed" in r.getMessage()] == [
+        "Command history trim failed error='database is locked'"
+    ] * 2

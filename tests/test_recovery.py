@@ -18,7 +18,8 @@ import pytest
 import trio
 import trio.testing
 
-from trio_quiccmd import CommandManager, CommandStatus, ManagerSettings
+from trio_quiccmd import CommandManager, CommandStatus, InvalidCommand, ManagerSettings
+from trio_quiccmd.errors import StoreUnavailable
 from trio_quiccmd.model import ErrorCode
 from trio_quiccmd.server.policy import AllowRule, CommandPolicy
 from trio_quiccmd.server.store import CommandQuery
@@ -30,11 +31,15 @@ from .test_redelivery import answer, answer_on, connect, sent_ids
 
 @asynccontextmanager
 async def server_run(
-    path: Path, *, wall_clock: Callable[[], float] = time.time, policy: CommandPolicy | None = None
+    path: Path,
+    *,
+    wall_clock: Callable[[], float] = time.time,
+    policy: CommandPolicy | None = None,
+    **settings: float,
 ) -> AsyncIterator[CommandManager]:
     """One run of the server's command side: store opened, manager running, recovered."""
     async with open_sqlite_store(path) as store:
-        manager = CommandManager(store, ManagerSettings(), wall_clock=wall_clock, policy=policy)
+        manager = CommandManager(store, ManagerSettings(**settings), wall_clock=wall_clock, policy=policy)
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.run)
             await manager.recover()
@@ -245,3 +250,59 @@ async def test_a_queued_command_the_new_policy_forbids_is_not_sent_after_a_resta
             refused = await manager.get_command(allowed.command_id)
             assert (refused.status, refused.error_code) == (CommandStatus.FAILED, "policy_denied")
             assert manager.queued_count("c1") == 0
+
+
+# -- a store that cannot write -----------------------------------------------------
+
+
+@asynccontextmanager
+async def blocked_commits(monkeypatch):
+    """Commits hang (a disk that stopped answering) until the block ends."""
+    release = threading.Event()
+    original = SqliteStore._write
+
+    def hanging_write(self, batch):
+        release.wait(30)
+        return original(self, batch)
+
+    monkeypatch.setattr(SqliteStore, "_write", hanging_write)
+    try:
+        yield
+    finally:
+        release.set()
+
+
+async def test_a_send_the_store_cannot_take_fails_clearly_and_is_never_sent(db, monkeypatch):
+    with trio.fail_after(10):
+        async with server_run(db, store_timeout=0.3) as manager:
+            link, session = connect(manager, "c1", instance="i1")
+            async with blocked_commits(monkeypatch):
+                with pytest.raises(StoreUnavailable, match="was not sent"):
+                    await manager.send_command("c1", "echo", "x", timeout=30)
+                (refused,) = [c for c in manager.store._dirty.values()]
+                assert refused[0].error_code == "store_unavailable"
+                assert session.commands() == []
+                # A cancel is acknowledged only once stored, too.
+                queued = manager._accept("c9", "echo", None, 30.0, 60.0, 0)
+                with pytest.raises(StoreUnavailable, match="did not store it"):
+                    await manager.cancel(queued.command_id)
+                # And a shutdown does not wait for the store forever.
+                started = trio.current_time()
+                await manager.drain(0)
+                assert trio.current_time() - started < 2
+            assert session.commands() == []  # not even once the store recovers
+        async with server_run(db) as manager:
+            page = await manager.list_commands()
+            assert {(c.status, c.error_code) for c in page.commands} == {
+                (CommandStatus.FAILED, "store_unavailable"), (CommandStatus.CANCELLED, "cancelled"),
+            }
+
+
+async def test_a_client_id_the_store_could_not_encode_is_refused(db):
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            for bad in ("web\ud800", "web-1\nAudit action=send", "x\x00"):
+                with pytest.raises(InvalidCommand, match="printable"):
+                    await manager.send_command(bad, "echo")
+                with pytest.raises(InvalidCommand, match="printable"):
+                    await manager.send_command("c1", bad)

@@ -123,3 +123,10 @@ class InvalidPayload(CommandRefused):
     """The payload does not match the JSON Schema configured for its command type."""
 
     code = "invalid_payload"
+
+
+class StoreUnavailable(QuicCmdError):
+    """The command store did not take a change in time (disk full, I/O
+    errors, a lock held elsewhere). A command refused with it was not sent."""
+
+    code = "store_unavailable"

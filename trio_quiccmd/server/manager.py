@@ -25,6 +25,7 @@ from ..errors import (
     PayloadTooLarge,
     QueueFull,
     ShuttingDown,
+    StoreUnavailable,
     TooManyCommands,
 )
 from ..model import (
@@ -44,7 +45,7 @@ from ..wire import (
 from .auth import AgentAuthenticator
 from .policy import CommandPolicy
 from .registry import AgentLink, AgentRegistry, ClientInfo
-from .store import CommandPage, CommandQuery, MemoryStore, Store
+from .store import CommandPage, CommandQuery, MemoryStore, Store, StoreError
 
 logger = logging.getLogger("trio_quiccmd.command")
 
@@ -81,6 +82,9 @@ class ManagerSettings:
     #: HELLOs accepted per second (token bucket, bursts up to one second's
     #: worth); more are closed with RATE_LIMITED.
     max_hello_rate: float = 200.0
+    #: Longest a send (or a cancel, or a shutdown) waits for the store to
+    #: commit, seconds; a send not stored by then fails ``store_unavailable``.
+    store_timeout: float = 10.0
 
 
 class _Promise:
@@ -237,7 +241,7 @@ class CommandManager:
                 error="the server shut down before the command finished",
                 error_code=ErrorCode.SERVER_SHUTDOWN,
             )
-        await self.store.flush()
+        await self._flush_for_shutdown()
         return len(left)
 
     async def _drain_durable(self, grace: float) -> int:
@@ -249,8 +253,18 @@ class CommandManager:
         # Long-polls end now with "still unfinished" instead of at their bound.
         for promise in self._waiters.values():
             promise.settled.set()
-        await self.store.flush()
+        await self._flush_for_shutdown()
         return len(self._live)
+
+    async def _flush_for_shutdown(self) -> None:
+        with trio.move_on_after(self.settings.store_timeout) as waited:
+            await self.store.flush()
+        if waited.cancelled_caught:
+            # A failing store must not hold the shutdown forever; its close
+            # makes a last attempt and says what it could not write.
+            logger.error(
+                "Command store did not commit before shutdown timeout=%s", self.settings.store_timeout
+            )
 
     async def recover(self) -> int:
         """Take up the unfinished commands a durable store kept from an earlier run.
@@ -433,10 +447,30 @@ class CommandManager:
             await self.store.flush()
             return command
         staging = self._staged_round
-        await staging.done.wait()
-        # As it was when sent (or queued), as without a durable store; a
-        # command ended while it was being stored (cancelled) is looked up.
-        return staging.states.get(command.command_id) or await self.get_command(command.command_id)
+        with trio.move_on_after(self.settings.store_timeout):
+            await staging.done.wait()
+        if staging.done.is_set():
+            # As it was when sent (or queued), as without a durable store; a
+            # command ended while being stored (cancelled) is looked up.
+            return staging.states.get(command.command_id) or await self.get_command(command.command_id)
+        # Not stored, so not sent: end it here, so that it never runs unseen
+        # should the store recover later.
+        current = self._live.get(command.command_id)
+        if current is not None and current.status is CommandStatus.PENDING:
+            self._finish(
+                current,
+                CommandStatus.FAILED,
+                error="the command store did not take the command in time",
+                error_code=StoreUnavailable.code,
+            )
+        logger.error(
+            "Command store unavailable command_id=%s timeout=%s",
+            command.command_id, self.settings.store_timeout,
+        )
+        raise StoreUnavailable(
+            f"the command store did not store the command within {self.settings.store_timeout:g} s; "
+            "it was not sent"
+        )
 
     async def _queue_stored_commands(self) -> None:
         """Durable store: move accepted commands into their agents' queues, and
@@ -466,7 +500,10 @@ class CommandManager:
         """The command's current state. Raises :class:`CommandNotFound`."""
         command = self._live.get(command_id)
         if command is None:
-            command = await self.store.get(command_id)
+            try:
+                command = await self.store.get(command_id)
+            except StoreError as exc:
+                raise StoreUnavailable(str(exc)) from None
         if command is None:
             raise CommandNotFound(command_id)
         return command
@@ -497,17 +534,19 @@ class CommandManager:
                     f"unknown status {status!r}; one of "
                     + ", ".join(s.value for s in CommandStatus)
                 ) from None
-        return await self.store.list(
-            CommandQuery(
-                client_id=client_id,
-                status=status,
-                command_type=command_type,
-                created_after=created_after,
-                created_before=created_before,
-                limit=limit,
-                cursor=cursor,
-            )
+        query = CommandQuery(
+            client_id=client_id,
+            status=status,
+            command_type=command_type,
+            created_after=created_after,
+            created_before=created_before,
+            limit=limit,
+            cursor=cursor,
         )
+        try:
+            return await self.store.list(query)
+        except StoreError as exc:
+            raise StoreUnavailable(str(exc)) from None
 
     async def wait(self, command_id: str, timeout: float | None = None) -> Command:
         """Wait until the command finishes or ``timeout`` seconds pass.
@@ -589,9 +628,18 @@ class CommandManager:
         command = self._live.get(command_id)
         if command is None:
             raise CommandAlreadyFinished(await self.get_command(command_id))
-        return self._finish(
+        command = self._finish(
             command, CommandStatus.CANCELLED, error=reason, error_code=ErrorCode.CANCELLED
         )
+        # Acknowledged once stored, like a send: a restart must not revive it.
+        with trio.move_on_after(self.settings.store_timeout) as waited:
+            await self.store.flush()
+        if waited.cancelled_caught:
+            raise StoreUnavailable(
+                f"the cancel took effect, but the command store did not store it within "
+                f"{self.settings.store_timeout:g} s"
+            )
+        return command
 
     def clients(self) -> list[ClientInfo]:
         """The connected agents."""
@@ -725,6 +773,12 @@ class CommandManager:
             raise InvalidCommand("client_id must be a non-empty string")
         if not isinstance(command_type, str) or not command_type:
             raise InvalidCommand("command_type must be a non-empty string")
+        # Printable: no line breaks for the logs, no lone surrogates (which
+        # JSON can carry) for the store, which keeps text as UTF-8.
+        if not client_id.isprintable():
+            raise InvalidCommand("client_id must be printable text")
+        if not command_type.isprintable():
+            raise InvalidCommand("command_type must be printable text")
         limit = self.settings.max_timeout
         for name, value, low_ok in (("timeout", timeout, False), ("connect_timeout", connect_timeout, True)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -1004,9 +1058,15 @@ class CommandManager:
     async def _trim_history(self) -> None:
         while True:
             await trio.sleep(self.settings.cleanup_interval)
-            deleted = await self.store.purge(
-                finished_before=self._wall() - self.settings.history_retention,
-                keep_at_most=self.settings.max_history,
-            )
+            try:
+                deleted = await self.store.purge(
+                    finished_before=self._wall() - self.settings.history_retention,
+                    keep_at_most=self.settings.max_history,
+                )
+            except Exception as exc:
+                # A lock held elsewhere, an I/O error: try again next time
+                # rather than take the server down over housekeeping.
+                logger.error("Command history trim failed error=%r", str(exc))
+                continue
             if deleted:
                 logger.info("Command history trimmed deleted=%d", deleted)

@@ -261,7 +261,10 @@ async def _serve_with(
         authenticator=agent_auth,
         policy=None if settings.policy.is_empty else settings.policy,
     )
-    await manager.recover()
+    try:
+        await manager.recover()
+    except StoreError as exc:  # damaged pages where the unfinished commands are
+        raise StartupError(str(exc)) from None
     metrics = Metrics(
         connected_agents=lambda: len(manager.registry.links()),
         unfinished_commands=lambda: manager.unfinished_count,
