@@ -52,9 +52,15 @@ async def http(
     """
     host, port = address
     host_header = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    all_headers = [("Host", host_header), ("Connection", "close"), *headers]
+    headers = list(headers)
+    all_headers = [("Connection", "close"), *headers]
+    if not any(k.lower() == "host" for k, _ in headers):  # a test may pose as another host
+        all_headers.insert(0, ("Host", host_header))
     if json_body is not NO_BODY:
         body = json.dumps(json_body).encode()
+    if (json_body is not NO_BODY or body or chunks is not None) and not any(
+        k.lower() == "content-type" for k, _ in all_headers
+    ):
         all_headers.append(("Content-Type", "application/json"))
     has_length = any(k.lower() == "content-length" for k, _ in all_headers)
     if chunks is not None:

@@ -5,6 +5,7 @@ QUIC, a real HTTP/1.1 client; every answer checked against the OpenAPI document.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import sys
@@ -206,3 +207,90 @@ async def test_the_cli_refuses_a_public_bind_without_tokens_in_one_line(tmp_path
         "create NAME --role operate) or pass --allow-unauthenticated-http"
     ], str(server.stderr)
     assert not server.stderr.matching("Traceback")
+
+
+async def test_a_web_page_cannot_drive_the_loopback_api(tmp_path, caplog):
+    """CSRF and DNS rebinding: a browser on the server's host reaches 127.0.0.1
+    too. A text/plain body is 415; a request without a token whose Host or
+    Origin is not this API's loopback address is 403, logged and audited; a
+    request with a valid token is unaffected."""
+    caplog.set_level(logging.WARNING, logger="trio_quiccmd.http")
+    data = tmp_path / "data"
+    token = issue_api_token(data, "ops", role="operate")
+    send_fields = {"client_id": "web-1", "command_type": "echo", "payload": {"x": 1}, "connect_timeout": 3600}
+    raw = json.dumps(send_fields).encode()
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            port = h.http_address[1]
+            doc = h.document
+            # The review's curl: a cross-site "simple" request, text/plain body.
+            csrf = await h.request(
+                "POST", "/api/command", body=raw,
+                headers=[("Content-Type", "text/plain"), ("Origin", "http://evil.example"),
+                         ("Host", "evil.example:1234")],
+            )
+            assert_error(csrf, 403, "forbidden", doc, "POST", "/api/command")
+            # Each defence on its own.
+            text_plain = await h.request("POST", "/api/command", body=raw, headers=[("Content-Type", "text/plain")])
+            message = assert_error(text_plain, 415, "unsupported_media_type", doc, "POST", "/api/command")
+            assert "application/json" in message
+            no_type = await h.request("POST", "/api/command", body=raw, headers=[("Content-Type", "")])
+            assert_error(no_type, 415, "unsupported_media_type", doc, "POST", "/api/command")
+            form = await h.request(
+                "POST", "/api/command/x/cancel", body=b"reason=x",
+                headers=[("Content-Type", "application/x-www-form-urlencoded")],
+            )
+            assert_error(form, 415, "unsupported_media_type", doc, "POST", "/api/command/{command_id}/cancel")
+            charset = await h.request(
+                "POST", "/api/command", body=raw, headers=[("Content-Type", "application/json; charset=utf-8")]
+            )
+            assert charset.status == 202, charset.body
+
+            rebound = await h.request("POST", "/api/command", send_fields, headers=[("Host", f"evil.example:{port}")])
+            message = assert_error(rebound, 403, "forbidden", doc, "POST", "/api/command")
+            assert "send a bearer token" in message
+            read = await h.request("GET", "/api/commands", headers=[("Host", f"evil.example:{port}")])
+            assert_error(read, 403, "forbidden", doc, "GET", "/api/commands")
+            for origin in ["http://evil.example", "null", f"http://localhost:{port + 1}"]:
+                cross = await h.request("POST", "/api/command", send_fields, headers=[("Origin", origin)])
+                assert_error(cross, 403, "forbidden", doc, "POST", "/api/command")
+
+            # Allowed: loopback names and addresses, and a page of the API's own origin.
+            for host in [f"localhost:{port}", f"127.0.0.1:{port}", f"127.1.2.3:{port}"]:
+                fine = await h.request("GET", "/api/commands", headers=[("Host", host)])
+                assert fine.status == 200, (host, fine.body)
+            same_origin = await h.request(
+                "GET", "/api/commands", headers=[("Origin", f"http://localhost:{port}")]
+            )
+            assert same_origin.status == 200
+            # A valid token is not affected: browsers do not attach it cross-site.
+            with_token = await h.request(
+                "POST", "/api/command", send_fields,
+                headers=[*bearer(token), ("Host", f"evil.example:{port}"), ("Origin", "http://evil.example")],
+            )
+            assert with_token.status == 202, with_token.body
+
+            audit = (await h.request("GET", "/api/audit?outcome=refused")).json()["entries"]
+            refused_anonymously = [e for e in audit if e["actor"] == "anonymous" and e["error_code"] == "forbidden"]
+            assert len(refused_anonymously) == 5  # the curl, the rebound POST, the three cross-origin ones
+    rejected = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Operator rejected ")]
+    assert len(rejected) >= 5
+    assert any("path=/api/commands" in line and "Host 'evil.example" in line for line in rejected)
+
+
+def test_anonymous_origin_rules():
+    from trio_quiccmd.server.http_api import anonymous_origin_refusal as refusal
+
+    assert refusal("localhost:8080", None, "127.0.0.1") is None
+    assert refusal("[::1]:8080", "http://[::1]:8080", "::1") is None
+    assert refusal("LOCALHOST:8080", "http://localhost:8080", None) is None
+    assert refusal("10.0.0.5:8080", None, "10.0.0.5") is None  # exactly the bind address
+    assert refusal("10.0.0.5:8080", None, "0.0.0.0") is not None
+    assert refusal("0.0.0.0:8080", None, "0.0.0.0") is not None
+    assert refusal("evil.example", None, "127.0.0.1") is not None
+    assert refusal(None, None, "127.0.0.1") is not None
+    assert refusal("localhost:8080@evil", None, None) is not None
+    assert refusal("localhost", "http://localhost", None) is None  # port 80 both
+    assert refusal("localhost:8080", "https://localhost:8080", None) is None
+    assert refusal("localhost:8080", "http://localhost", None) is not None
+    assert refusal("localhost:8080", "file://", None) is not None

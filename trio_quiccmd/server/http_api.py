@@ -15,13 +15,15 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import ipaddress
 import math
 from typing import Any, Iterable, Mapping, NoReturn
+from urllib.parse import urlsplit
 
 import attrs
-from quart import Response, g, request
+from quart import Response, current_app, g, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
 
 from ..errors import (
     CommandAlreadyFinished,
@@ -84,6 +86,7 @@ _HTTP_CODES = {
     405: "method_not_allowed",
     408: "request_timeout",
     413: "payload_too_large",
+    415: "unsupported_media_type",
     500: "internal_error",
 }
 
@@ -221,7 +224,35 @@ def parse_json(data: bytes) -> Any:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
 
 
+def _is_json_media_type(content_type: str | None) -> bool:
+    """``application/json`` or ``application/<anything>+json``, parameters (charset) allowed."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    kind, _, subtype = media.partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def _has_body() -> bool:
+    if request.headers.get("Transfer-Encoding"):
+        return True
+    length = request.headers.get("Content-Length")
+    return length is not None and length.strip() not in ("", "0")
+
+
 async def _read_json_object(*, required: bool) -> dict[str, Any]:
+    # A body must say it is JSON. Besides being right, this is what stops a web
+    # page from posting here: a cross-site form or "simple" fetch can only send
+    # text/plain, form or multipart bodies; application/json needs a CORS
+    # preflight, which this API never grants.
+    if _has_body() and not _is_json_media_type(request.headers.get("Content-Type")):
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        if request.content_length is not None and limit is not None and request.content_length > limit:
+            raise RequestEntityTooLarge()  # the same answer as for a JSON body that size
+        given = request.headers.get("Content-Type")
+        raise ApiError(
+            415, "unsupported_media_type",
+            "the request body must be sent with Content-Type: application/json, not "
+            + (repr(given[:100]) if given else "without a Content-Type"),
+        )
     # get_data raises RequestEntityTooLarge (-> 413) both for a Content-Length
     # over MAX_CONTENT_LENGTH and for a chunked body that grows past it.
     data = await request.get_data(as_text=False)
@@ -251,6 +282,79 @@ def _json_type(value: Any) -> str:
     return "an object"
 
 
+# -- where an unauthenticated request may come from ---------------------------------
+
+
+def _split_authority(authority: str, default_port: int | None) -> tuple[str, int | None] | None:
+    """``host[:port]`` (``[v6]:port`` too) -> (lower-case host, port), or None if malformed."""
+    try:
+        parts = urlsplit("//" + authority)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    if not host or parts.username is not None or parts.path or parts.query or parts.fragment:
+        return None
+    return host.lower(), port if port is not None else default_port
+
+
+def _is_local_name(host: str, bind_host: str | None) -> bool:
+    """localhost, a loopback address, or exactly the (specific) address the API is bound to."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is not None and address.is_loopback:
+        return True
+    if bind_host:
+        bound = bind_host.strip("[]").lower()
+        try:
+            unspecified = ipaddress.ip_address(bound).is_unspecified
+        except ValueError:
+            unspecified = False
+        return not unspecified and host == bound
+    return False
+
+
+def anonymous_origin_refusal(
+    host_header: str | None, origin: str | None, bind_host: str | None
+) -> str | None:
+    """Why a request without a token must be refused, or None.
+
+    A web page in a browser on the server's host can reach a loopback API:
+    directly (it cannot read the answers, but it can post) or, with DNS
+    rebinding, through a name of its own that now resolves to 127.0.0.1 (and
+    then it reads them too). Such a request has a ``Host`` that is the
+    attacker's name, or an ``Origin`` that is the attacker's page; a request
+    from curl, the Python client or a page served by this API has neither.
+    """
+    host = _split_authority(host_header or "", None)
+    if host is None or not _is_local_name(host[0], bind_host):
+        return (
+            f"a request without a token must be addressed to localhost, a loopback address "
+            f"or the API's own address, not Host {(host_header or '')[:100]!r} "
+            "(a web page's DNS rebinding looks like this); send a bearer token"
+        )
+    if origin is None:
+        return None
+    scheme, _, authority = origin.partition("://")
+    scheme = scheme.lower()
+    from_page = (
+        _split_authority(authority, {"http": 80, "https": 443}.get(scheme))
+        if scheme in ("http", "https")
+        else None
+    )
+    host_port = host[1] if host[1] is not None else 80
+    if from_page is None or not _is_local_name(from_page[0], bind_host) or from_page[1] != host_port:
+        return (
+            f"a request without a token is refused from the web page at Origin {origin[:100]!r}: "
+            "only pages served from this API's own loopback address and port may use it "
+            "without one; send a bearer token"
+        )
+    return None
+
+
 # -- field and parameter checks ----------------------------------------------------
 
 
@@ -277,6 +381,10 @@ def _string_field(body: Mapping[str, Any], name: str) -> str:
         raise _invalid(f"{name} must be a non-empty string, not {_json_type(value)}")
     if len(value) > MAX_ID_LENGTH:
         raise _invalid(f"{name} must be at most {MAX_ID_LENGTH} characters")
+    if not value.isprintable():
+        # It goes into log lines and the audit log: no line breaks, no
+        # control or other unprintable characters (the document's pattern).
+        raise _invalid(f"{name} must be printable text (no control characters), not {value[:100]!r}")
     return value
 
 
@@ -408,12 +516,16 @@ def create_app(
     metrics: Metrics | None = None,
     auth: ApiAuthenticator | None = None,
     audit: AuditLog | None = None,
+    bind_host: str | None = None,
 ) -> QuartTrio:
     """The HTTP API over ``manager``. ``metrics`` feeds ``GET /metrics`` (404 without it).
 
     ``auth`` checks bearer tokens and roles (None: every request may do
     everything); ``audit`` records sends and cancels and feeds ``GET
-    /api/audit`` (404 without it).
+    /api/audit`` (404 without it). A request without a token (anonymous) is
+    refused (403) unless its ``Host`` is localhost, a loopback address or
+    ``bind_host`` (the address the API listens on), and its ``Origin``, if
+    any, the same: what keeps web pages in a local browser out.
 
     The app holds no state of its own; serve it with ``hypercorn.trio.serve``.
     """
@@ -446,26 +558,34 @@ def create_app(
                 remote=request.remote_addr or "",
             )
 
+    def refused(exc: QuicCmdError) -> None:
+        logger.warning(
+            "Operator rejected remote=%s method=%s path=%s reason=%r",
+            request.remote_addr, request.method, request.path, str(exc),
+        )
+        action = _AUDITED_ROUTES.get(request.endpoint or "")
+        if action is not None and isinstance(exc, Forbidden):
+            record(action, None, None, (request.view_args or {}).get("command_id"), exc.code)
+
     @app.before_request
     async def authenticate() -> None:
         g.principal = ANONYMOUS
         role = _ROUTE_ROLES.get(request.endpoint or "")
-        if auth is None or role is None:
+        if role is None:
             return
         try:
-            g.principal = auth.authenticate(request.headers.get("Authorization"))
-        except Unauthorized as exc:
-            logger.warning(
-                "Operator rejected remote=%s method=%s path=%s reason=%r",
-                request.remote_addr, request.method, request.path, str(exc),
-            )
-            raise
-        try:
-            auth.require_role(g.principal, role, f"{request.method} {request.url_rule.rule}")
-        except Forbidden as exc:
-            action = _AUDITED_ROUTES.get(request.endpoint or "")
-            if action is not None:
-                record(action, None, None, (request.view_args or {}).get("command_id"), exc.code)
+            if auth is not None:
+                g.principal = auth.authenticate(request.headers.get("Authorization"))
+            if g.principal is ANONYMOUS:
+                refusal = anonymous_origin_refusal(
+                    request.headers.get("Host"), request.headers.get("Origin"), bind_host
+                )
+                if refusal is not None:
+                    raise Forbidden(refusal)
+            if auth is not None:
+                auth.require_role(g.principal, role, f"{request.method} {request.url_rule.rule}")
+        except (Unauthorized, Forbidden) as exc:
+            refused(exc)
             raise
 
     # -- routes ---------------------------------------------------------------
@@ -634,7 +754,9 @@ def create_app(
 
     @app.errorhandler(ApiError)
     async def api_error(error: ApiError) -> Response:
-        return error_response(error.status, error.code, error.message, **error.extra)
+        # 415 is answered without reading the body: the connection cannot be reused.
+        headers = {"Connection": "close"} if error.status == 415 else None
+        return error_response(error.status, error.code, error.message, headers, **error.extra)
 
     @app.errorhandler(QuicCmdError)
     async def manager_error(error: QuicCmdError) -> Response:

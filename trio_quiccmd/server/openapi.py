@@ -8,6 +8,8 @@ the document cannot drift from what the endpoints return.
 
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Any
 
 from ..model import CommandStatus
@@ -25,6 +27,26 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 def _error(description: str) -> dict[str, Any]:
     return _json(_ref("Error"), description)
+
+
+@functools.cache
+def printable_pattern() -> str:
+    """A regex of the strings the API takes as a client_id or command_type:
+    one or more characters Python calls printable (``str.isprintable``: no
+    control, format or unassigned characters, no line or paragraph separators,
+    no space but " "). A character class of literal characters, so it means
+    the same to ECMA-262 and Python ``re``."""
+    ranges: list[str] = []
+    start: int | None = None
+    for code in range(sys.maxunicode + 2):
+        printable = code <= sys.maxunicode and chr(code).isprintable()
+        if printable and start is None:
+            start = code
+        elif not printable and start is not None:
+            low, high = (chr(c) if chr(c) not in "\\]^-[" else "\\" + chr(c) for c in (start, code - 1))
+            ranges.append(low if start == code - 1 else f"{low}-{high}")
+            start = None
+    return "^[" + "".join(ranges) + "]+$"
 
 
 def openapi_document(
@@ -52,7 +74,16 @@ def openapi_document(
     )
     forbidden = _error(
         "The token lacks the role (operate) or its command-type / agent-label "
-        "restrictions exclude this command (error forbidden)"
+        "restrictions exclude this command; or a request without a token came with a "
+        "Host or Origin that is not this API's loopback address (error forbidden)"
+    )
+    forbidden_anonymous = _error(
+        "A request without a token came with a Host or Origin that is not this API's "
+        "loopback address (error forbidden): send a bearer token"
+    )
+    unsupported = _error(
+        "The request has a body that is not sent as Content-Type: application/json "
+        "(error unsupported_media_type)"
     )
     not_found = _error("No command with this id (or it was purged from the history)")
 
@@ -94,8 +125,14 @@ def openapi_document(
             "required": ["client_id", "command_type"],
             "additionalProperties": False,
             "properties": {
-                "client_id": {"type": "string", "minLength": 1, "maxLength": 256},
-                "command_type": {"type": "string", "minLength": 1, "maxLength": 256},
+                "client_id": {
+                    "type": "string", "minLength": 1, "maxLength": 256, "pattern": printable_pattern(),
+                    "description": "Printable text: no control or other unprintable characters",
+                },
+                "command_type": {
+                    "type": "string", "minLength": 1, "maxLength": 256, "pattern": printable_pattern(),
+                    "description": "Printable text: no control or other unprintable characters",
+                },
                 "payload": {"description": "Any JSON value", "default": {}},
                 "timeout": {
                     "type": "number", "exclusiveMinimum": 0, "maximum": max_timeout,
@@ -238,6 +275,7 @@ def openapi_document(
                     "403": forbidden,
                     "413": _error(f"The body is over {max_payload_bytes} bytes, or the payload "
                                   "is over the agents' frame limit"),
+                    "415": unsupported,
                     "422": _error("The command policy refused it and nothing was created or sent: "
                                   "the type is not allowed for this agent (policy_denied) or the "
                                   "payload does not match the type's JSON Schema (invalid_payload)"),
@@ -266,6 +304,7 @@ def openapi_document(
                     "200": _json(_ref("Command"), "The command (terminal, or as it is when the wait ended)"),
                     "400": bad_request,
                     "401": unauthorized,
+                    "403": forbidden_anonymous,
                     "404": not_found,
                 },
             }
@@ -286,6 +325,7 @@ def openapi_document(
                     "403": forbidden,
                     "404": not_found,
                     "409": _error("Already finished; the error carries the command"),
+                    "415": unsupported,
                 },
             }
         },
@@ -328,6 +368,7 @@ def openapi_document(
                     "200": _json(_ref("CommandPage"), "A page of commands"),
                     "400": bad_request,
                     "401": unauthorized,
+                    "403": forbidden_anonymous,
                 },
             }
         },
@@ -338,6 +379,7 @@ def openapi_document(
                 "responses": {
                     "200": _json(_ref("ClientList"), "The connected agents"),
                     "401": unauthorized,
+                    "403": forbidden_anonymous,
                 },
             }
         },
@@ -370,6 +412,7 @@ def openapi_document(
                     "200": _json(_ref("AuditPage"), "A page of audit entries"),
                     "400": bad_request,
                     "401": unauthorized,
+                    "403": forbidden_anonymous,
                     "404": _error("The audit log is not enabled on this server"),
                 },
             }
@@ -394,6 +437,7 @@ def openapi_document(
                         "content": {"text/plain": {"schema": {"type": "string"}}},
                     },
                     "401": unauthorized,
+                    "403": forbidden_anonymous,
                 },
             }
         },

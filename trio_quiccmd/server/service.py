@@ -270,7 +270,10 @@ async def _serve_with(
         unfinished_commands=lambda: manager.unfinished_count,
     )
     manager.add_observer(metrics)
-    app = create_app(manager, limits=api_limits(settings), metrics=metrics, auth=api_auth, audit=audit)
+    app = create_app(
+        manager, limits=api_limits(settings), metrics=metrics, auth=api_auth, audit=audit,
+        bind_host=settings.http_host,
+    )
     # The agents' frame limit bounds COMMAND frames (the API refuses bigger
     # payloads); the server reads RESULT frames up to the same size.
     command_server = CommandServer(manager, quic_configuration, max_frame_size=DEFAULT_MAX_FRAME_SIZE)
