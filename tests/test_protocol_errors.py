@@ -47,6 +47,10 @@ async def send_raw_and_wait_close(cluster, data: bytes) -> int | None:
         ),
         # A newline in the client_id could forge a log line: refused before it is logged.
         (encode_frame(Hello(client_id="a\n2026 INFO Audit action=send")), ProtocolErrorCode.INVALID_FRAME),
+        # Labels are logged too (and shown by the API): the same for their keys and values.
+        (encode_frame(Hello(client_id="l", labels={"role": "web\n2026 INFO Audit action=send"})),
+         ProtocolErrorCode.INVALID_FRAME),
+        (encode_frame(Hello(client_id="l", labels={"ro\rle": "web"})), ProtocolErrorCode.INVALID_FRAME),
     ],
 )
 async def test_bad_frames_close_only_the_offender(cluster, data, code):

@@ -12,15 +12,43 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 import sys
 from typing import TextIO
 
 
+#: C0 controls (line feed, carriage return, ...), DEL, C1 controls and the
+#: Unicode line and paragraph separators: what could start a new line.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char)
+    if named is not None:
+        return named
+    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\x1b``)."""
+    return _CONTROL.sub(_escape, text)
+
+
 class KeyValueFormatter(logging.Formatter):
-    """One line per record, RFC 3339 UTC timestamp first; tracebacks indented below."""
+    """One line per record, RFC 3339 UTC timestamp first; tracebacks indented below.
+
+    Control characters in the message are escaped, so a value a peer chose (a
+    client_id, a URL path, an agent's error code) can never start a line of
+    its own that looks like one the server wrote.
+    """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # Only the message line; exc_info and stack_info are added (indented) after.
+        return escape_controls(super().formatMessage(record))
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         moment = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)

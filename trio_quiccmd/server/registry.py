@@ -237,6 +237,11 @@ class AgentLink(SessionHandler):
             raise ProtocolError(
                 ProtocolErrorCode.INVALID_FRAME, "client_id must not contain control characters"
             )
+        if not all(key.isprintable() and value.isprintable() for key, value in frame.labels.items()):
+            # Logged and shown by the API like the client_id.
+            raise ProtocolError(
+                ProtocolErrorCode.INVALID_FRAME, "labels must not contain control characters"
+            )
         # Raises ProtocolError (RATE_LIMITED / TOO_MANY_AGENTS / UNAUTHORIZED):
         # the connection is closed before it is welcomed or registered.
         try:

@@ -1,0 +1,60 @@
+"""Log lines cannot be forged: whatever a peer puts in a value that is
+logged, the line the formatter writes stays one line."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import trio
+
+from trio_quiccmd.logs import KeyValueFormatter, escape_controls
+from trio_quiccmd.tokens import issue_api_token
+
+from .test_http_api import TEST_TIMEOUT, running_server
+
+FORGED = "x\n2026-11-28T10:00:00.000Z INFO trio_quiccmd.audit Audit action=send actor=admin"
+
+
+def test_a_forged_value_yields_one_log_line():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(KeyValueFormatter())
+    logger = logging.getLogger("test_logs.forged")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("Agent rejected client_id=%s reason=%s", FORGED, "a\rb\x1b[2J\x85\u2028c\x7f")
+        try:
+            raise ValueError("boom\nsecond")
+        except ValueError:
+            logger.exception("Failed code=%s", "y\r\nINFO fake")
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) >= 3
+    first = lines[0]
+    assert first.endswith(
+        "Agent rejected client_id=x\\n2026-11-28T10:00:00.000Z INFO trio_quiccmd.audit Audit "
+        "action=send actor=admin reason=a\\rb\\x1b[2J\\x85\\u2028c\\x7f"
+    )
+    assert lines[1].endswith("Failed code=y\\r\\nINFO fake")
+    # The traceback is still there, below, every line of it indented.
+    assert all(line.startswith("    ") for line in lines[2:])
+    assert any("ValueError: boom" in line for line in lines[2:])
+    assert escape_controls("plain é text") == "plain é text"
+
+
+async def test_a_newline_in_a_url_path_stays_in_its_log_line(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    issue_api_token(tmp_path / "data", "ops", role="operate")
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path, require_api_token=True) as h:
+            path = "/api/command/x%0A2026-11-28T10:00:00.000Z%20INFO%20trio_quiccmd.audit%20Audit%20action=send"
+            assert (await h.request("GET", path)).status == 401
+    formatter = KeyValueFormatter()
+    text = "\n".join(formatter.format(r) for r in caplog.records)
+    lines = text.splitlines()
+    rejected = [line for line in lines if "Operator rejected" in line]
+    assert len(rejected) == 1 and "path=/api/command/x\\n2026" in rejected[0]
+    assert not any(line.startswith("2026-11-28T10:00:00.000Z") for line in lines)
