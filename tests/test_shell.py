@@ -77,6 +77,52 @@ async def test_cancelling_kills_the_whole_process_group(tmp_path: Path):
             await trio.sleep(0.01)
 
 
+async def _gone(pid: int) -> None:
+    """Returns once ``pid`` is dead (or a zombie awaiting its reaper)."""
+    while True:
+        try:
+            os.kill(pid, 0)
+            state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+        except (ProcessLookupError, FileNotFoundError):
+            return
+        if state == "Z":
+            return
+        await trio.sleep(0.01)  # polling the kernel: there is nothing to wait on
+
+
+async def test_a_background_child_neither_holds_the_command_nor_survives_it():
+    # /bin/sh exits at once; the background sleep kept stdout open, so the
+    # command hung until its timeout and the sleep outlived it.
+    with trio.fail_after(5):
+        result = await ShellExecutor().run({"command": "sleep 300 & echo $!; echo started"})
+    pid_line, started = result["stdout"].splitlines()
+    assert started == "started" and result["exit_code"] == 0
+    with trio.fail_after(5):
+        await _gone(int(pid_line))
+
+
+async def test_a_timed_out_command_kills_its_background_children_too(tmp_path: Path):
+    pidfile = tmp_path / "pid"
+    with trio.fail_after(TIMEOUT):
+        with trio.move_on_after(0.5) as timed_out:  # the command's timeout, as the agent applies it
+            await ShellExecutor().run(
+                {"command": f"sh -c 'sleep 300 & echo $! > {pidfile}; wait' & wait"}
+            )
+    assert timed_out.cancelled_caught
+    with trio.fail_after(5):
+        await _gone(int(pidfile.read_text()))
+
+
+async def test_the_agent_token_is_not_in_the_programs_environment(monkeypatch):
+    monkeypatch.setenv("QUICCMD_AGENT_TOKEN", "qca_secret")
+    monkeypatch.setenv("QUICCMD_AGENT_SERVER", "example:4433")
+    monkeypatch.setenv("SHELL_TEST_KEPT", "yes")
+    with trio.fail_after(TIMEOUT):
+        result = await ShellExecutor().run({"argv": ["env"]})
+    assert "qca_secret" not in result["stdout"] and "QUICCMD_AGENT_" not in result["stdout"]
+    assert "SHELL_TEST_KEPT=yes" in result["stdout"].splitlines()
+
+
 @pytest.mark.parametrize(
     "payload, message",
     [

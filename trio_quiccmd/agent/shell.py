@@ -12,8 +12,11 @@ A non-zero exit code is still a completed command (the program did run); a
 program that cannot be started fails the command (``executor_error``).
 Output is decoded as UTF-8 (bad bytes replaced) and each stream is capped at
 ``max_output_bytes``; the program keeps running past the cap, its further
-output is read and dropped. Cancelling the command (or its timeout) kills the
-program's whole process group.
+output is read and dropped. The program runs in a process group of its own;
+when it exits, or the command is cancelled or times out, the whole group is
+killed (SIGKILL): a background child (``sleep 300 &``) neither holds the
+command open nor survives it. The child's environment is the agent's without
+``QUICCMD_AGENT_*`` (so without the agent's token).
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from .executor import CommandFailed
 
 #: Per stream (stdout, stderr), bytes kept of a shell command's output.
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024
+#: Once the program has exited (and its process group is killed), at most
+#: this long to read the output still buffered in the pipes.
+OUTPUT_DRAIN_SECONDS = 1.0
 
 
 class ShellExecutor:
@@ -40,8 +46,9 @@ class ShellExecutor:
     async def run(self, payload: Any) -> dict[str, Any]:
         """Run the program and return its exit code and capped output.
 
-        Cancellation kills the program's process group (SIGKILL) and waits for
-        it to exit before the cancellation propagates.
+        When the program exits, or on cancellation, its process group is
+        killed (SIGKILL) and the program reaped before this returns or the
+        cancellation propagates.
         """
         argv = _argv(payload)
         cwd = payload.get("cwd")
@@ -59,31 +66,49 @@ class ShellExecutor:
                 if room > 0:
                     into += chunk[:room]
 
-        failure: OSError | None = None
-        async with trio.open_nursery() as nursery:
-            try:
-                process: trio.Process = await nursery.start(
-                    lambda task_status: trio.run_process(
-                        argv,
-                        cwd=cwd,
-                        stdin=subprocess.DEVNULL,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE,
-                        check=False,
-                        # Its own process group, so a cancel kills what a
-                        # shell line started too, not just /bin/sh.
-                        start_new_session=True,
-                        deliver_cancel=_kill_group,
-                        task_status=task_status,
-                    )
-                )
-            except OSError as exc:
-                failure = exc  # raised below, not wrapped in the nursery's group
-            else:
-                nursery.start_soon(collect, process.stdout, outputs[0])
-                nursery.start_soon(collect, process.stderr, outputs[1])
-        if failure is not None:
-            raise CommandFailed(f"shell: cannot start {argv[0]!r}: {failure.strerror or failure}")
+        try:
+            process = await trio.lowlevel.open_process(
+                argv,
+                cwd=cwd,
+                env=child_environment(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                # Its own process group, so what a shell line started in the
+                # background can be killed with it.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise CommandFailed(f"shell: cannot start {argv[0]!r}: {exc.strerror or exc}") from None
+        try:
+            async with trio.open_nursery() as nursery:
+                readers_done = trio.Event()
+
+                async def read_both() -> None:
+                    async with trio.open_nursery() as readers:
+                        readers.start_soon(collect, process.stdout, outputs[0])
+                        readers.start_soon(collect, process.stderr, outputs[1])
+                    readers_done.set()
+
+                nursery.start_soon(read_both)
+                await process.wait()
+                # The program is done. Whatever it left running in the
+                # background (``sleep 300 &``) goes with it: it would hold the
+                # output pipes open and outlive the command. Then read what is
+                # buffered, and stop soon even if something that escaped the
+                # group (setsid) still holds a pipe.
+                _kill_group(process.pid)
+                with trio.move_on_after(OUTPUT_DRAIN_SECONDS):
+                    await readers_done.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            # Every way out (cancel, timeout, an error): nothing of it survives.
+            _kill_group(process.pid)
+            with trio.CancelScope(shield=True):
+                await process.wait()
+                for pipe in (process.stdout, process.stderr):
+                    if pipe is not None:
+                        await pipe.aclose()
         return {
             "exit_code": process.returncode,
             "stdout": outputs[0].decode("utf-8", errors="replace"),
@@ -92,11 +117,17 @@ class ShellExecutor:
         }
 
 
-async def _kill_group(process: trio.Process) -> None:
+def child_environment() -> dict[str, str]:
+    """The agent's environment without its own settings (``QUICCMD_AGENT_*``,
+    among them the agent token): a command must not learn the agent's secret."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("QUICCMD_AGENT_")}
+
+
+def _kill_group(pgid: int) -> None:
     try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass  # already gone
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # already gone (PermissionError: macOS, for a group of zombies)
 
 
 def _argv(payload: Any) -> list[str]:
