@@ -5,6 +5,7 @@ and in Python (PolicyDenied / InvalidPayload)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,11 @@ def test_the_policy_table_is_read_with_schema_files_relative_to_the_config(tmp_p
         ("[[policy.allow]]\nlabels = { a = 1 }\ncommand_types = ['x']\n", "policy.allow[0].labels must be a table of strings"),
         ("[policy.schemas]\necho = { type = 12 }\n", "policy.schemas.echo is not a valid JSON Schema"),
         ("[policy.schemas]\necho = 'missing.json'\n", "policy.schemas.echo: cannot read"),
+        # References are resolved at start: a dangling or remote one is refused then.
+        ("[policy.schemas]\necho = { '$ref' = '#/$defs/nope' }\n",
+         "policy.schemas.echo: $ref '#/$defs/nope' does not resolve within the schema"),
+        ("[policy.schemas]\necho = { properties = { a = { '$ref' = 'https://example.com/s.json' } } }\n",
+         "policy.schemas.echo: $ref 'https://example.com/s.json' does not resolve"),
     ],
 )
 def test_a_bad_policy_is_a_one_line_config_error(tmp_path, table, message):
@@ -124,3 +130,55 @@ async def test_a_refused_command_is_422_and_never_reaches_the_agent(tmp_path):
             listed = (await h.request("GET", "/api/commands")).json()["commands"]
             assert [c["command_id"] for c in listed] == [ok["command_id"]]
             assert set(h.gates.started) == {"ok"}
+
+
+def test_schemas_resolve_local_refs_check_formats_and_never_fetch(monkeypatch):
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a policy schema tried to fetch a $ref")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    policy = CommandPolicy(schemas={
+        "ping": {
+            "$defs": {"host": {"type": "string", "format": "ipv4"}},
+            "type": "object",
+            "properties": {"host": {"$ref": "#/$defs/host"}},
+        },
+        # Built without parse_policy (the Python API): the ref is only found at check time.
+        "remote": {"$ref": "https://schemas.example/remote.json"},
+    })
+    policy.check("a", "ping", {"host": "10.0.0.1"}, None)
+    with pytest.raises(InvalidPayload, match="at host: 'not an address' is not a 'ipv4'"):
+        policy.check("a", "ping", {"host": "not an address"}, None)
+    with pytest.raises(InvalidPayload, match="payload for 'remote' cannot be checked"):
+        policy.check("a", "remote", {}, None)
+
+
+def test_unique_items_is_checked_in_linear_time():
+    policy = CommandPolicy(schemas={"batch": {"type": "array", "uniqueItems": True}})
+    # jsonschema's own check compared these 20,000 objects (~250 KB) pairwise:
+    # minutes of the event loop. Now: milliseconds.
+    items = [{"host": f"h{i}", "n": i} for i in range(20_000)]
+    start = time.perf_counter()
+    policy.check("a", "batch", items, None)
+    assert time.perf_counter() - start < 1.0
+    with pytest.raises(InvalidPayload, match="has non-unique elements"):
+        policy.check("a", "batch", [*items, {"n": 7, "host": "h7"}], None)
+    # JSON equality: 1 and 1.0 are the same, true and 1 are not, key order does not matter.
+    with pytest.raises(InvalidPayload, match="non-unique"):
+        policy.check("a", "batch", [{"a": [1, {"b": 2}]}, {"a": [1.0, {"b": 2.0}]}], None)
+    policy.check("a", "batch", [1, True, "1", [1], {"1": 1}, None, 0, False], None)
+
+
+async def test_a_schema_that_cannot_be_applied_is_an_audited_422_not_a_500(tmp_path):
+    policy = CommandPolicy(schemas={"remote": {"$ref": "https://schemas.example/remote.json"}})
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path, policy=policy) as h:
+            await h.start_agent("a")
+            refused = await h.request("POST", "/api/command", {"client_id": "a", "command_type": "remote"})
+            assert refused.status == 422, refused.body
+            assert refused.json()["error"]["code"] == "invalid_payload"
+            check_openapi(h.document, "POST", "/api/command", refused)
+            audit = (await h.request("GET", "/api/audit")).json()["entries"]
+            assert [(e["outcome"], e["error_code"]) for e in audit] == [("refused", "invalid_payload")]

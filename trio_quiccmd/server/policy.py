@@ -20,6 +20,11 @@ command type with a schema is refused unless its payload validates. A refused
 command is never created or sent: :class:`~trio_quiccmd.errors.PolicyDenied`
 / :class:`~trio_quiccmd.errors.InvalidPayload`, HTTP 422.
 
+Schemas are self-contained: a ``$ref`` must point inside the schema (remote
+references are never fetched; one that does not resolve stops the start).
+``format`` is checked (``ipv4``, ``date-time``, ...). ``uniqueItems`` is
+checked in linear time, so no payload makes validation quadratic.
+
 Labels are the server's view of the agent (see ``AgentRegistry.labels_of``):
 those bound to its token, else those its HELLO claims.
 """
@@ -27,13 +32,100 @@ those bound to its token, else those its HELLO claims.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
+from urllib.parse import urljoin
 
 import attrs
 import jsonschema
+import referencing
+import referencing.exceptions
+import referencing.jsonschema
 
 from ..errors import InvalidPayload, PolicyDenied
+
+logger = logging.getLogger("trio_quiccmd.server")
+
+#: The base URI of a policy schema without an ``$id`` of its own.
+_SCHEMA_BASE = "urn:trio-quiccmd:policy-schema"
+
+
+def _registry(schema: Any) -> referencing.Registry:
+    """A registry holding ``schema`` (and the resources it embeds) and nothing
+    else: no retrieval, so a ``$ref`` to anything outside it is unresolvable,
+    never fetched from the network."""
+    resource = referencing.Resource.from_contents(
+        schema, default_specification=referencing.jsonschema.DRAFT202012
+    )
+    return referencing.Registry().with_resource(_SCHEMA_BASE, resource).crawl()
+
+
+def _refs(node: Any, base: str) -> Iterator[tuple[str, str]]:
+    """Every (base URI, ``$ref``) in a schema, following ``$id`` changes of base."""
+    stack = [(node, base)]
+    while stack:
+        node, base = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("$id"), str):
+                base = urljoin(base, node["$id"])
+            if isinstance(node.get("$ref"), str):
+                yield base, node["$ref"]
+            stack.extend((child, base) for child in node.values())
+        elif isinstance(node, list):
+            stack.extend((child, base) for child in node)
+
+
+def _check_refs(schema: Any, where: str) -> None:
+    """Resolve every ``$ref`` now, so a dangling or remote one stops the start."""
+    registry = _registry(schema)
+    for base, ref in _refs(schema, _SCHEMA_BASE):
+        try:
+            registry.resolver(base_uri=base).lookup(ref)
+        except referencing.exceptions.Unresolvable:
+            raise ValueError(
+                f"{where}: $ref {ref!r} does not resolve within the schema "
+                "(remote references are not fetched)"
+            ) from None
+
+
+def _canonical(value: Any) -> Any:
+    """A hashable form of a JSON value; equal exactly when the JSON values are
+    (1 and 1.0 equal, true and 1 not, key order ignored)."""
+    if isinstance(value, bool):
+        return ("b", value)
+    if isinstance(value, (int, float)):
+        return ("n", value)
+    if isinstance(value, str):
+        return ("s", value)
+    if isinstance(value, list):
+        return ("a", tuple(_canonical(v) for v in value))
+    if isinstance(value, dict):
+        return ("o", frozenset((k, _canonical(v)) for k, v in value.items()))
+    return ("z", None)
+
+
+def _unique_items(validator: Any, unique: Any, instance: Any, schema: Any) -> Iterator[Any]:
+    """``uniqueItems`` in linear time. jsonschema's own compares unsortable
+    items (objects) pairwise: a 40 KB array of objects took seconds of the
+    event loop, enough for one operator to freeze the server."""
+    if not unique or not validator.is_type(instance, "array"):
+        return
+    seen: set[Any] = set()
+    for item in instance:
+        key = _canonical(item)
+        if key in seen:
+            yield jsonschema.ValidationError(f"{instance!r:.200} has non-unique elements")
+            return
+        seen.add(key)
+
+
+def _validator(schema: Any) -> Any:
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    if "uniqueItems" in cls.VALIDATORS:
+        cls = jsonschema.validators.extend(cls, {"uniqueItems": _unique_items})
+    # No retrieval (see _registry); formats ("ipv4", "date-time", ...) are checked.
+    return cls(schema, registry=_registry(schema), format_checker=cls.FORMAT_CHECKER)
 
 
 @attrs.frozen
@@ -63,8 +155,7 @@ class CommandPolicy:
 
     def __attrs_post_init__(self) -> None:
         for command_type, schema in self.schemas.items():
-            cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-            self._validators[command_type] = cls(schema)
+            self._validators[command_type] = _validator(schema)
 
     @property
     def is_empty(self) -> bool:
@@ -83,7 +174,15 @@ class CommandPolicy:
             raise PolicyDenied(client_id, command_type, known)
         validator = self._validators.get(command_type)
         if validator is not None:
-            error = jsonschema.exceptions.best_match(validator.iter_errors(payload))
+            try:
+                error = jsonschema.exceptions.best_match(validator.iter_errors(payload))
+            except Exception as exc:  # a schema that cannot be applied: refuse, never a 500
+                logger.error(
+                    "Policy schema could not be applied command_type=%s error=%r", command_type, str(exc)
+                )
+                raise InvalidPayload(
+                    f"payload for {command_type!r} cannot be checked: its schema failed ({exc})"
+                ) from None
             if error is not None:
                 where = "/".join(str(part) for part in error.absolute_path) or "(the payload)"
                 raise InvalidPayload(
@@ -136,5 +235,6 @@ def parse_policy(table: Any, base_dir: Path) -> CommandPolicy:
             cls.check_schema(raw)
         except jsonschema.exceptions.SchemaError as exc:
             raise ValueError(f"{where} is not a valid JSON Schema: {exc.message}") from None
+        _check_refs(raw, where)
         schemas[command_type] = raw
     return CommandPolicy(tuple(rules), schemas)
