@@ -146,3 +146,79 @@ def test_api_token_file_roles_are_checked(tmp_path):
     path.write_text(json.dumps({"version": 1, "tokens": {"x": {"hash": "sha256:" + "0" * 64, "role": "root"}}}))
     with pytest.raises(TokenFileError, match="role must be one of read, operate"):
         load_api_tokens(path)
+
+
+def test_an_unreadable_token_file_is_retried_until_it_loads_and_said_to_block_revocations(tmp_path, caplog):
+    # The review's case: the CLI (as root) wrote a file the server's user cannot
+    # read. The server kept the old tokens, logged once, and recorded the new
+    # stamp, so the later chown that fixed it was never noticed.
+    path = tmp_path / AGENT_TOKENS_FILE
+    issue_agent_token(tmp_path, "a")
+    issue_agent_token(tmp_path, "b")
+    readable = {"yes": True}
+
+    def load(p: Path):
+        if not readable["yes"]:
+            raise TokenFileError(f"{p}: cannot read it: Permission denied")
+        return load_agent_tokens(p)
+
+    watched = WatchedFile(path, load)
+    readable["yes"] = False
+    with caplog.at_level("CRITICAL", logger="trio_quiccmd"):
+        from trio_quiccmd.tokens import revoke_agent_token
+
+        revoke_agent_token(tmp_path, "b")
+        assert not watched.refresh() and not watched.refresh()
+    critical = [r for r in caplog.records if r.levelname == "CRITICAL"]
+    assert len(critical) == 1  # once per version, not per request
+    assert "revocations and new tokens in it are NOT applied" in critical[0].getMessage()
+    assert set(watched.value.agents) == {"a", "b"}
+    readable["yes"] = True  # e.g. a chown: the file is taken up at the next refresh
+    assert watched.refresh() and set(watched.value.agents) == {"a"}
+
+
+def test_a_chown_alone_is_a_change(tmp_path):
+    path = tmp_path / AGENT_TOKENS_FILE
+    issue_agent_token(tmp_path, "a")
+    loads = []
+    watched = WatchedFile(path, lambda p: loads.append(p) or load_agent_tokens(p))
+    assert not watched.refresh() and len(loads) == 1
+    path.chmod(0o640)  # same inode, size and mtime; only the ctime moves
+    watched.refresh()
+    assert len(loads) == 2
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() != 0, reason="needs root")
+def test_the_cli_keeps_the_files_owner_so_the_server_can_still_read_it(tmp_path):
+    import os
+
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chown(data, 4242, 4243)  # the server's user owns the data dir
+    issue_agent_token(data, "a")  # run as root (sudo)
+    st = (data / AGENT_TOKENS_FILE).stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (4242, 4243, 0o600)
+    os.chown(data / AGENT_TOKENS_FILE, 4244, 4245)
+    issue_agent_token(data, "b")  # replacing it keeps the previous file's owner
+    st = (data / AGENT_TOKENS_FILE).stat()
+    assert (st.st_uid, st.st_gid) == (4244, 4245)
+    lock = (data / (AGENT_TOKENS_FILE + ".lock")).stat()
+    assert (lock.st_uid, lock.st_gid) == (4242, 4243)
+
+
+def test_the_cli_refuses_to_write_a_file_the_server_could_not_read(tmp_path, monkeypatch):
+    import os
+
+    issue_agent_token(tmp_path, "a")
+    before = (tmp_path / AGENT_TOKENS_FILE).read_text()
+    st = (tmp_path / AGENT_TOKENS_FILE).stat()
+    monkeypatch.setattr(os, "geteuid", lambda: st.st_uid + 1)  # someone else runs the CLI
+
+    def refuse(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchown", refuse)
+    with pytest.raises(TokenFileError, match=f"belongs to uid {st.st_uid} .*run this command as that user"):
+        issue_agent_token(tmp_path, "b")
+    assert (tmp_path / AGENT_TOKENS_FILE).read_text() == before
+    assert not list(tmp_path.glob(".*.tmp"))

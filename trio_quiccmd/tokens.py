@@ -243,13 +243,34 @@ def load_api_tokens(path: Path) -> ApiTokens:
     return ApiTokens(tokens=tokens)
 
 
+def _keep_owner(fd: int, path: Path) -> None:
+    """Give the new file ``fd`` the owner of the file it replaces (or, for a
+    new one, of its directory): the server, often another user than whoever
+    runs the CLI (root, by sudo), must still be able to read it. Raises
+    TokenFileError if we may not."""
+    reference = path if path.exists() else path.parent
+    st = reference.stat()
+    if (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid()):
+        return
+    try:
+        os.fchown(fd, st.st_uid, st.st_gid)
+    except PermissionError:
+        raise TokenFileError(
+            f"{path}: the new file would belong to uid {os.geteuid()}, but {reference} belongs to "
+            f"uid {st.st_uid} (the server's user, who must be able to read it); run this command "
+            "as that user (or as root)"
+        ) from None
+
+
 def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, mode 0600: readers see the old
-    file or the new one, never half of one."""
+    """Write ``text`` to ``path`` atomically, mode 0600, owned by whoever
+    owned the file before (see :func:`_keep_owner`): readers see the old file
+    or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
+        _keep_owner(fd, path)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -305,6 +326,7 @@ def locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
     try:
+        _keep_owner(fd, path.parent)  # so the next run, as the server's user, may lock it too
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
@@ -449,28 +471,33 @@ T = TypeVar("T")
 class WatchedFile(Generic[T]):
     """A file parsed by ``load``, parsed again when it changes on disk.
 
-    A change is a new (inode, size, mtime) -- a rename over the file, as
-    :func:`write_private` does, always makes one. If the new contents do not
-    parse, the last good ones stay in force and an error is logged: a typo in
-    a hand edit must not lock the whole fleet out.
+    A change is a new (inode, size, mtime, ctime) -- a rename over the file,
+    as :func:`write_private` does, always makes one, and so does a chown. If
+    the new contents cannot be read or do not parse, the last good ones stay
+    in force and a CRITICAL line says revocations are not applied (once per
+    version); every refresh tries again: a typo in a hand edit must not lock
+    the whole fleet out, nor may a fix go unnoticed.
     """
 
     def __init__(self, path: Path, load: Callable[[Path], T]):
         self.path = path
         self._load = load
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: tuple[int, int, int, int] | None = None
+        #: The stamp of a version that failed to load (its error is logged once).
+        self._failed_stamp: tuple[int, int, int, int] | None = None
         # Raises TokenFileError at start: a server must not start on a broken file.
         self._value: T = load(path)
         self._stamp = self._current_stamp()
         #: Counts reloads, so each of several readers can tell it missed one.
         self.generation = 0
 
-    def _current_stamp(self) -> tuple[int, int, int] | None:
+    def _current_stamp(self) -> tuple[int, int, int, int] | None:
         try:
             st = self.path.stat()
         except FileNotFoundError:
             return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
+        # ctime too: a chown or chmod that makes the file readable is a change.
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     @property
     def value(self) -> T:
@@ -484,9 +511,17 @@ class WatchedFile(Generic[T]):
         try:
             value = self._load(self.path)
         except TokenFileError as exc:
-            logger.error("Token file not reloaded, keeping the previous one error=%r", str(exc))
-            self._stamp = stamp
+            # The stamp is not recorded: the next refresh tries again, so the
+            # file is taken up as soon as it is fixed, whatever fixes it.
+            if stamp != self._failed_stamp:
+                self._failed_stamp = stamp
+                logger.critical(
+                    "Token file changed but cannot be loaded: the previous tokens stay in force, so "
+                    "revocations and new tokens in it are NOT applied until it is fixed path=%s error=%r",
+                    self.path, str(exc),
+                )
             return False
+        self._failed_stamp = None
         self._stamp = stamp
         self._value = value
         self.generation += 1
