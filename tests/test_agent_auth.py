@@ -285,3 +285,40 @@ async def test_the_cli_stops_with_exit_1_and_one_clear_error_on_a_refused_token(
     assert len(rejections(caplog, "cli-1")) == 1
     assert not agent.stderr.matching("Reconnecting")
     assert not agent.stderr.matching("Traceback")
+
+
+async def test_a_flood_of_bad_hellos_does_not_use_up_the_real_agents_hello_budget(dev_cert, tmp_path, caplog):
+    from trio_quiccmd.wire import Hello, ProtocolErrorCode, encode_frame
+
+    from .test_protocol_errors import send_raw_and_wait_close
+
+    caplog.set_level(logging.INFO, logger="trio_quiccmd")
+    cert, key = dev_cert
+    data = tmp_path / "data"
+    good = issue_agent_token(data, "good")
+    # One HELLO of budget (burst 1), refilled every 2 s: longer than this test.
+    server = CommandServer(
+        CommandManager(
+            settings=ManagerSettings(max_hello_rate=0.5),
+            authenticator=AgentAuthenticator.from_data_dir(data),
+        ),
+        server_quic_configuration(cert, key, idle_timeout=10.0),
+    )
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(server.serve, "127.0.0.1", 0)
+            cluster = Cluster(nursery, server, address, cert)
+            bad = encode_frame(Hello(client_id="intruder", token="qca_" + "x" * 43))
+            codes = [await send_raw_and_wait_close(cluster, bad) for _ in range(4)]
+            # The first is refused for its credential; the rest are over the
+            # failures' own budget, and not logged one by one.
+            assert codes == [ProtocolErrorCode.UNAUTHORIZED] + [ProtocolErrorCode.RATE_LIMITED] * 3
+            assert len(rejections(caplog, "intruder")) == 1
+            # The real agent's HELLO still finds the budget untouched: admitted at once.
+            agent, scope = await cluster.start_agent("good", token=good)
+            assert agent.sessions_established == 1
+            assert not [r for r in caplog.records if "HELLO refused client_id=good" in r.getMessage()]
+            scope.cancel()
+            with trio.fail_after(10):
+                await server.shutdown(grace=1.0)
+            nursery.cancel_scope.cancel()

@@ -242,11 +242,13 @@ class AgentLink(SessionHandler):
             raise ProtocolError(
                 ProtocolErrorCode.INVALID_FRAME, "labels must not contain control characters"
             )
-        # Raises ProtocolError (RATE_LIMITED / TOO_MANY_AGENTS / UNAUTHORIZED):
-        # the connection is closed before it is welcomed or registered.
+        # Raises ProtocolError (UNAUTHORIZED / RATE_LIMITED / TOO_MANY_AGENTS):
+        # the connection is closed before it is welcomed or registered. The
+        # credential first (a stat and a hash): a flood of bad HELLOs must not
+        # use up the HELLO budget of the real agents' reconnects.
         try:
-            self._registry.admit(frame.client_id, self.remote_address)
             frame = self._registry.authenticate(self, frame)
+            self._registry.admit(frame.client_id, self.remote_address)
         except ProtocolError:
             self.refused = True
             raise
@@ -314,7 +316,9 @@ class AgentRegistry:
     one second's worth), and at most ``max_agents`` client_ids are connected
     at once; a HELLO beyond either is closed with RATE_LIMITED or
     TOO_MANY_AGENTS (a reconnect of a connected client_id, which replaces its
-    old link, is not "one more agent").
+    old link, is not "one more agent"). The credential is checked first, and
+    refused credentials count against a budget of their own (the same rate),
+    so a flood of bad HELLOs does not starve real agents' reconnects.
     """
 
     def __init__(
@@ -335,6 +339,10 @@ class AgentRegistry:
         self.max_agents = max_agents
         self.max_hello_rate = max_hello_rate
         self._hello_bucket = TokenBucket(max_hello_rate, max(1.0, max_hello_rate))
+        #: Refused credentials have a budget of their own (the same rate): past
+        #: it they are closed RATE_LIMITED and not logged one by one.
+        self._failed_hello_bucket = TokenBucket(max_hello_rate, max(1.0, max_hello_rate))
+        self._failed_hellos_unlogged = 0
         self._links: dict[str, AgentLink] = {}
         self._unidentified: dict[AgentLink, float] = {}
 
@@ -383,11 +391,19 @@ class AgentRegistry:
         try:
             identity = self.authenticator.authenticate(hello.client_id, hello.token)
         except AgentAuthFailed as exc:
+            if not self._failed_hello_bucket.take():
+                self._failed_hellos_unlogged += 1
+                raise ProtocolError(
+                    ProtocolErrorCode.RATE_LIMITED,
+                    f"more than {self.max_hello_rate:g} refused HELLOs a second; reconnect later",
+                ) from None
             logger.warning(
-                "Agent rejected client_id=%s remote=%s reason=%r%s",
+                "Agent rejected client_id=%s remote=%s reason=%r%s%s",
                 hello.client_id, link.remote_address, exc.reason,
                 f" {exc.detail}" if exc.detail else "",
+                f" more_refused_unlogged={self._failed_hellos_unlogged}" if self._failed_hellos_unlogged else "",
             )
+            self._failed_hellos_unlogged = 0
             raise ProtocolError(ProtocolErrorCode.UNAUTHORIZED, f"unauthorized: {exc.reason}") from None
         link.credential = identity.credential
         link.presented_hash = identity.presented_hash
