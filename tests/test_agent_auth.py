@@ -26,6 +26,7 @@ from trio_quiccmd.tokens import (
     issue_enrollment_token,
     read_token_file,
     revoke_agent_token,
+    token_hash,
 )
 
 from .conftest import Cluster, wait_until
@@ -322,3 +323,29 @@ async def test_a_flood_of_bad_hellos_does_not_use_up_the_real_agents_hello_budge
             with trio.fail_after(10):
                 await server.shutdown(grace=1.0)
             nursery.cancel_scope.cancel()
+
+
+def test_a_change_of_authentication_mode_is_a_warning(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="trio_quiccmd")
+    data = tmp_path / "data"
+    authenticator = AgentAuthenticator.from_data_dir(data)
+    dev = read_token_file(data / DEV_AGENT_TOKEN_FILE)
+    assert authenticator.check("x", token_hash(dev)).credential == "development"
+
+    def mode_warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.levelname == "WARNING" and "authentication mode changed" in r.getMessage()]
+
+    issue_agent_token(data, "a")
+    authenticator.refresh()
+    assert mode_warnings() == [
+        "Agent authentication mode changed mode=tokens (agent tokens exist; the development "
+        "credential is no longer accepted)"
+    ]
+    # Revoking the last token silently re-enabled the development credential.
+    revoke_agent_token(data, "a")
+    authenticator.refresh()
+    assert len(mode_warnings()) == 2
+    assert "mode=development" in mode_warnings()[1] and "ANY client_id" in mode_warnings()[1]
+    authenticator.refresh()
+    assert len(mode_warnings()) == 2  # said once per change

@@ -77,6 +77,7 @@ class AgentAuthenticator:
     def __init__(self, tokens: WatchedFile[AgentTokens], *, dev_token: str | None = None):
         self._tokens = tokens
         self._dev_hash = token_hash(dev_token) if dev_token else None
+        self._configured = tokens.value.configured
 
     @classmethod
     def from_data_dir(cls, data_dir: Path) -> "AgentAuthenticator":
@@ -109,11 +110,32 @@ class AgentAuthenticator:
 
     def refresh(self) -> None:
         """Re-read the token file if it changed."""
-        self._tokens.refresh()
+        if self._tokens.refresh():
+            self._note_mode()
+
+    def _note_mode(self) -> None:
+        """Say so when a change of the token file switched the authentication mode."""
+        configured = self._tokens.value.configured
+        if configured == self._configured:
+            return
+        self._configured = configured
+        if configured:
+            logger.warning(
+                "Agent authentication mode changed mode=tokens (agent tokens exist; the "
+                "development credential is no longer accepted)"
+            )
+        elif self._dev_hash is not None:
+            logger.warning(
+                "Agent authentication mode changed mode=development (the last agent and enrollment "
+                "token are gone: ANY client_id holding the development credential is admitted "
+                "again; issue a token to turn it off)"
+            )
+        else:
+            logger.warning("Agent authentication mode changed mode=none (no agent token is left)")
 
     def authenticate(self, client_id: str, token: str | None) -> AgentIdentity:
         """The identity ``token`` proves for ``client_id``; raises AgentAuthFailed."""
-        self._tokens.refresh()  # a stat: a token created a moment ago works at once
+        self.refresh()  # a stat: a token created a moment ago works at once
         if not token:
             raise AgentAuthFailed("no token presented")
         if len(token) > MAX_TOKEN_LENGTH:
