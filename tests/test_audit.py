@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
+
 import trio
 
 from trio_quiccmd.server.audit import AuditLog
@@ -128,6 +130,31 @@ def test_the_audit_log_keeps_the_newest_entries_in_memory_and_skips_bad_lines(tm
     assert [e.client_id for e in entries] == ["c4", "c3"]
     assert cursor is None
     assert reloaded.record(actor="a", action="cancel", client_id=None, command_type=None, command_id="x", outcome="refused", error_code="not_found").id == 6
+
+
+@pytest.mark.parametrize(
+    "bad_line",
+    [
+        '{"id": "seven", "at": 1, "actor": "a", "action": "send", "client_id": null, "command_type": null, "command_id": null, "outcome": "accepted"}',
+        '{"id": true, "at": 1, "actor": "a", "action": "send", "client_id": null, "command_type": null, "command_id": null, "outcome": "accepted"}',
+        '{"id": 9, "at": "noon", "actor": "a", "action": "send", "client_id": null, "command_type": null, "command_id": null, "outcome": "accepted"}',
+        '{"id": 9, "at": 1, "actor": ["a"], "action": "send", "client_id": 5, "command_type": null, "command_id": null, "outcome": "accepted"}',
+        "[1, 2]",
+    ],
+)
+def test_a_damaged_audit_line_is_skipped_with_a_warning_not_a_crash(tmp_path, caplog, bad_line):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.record(actor="a", action="send", client_id="c", command_type="echo", command_id=None, outcome="accepted")
+    with path.open("a") as f:
+        f.write(bad_line + "\n")
+    with caplog.at_level(logging.WARNING, logger="trio_quiccmd.audit"):
+        reloaded = AuditLog(path)
+    entries, _ = reloaded.query(limit=10)
+    assert [e.client_id for e in entries] == ["c"]
+    assert any("skipped" in r.getMessage() and "count=1" in r.getMessage() for r in caplog.records)
+    # It goes on numbering after the good entries.
+    assert reloaded.record(actor="a", action="send", client_id="d", command_type="echo", command_id=None, outcome="accepted").id == 2
 
 
 def test_caller_chosen_values_cannot_split_or_forge_audit_log_lines(tmp_path, caplog):

@@ -222,3 +222,15 @@ def test_the_cli_refuses_to_write_a_file_the_server_could_not_read(tmp_path, mon
         issue_agent_token(tmp_path, "b")
     assert (tmp_path / AGENT_TOKENS_FILE).read_text() == before
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_an_empty_development_credential_file_is_replaced_not_a_crash(tmp_path, caplog):
+    from trio_quiccmd.server.auth import AgentAuthenticator
+    from trio_quiccmd.tokens import DEV_AGENT_TOKEN_FILE, read_token_file
+
+    (tmp_path / DEV_AGENT_TOKEN_FILE).write_text("\n")
+    with caplog.at_level("WARNING", logger="trio_quiccmd"):
+        AgentAuthenticator.from_data_dir(tmp_path)
+    assert read_token_file(tmp_path / DEV_AGENT_TOKEN_FILE).startswith("qcd_")
+    assert private(tmp_path / DEV_AGENT_TOKEN_FILE)
+    assert any("Development credential file is empty" in r.getMessage() for r in caplog.records)

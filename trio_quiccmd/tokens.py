@@ -449,6 +449,8 @@ def ensure_dev_agent_token(data_dir: Path) -> tuple[Path, str, bool]:
         return path, token, False
     except FileNotFoundError:
         pass
+    except ValueError:  # empty (a truncated write, a hand edit): a new one, said loudly
+        logger.warning("Development credential file is empty, writing a new one path=%s", path)
     token = new_token(DEV_PREFIX)
     write_private(path, token + "\n")
     return path, token, True

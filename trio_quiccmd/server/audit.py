@@ -53,6 +53,22 @@ class AuditEntry:
         return attrs.asdict(self)
 
 
+def _entry_from(document: Any) -> AuditEntry:
+    """An entry read back from the file; ValueError/TypeError unless every
+    field has its type (a hand-edited or damaged line must not stop a start)."""
+    entry = AuditEntry(**document)
+    if isinstance(entry.id, bool) or not isinstance(entry.id, int):
+        raise ValueError("id must be an integer")
+    if isinstance(entry.at, bool) or not isinstance(entry.at, (int, float)):
+        raise ValueError("at must be a number")
+    if not all(isinstance(v, str) for v in (entry.actor, entry.action, entry.outcome, entry.remote)):
+        raise ValueError("actor, action, outcome and remote must be strings")
+    if not all(v is None or isinstance(v, str)
+               for v in (entry.client_id, entry.command_type, entry.command_id, entry.error_code)):
+        raise ValueError("client_id, command_type, command_id and error_code must be strings or null")
+    return entry
+
+
 def _value(text: str | None) -> str:
     """A caller-chosen value as a log token: quoted (escaped) when it has a
     space or a control character, so it can neither split its line's
@@ -89,7 +105,7 @@ class AuditLog:
         skipped = 0
         for line in lines:
             try:
-                entry = AuditEntry(**json.loads(line))
+                entry = _entry_from(json.loads(line))
             except (ValueError, TypeError):
                 skipped += 1
                 continue
