@@ -182,7 +182,30 @@ async def test_off_loopback_with_a_token_it_is_required_and_explicit_consent_ope
                 assert (await http(address, "GET", "/api/clients", headers=bearer(token))).status == 200
             else:
                 assert anonymous.status == 200
+                # Open only while there is no token to require: the first one closes it.
+                token = issue_api_token(tmp_path / "data", "ops", role="operate")
+                closed = await http(address, "GET", "/api/clients")
+                assert closed.status == 401
+                assert "API tokens exist" in closed.json()["error"]["message"]
+                assert (await http(address, "GET", "/api/clients", headers=bearer(token))).status == 200
             shutdown.set()
+
+
+async def test_tokens_without_require_api_token_are_a_startup_warning(tmp_path, caplog):
+    # Behind a reverse proxy on the same host every request comes from loopback:
+    # anonymous would be everyone. Tokens exist, so the operator meant to use them.
+    caplog.set_level(logging.WARNING, logger="trio_quiccmd.server")
+    issue_api_token(tmp_path / "data", "ops", role="operate")
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path):
+            pass
+    warnings = [r.getMessage() for r in caplog.records if "HTTP API does not require a token" in r.getMessage()]
+    assert len(warnings) == 1 and "set require_api_token = true" in warnings[0]
+    caplog.clear()
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path, require_api_token=True):
+            pass
+    assert not [r for r in caplog.records if "HTTP API does not require a token" in r.getMessage()]
 
 
 def _free_tcp_port() -> int:

@@ -209,13 +209,24 @@ class ApiAuthenticator:
     token is always a 401, never silently anonymous.
     """
 
-    def __init__(self, tokens: WatchedFile[ApiTokens], *, required: bool):
+    def __init__(
+        self, tokens: WatchedFile[ApiTokens], *, required: bool, required_once_tokens_exist: bool = False
+    ):
         self._tokens = tokens
         self.required = required
+        #: Off loopback with ``allow_unauthenticated_http``: open only until the
+        #: first API token exists (checked at every request).
+        self.required_once_tokens_exist = required_once_tokens_exist
 
     @classmethod
-    def from_data_dir(cls, data_dir: Path, *, required: bool) -> "ApiAuthenticator":
-        return cls(WatchedFile(data_dir / API_TOKENS_FILE, load_api_tokens), required=required)
+    def from_data_dir(
+        cls, data_dir: Path, *, required: bool, required_once_tokens_exist: bool = False
+    ) -> "ApiAuthenticator":
+        return cls(
+            WatchedFile(data_dir / API_TOKENS_FILE, load_api_tokens),
+            required=required,
+            required_once_tokens_exist=required_once_tokens_exist,
+        )
 
     @property
     def tokens(self) -> ApiTokens:
@@ -226,6 +237,13 @@ class ApiAuthenticator:
         if authorization is None or not authorization.strip():
             if self.required:
                 raise Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
+            if self.required_once_tokens_exist:
+                self._tokens.refresh()
+                if self._tokens.value.tokens:
+                    raise Unauthorized(
+                        "a bearer token is required (Authorization: Bearer <token>): the API "
+                        "is not on loopback and API tokens exist"
+                    )
             return ANONYMOUS
         scheme, _, token = authorization.strip().partition(" ")
         token = token.strip()

@@ -139,6 +139,9 @@ def _security(settings: ServerSettings) -> tuple[AgentAuthenticator, ApiAuthenti
             settings.data_dir,
             required=settings.require_api_token
             or (not is_loopback(settings.http_host) and not settings.allow_unauthenticated_http),
+            # allow_unauthenticated_http opens a public bind only while there
+            # is no token to require: once one exists, it is required.
+            required_once_tokens_exist=not is_loopback(settings.http_host),
         )
     except (TokenFileError, OSError) as exc:
         raise StartupError(f"cannot load credentials from {settings.data_dir}: {exc}") from None
@@ -152,12 +155,20 @@ def _security(settings: ServerSettings) -> tuple[AgentAuthenticator, ApiAuthenti
         audit = AuditLog(settings.data_dir / AUDIT_FILE)
     except (TokenFileError, OSError) as exc:
         raise StartupError(f"cannot load credentials from {settings.data_dir}: {exc}") from None
-    if not api.required and (api.tokens.tokens or not is_loopback(settings.http_host)):
-        # Tokens were issued, or the API is on the network, yet a request
-        # without one may still do everything: say so once, loudly.
+    if not api.required and not is_loopback(settings.http_host):
+        # allow_unauthenticated_http: anyone on the network may do everything.
         logger.warning(
-            "HTTP API does not require a token host=%s api_tokens=%d "
-            "(set require_api_token to require one)",
+            "HTTP API does not require a token host=%s (allow_unauthenticated_http: anyone who "
+            "reaches it may send commands, until the first API token is created)",
+            settings.http_host,
+        )
+    elif not api.required and api.tokens.tokens:
+        # Tokens were issued, yet a request without one may still do
+        # everything from loopback: say so once, loudly.
+        logger.warning(
+            "HTTP API does not require a token host=%s api_tokens=%d (a request without one "
+            "acts as anonymous with role operate; behind a reverse proxy or tunnel on this host "
+            "that is everyone it lets in: set require_api_token = true)",
             settings.http_host, len(api.tokens.tokens),
         )
     return agents, api, audit
