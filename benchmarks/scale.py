@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import subprocess
 import sys
@@ -41,6 +42,13 @@ def rss_mib() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def raise_fd_limit() -> None:
@@ -87,6 +95,8 @@ async def run_server(args: argparse.Namespace) -> None:
         connected_rss = rss_mib()
 
         ids = [f"scale-{i}" for i in range(args.agents)]
+        pids = [os.getpid(), *(proc.pid for proc in procs)]
+        cpu_before = [cpu_seconds(pid) for pid in pids]
         fanout_start = time.perf_counter()
         commands = [await manager.send_command(client_id, "echo", {"n": 1}) for client_id in ids]
         sent_at = time.perf_counter()
@@ -99,6 +109,7 @@ async def run_server(args: argparse.Namespace) -> None:
             for command in commands:
                 waiters.start_soon(wait_one, command.command_id)
         fanout = time.perf_counter() - fanout_start
+        cpu_used = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before)]
 
         emit({
             "agents": args.agents,
@@ -111,6 +122,12 @@ async def run_server(args: argparse.Namespace) -> None:
             "fanout_send_seconds": sent_at - fanout_start,
             "fanout_seconds": fanout,
             "fanout_completed": finished,
+            # CPU the fan-out cost, server and agents: on this machine's cores
+            # (all processes share them) the fan-out cannot take less than
+            # their sum / cores, nor less than the server's own (one thread).
+            "fanout_server_cpu_seconds": cpu_used[0],
+            "fanout_agents_cpu_seconds": sum(cpu_used[1:]),
+            "fanout_cpu_floor_seconds": max(cpu_used[0], sum(cpu_used) / (os.cpu_count() or 1)),
         })
         for proc in procs:
             proc.terminate()
