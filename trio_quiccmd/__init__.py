@@ -20,6 +20,7 @@ from .errors import PolicyDenied as PolicyDenied
 from .errors import QueueFull as QueueFull
 from .errors import QuicCmdError as QuicCmdError
 from .errors import ShuttingDown as ShuttingDown
+from .errors import StoreUnavailable as StoreUnavailable
 from .errors import TooManyCommands as TooManyCommands
 from .errors import Unauthorized as Unauthorized
 from .model import Command as Command
@@ -58,6 +59,7 @@ __all__ = [
     "QuicCmdError",
     "ServerFingerprintMismatch",
     "ShuttingDown",
+    "StoreUnavailable",
     "TooManyCommands",
     "Unauthorized",
     "UnknownCommandType",

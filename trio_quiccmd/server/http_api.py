@@ -35,6 +35,7 @@ from ..errors import (
     PayloadTooLarge,
     QuicCmdError,
     ShuttingDown,
+    StoreUnavailable,
     Unauthorized,
 )
 from ..model import Command, CommandStatus, ErrorCode
@@ -765,7 +766,7 @@ def create_app(
         if isinstance(error, CommandAlreadyFinished):
             # The command rides along so the caller sees how it ended.
             return error_response(409, error.code, str(error), command=command_json(error.command))
-        if isinstance(error, ShuttingDown):
+        if isinstance(error, (ShuttingDown, StoreUnavailable)):
             return error_response(503, error.code, str(error))
         if isinstance(error, LimitExceeded):
             # queue_full / too_many_commands: nothing was created; back off and retry.

@@ -81,6 +81,7 @@ def openapi_document(
         "A request without a token came with a Host or Origin that is not this API's "
         "loopback address (error forbidden): send a bearer token"
     )
+    store_unavailable = _error("The command store cannot be read (store_unavailable)")
     unsupported = _error(
         "The request has a body that is not sent as Content-Type: application/json "
         "(error unsupported_media_type)"
@@ -282,7 +283,9 @@ def openapi_document(
                     "429": _error("A limit was hit and nothing was created: the agent's queue is "
                                   "full (queue_full) or the server holds too many unfinished "
                                   "commands (too_many_commands); retry later"),
-                    "503": _error("The server is shutting down"),
+                    "503": _error("The server is shutting down (shutting_down), or the command "
+                                  "store did not store the command in time; it was not sent "
+                                  "(store_unavailable)"),
                 },
             }
         },
@@ -306,6 +309,7 @@ def openapi_document(
                     "401": unauthorized,
                     "403": forbidden_anonymous,
                     "404": not_found,
+                    "503": store_unavailable,
                 },
             }
         },
@@ -326,6 +330,8 @@ def openapi_document(
                     "404": not_found,
                     "409": _error("Already finished; the error carries the command"),
                     "415": unsupported,
+                    "503": _error("The cancel took effect but the command store did not store it "
+                                  "in time (store_unavailable)"),
                 },
             }
         },
@@ -369,6 +375,7 @@ def openapi_document(
                     "400": bad_request,
                     "401": unauthorized,
                     "403": forbidden_anonymous,
+                    "503": store_unavailable,
                 },
             }
         },
