@@ -79,7 +79,8 @@ async def measure(args: argparse.Namespace, store) -> None:
         recorder.start()
         await load(args.requests, True)
         recorder.stop()
-        emit(recorder.report(system="quiccmd_api" if args.store == "memory" else "quiccmd_api_sqlite"))
+        system = "quiccmd_api" if args.store == "memory" else "quiccmd_api_sqlite"
+        emit(recorder.report(system=system if args.store_sync == "full" else system + "_normal"))
         await server.shutdown(grace=1.0)
         nursery.cancel_scope.cancel()
 

@@ -50,6 +50,10 @@ SYSTEMS = {
     "quiccmd_api_sqlite": (
         "quiccmd_api.py", "quiccmd_api.py", True, "trio_quiccmd (Python API, SQLite store)", ("--store", "sqlite"),
     ),
+    "quiccmd_api_sqlite_normal": (
+        "quiccmd_api.py", "quiccmd_api.py", True, "trio_quiccmd (Python API, SQLite store, sync=normal)",
+        ("--store", "sqlite", "--store-sync", "normal"),
+    ),
     "quiccmd_http": (
         "quiccmd_http.py", "quiccmd_api.py", True, "trio_quiccmd (HTTP, wait=true, SQLite store)", (),
     ),
