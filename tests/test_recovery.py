@@ -23,6 +23,7 @@ from trio_quiccmd.errors import StoreUnavailable
 from trio_quiccmd.model import ErrorCode
 from trio_quiccmd.server.policy import AllowRule, CommandPolicy
 from trio_quiccmd.server.store import CommandQuery
+from trio_quiccmd.server.store import sqlite as sqlite_store
 from trio_quiccmd.server.store.sqlite import SqliteStore, open_sqlite_store
 from trio_quiccmd.wire import CancelFrame
 
@@ -277,7 +278,7 @@ async def test_a_send_the_store_cannot_take_fails_clearly_and_is_never_sent(db, 
         async with server_run(db, store_timeout=0.3) as manager:
             link, session = connect(manager, "c1", instance="i1")
             async with blocked_commits(monkeypatch):
-                with pytest.raises(StoreUnavailable, match="was not sent"):
+                with pytest.raises(StoreUnavailable, match="has not been sent"):
                     await manager.send_command("c1", "echo", "x", timeout=30)
                 (refused,) = [c for c in manager.store._dirty.values()]
                 assert refused[0].error_code == "store_unavailable"
@@ -286,6 +287,11 @@ async def test_a_send_the_store_cannot_take_fails_clearly_and_is_never_sent(db, 
                 queued = manager._accept("c9", "echo", None, 30.0, 60.0, 0)
                 with pytest.raises(StoreUnavailable, match="did not store it"):
                     await manager.cancel(queued.command_id)
+                # A send that fails at once (agent offline) is bounded too.
+                with pytest.raises(StoreUnavailable, match="did not store the command"):
+                    await manager.send_command("nobody", "echo")
+                with pytest.raises(StoreUnavailable, match="did not store the command"):
+                    await manager.send_and_wait("nobody", "echo")
                 # And a shutdown does not wait for the store forever.
                 started = trio.current_time()
                 await manager.drain(0)
@@ -295,6 +301,7 @@ async def test_a_send_the_store_cannot_take_fails_clearly_and_is_never_sent(db, 
             page = await manager.list_commands()
             assert {(c.status, c.error_code) for c in page.commands} == {
                 (CommandStatus.FAILED, "store_unavailable"), (CommandStatus.CANCELLED, "cancelled"),
+                (CommandStatus.FAILED, "agent_offline"),  # stored once the store took writes again
             }
 
 
@@ -306,3 +313,16 @@ async def test_a_client_id_the_store_could_not_encode_is_refused(db):
                     await manager.send_command(bad, "echo")
                 with pytest.raises(InvalidCommand, match="printable"):
                     await manager.send_command("c1", bad)
+
+
+async def test_a_disk_that_hangs_does_not_hold_the_shutdown(db, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "CLOSE_TIMEOUT", 0.3)
+    with trio.fail_after(10):
+        async with blocked_commits(monkeypatch):
+            started = trio.current_time()
+            async with server_run(db, store_timeout=0.3) as manager:
+                connect(manager, "c1", instance="i1")
+                manager._accept("c1", "echo", None, 30.0, 0.0, 0)  # a save the disk never takes
+                await manager.drain(0)
+            # drain (0.3 s) + cancelling the writer + the store's close (0.3 s)
+            assert trio.current_time() - started < 2

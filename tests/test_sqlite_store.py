@@ -428,3 +428,19 @@ async def test_unfinished_commands_are_read_even_with_no_writer_running(tmp_path
         store.save(make_command(1), deadline_at=T0 + 60)
         with trio.fail_after(5):
             assert [u.command.command_id for u in await store.unfinished()] == [make_command(1).command_id]
+
+
+async def test_a_purge_that_fails_half_way_forgets_the_cache_of_what_it_deleted(tmp_path, monkeypatch):
+    async with running(tmp_path / "c.db") as store:
+        old = make_command(1, status=CommandStatus.COMPLETED)
+        store.save(old)
+        await store.flush()
+        assert await store.get(old.command_id) == old  # from the cache
+
+        def count_fails(self):
+            raise sqlite3.OperationalError("database is locked")
+
+        monkeypatch.setattr(SqliteStore, "_count_finished", count_fails)
+        with pytest.raises(StoreError):
+            await store.purge(finished_before=T0 + 100, keep_at_most=0)
+        assert await store.get(old.command_id) is None

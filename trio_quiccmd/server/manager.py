@@ -256,10 +256,15 @@ class CommandManager:
         await self._flush_for_shutdown()
         return len(self._live)
 
-    async def _flush_for_shutdown(self) -> None:
+    async def _flush_bounded(self) -> bool:
+        """Wait for the store to commit what was saved, at most ``store_timeout``;
+        False if it did not."""
         with trio.move_on_after(self.settings.store_timeout) as waited:
             await self.store.flush()
-        if waited.cancelled_caught:
+        return not waited.cancelled_caught
+
+    async def _flush_for_shutdown(self) -> None:
+        if not await self._flush_bounded():
             # A failing store must not hold the shutdown forever; its close
             # makes a last attempt and says what it could not write.
             logger.error(
@@ -444,7 +449,10 @@ class CommandManager:
         """Wait until ``command`` (just accepted) is stored, and, with a durable
         store, queued or sent; its state then."""
         if command.is_terminal or not self.store.durable:
-            await self.store.flush()
+            if not await self._flush_bounded():
+                raise StoreUnavailable(
+                    f"the command store did not store the command within {self.settings.store_timeout:g} s"
+                )
             return command
         staging = self._staged_round
         with trio.move_on_after(self.settings.store_timeout):
@@ -469,7 +477,7 @@ class CommandManager:
         )
         raise StoreUnavailable(
             f"the command store did not store the command within {self.settings.store_timeout:g} s; "
-            "it was not sent"
+            "it has not been sent and ended failed"
         )
 
     async def _queue_stored_commands(self) -> None:
@@ -583,8 +591,7 @@ class CommandManager:
         """
         command = self._accept(client_id, command_type, payload, timeout, connect_timeout, priority)
         if command.is_terminal:
-            await self.store.flush()
-            return command
+            return await self._stored(command)
         # Waiting from the start means the finished command is handed over
         # even if it finishes while being stored: no lookup in the store.
         promise = self._hold_promise(command.command_id)
@@ -632,9 +639,7 @@ class CommandManager:
             command, CommandStatus.CANCELLED, error=reason, error_code=ErrorCode.CANCELLED
         )
         # Acknowledged once stored, like a send: a restart must not revive it.
-        with trio.move_on_after(self.settings.store_timeout) as waited:
-            await self.store.flush()
-        if waited.cancelled_caught:
+        if not await self._flush_bounded():
             raise StoreUnavailable(
                 f"the cancel took effect, but the command store did not store it within "
                 f"{self.settings.store_timeout:g} s"

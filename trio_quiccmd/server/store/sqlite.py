@@ -93,6 +93,8 @@ COMMIT_LINGER = 0.01
 LINGER_BATCH = 1000
 #: How many of the latest finished commands are also kept in memory.
 RECENT_FINISHED = 4096
+#: Longest aclose() spends on its last commit and closing, seconds.
+CLOSE_TIMEOUT = 10.0
 #: Longest a list waits for earlier changes to be committed, seconds.
 LIST_FLUSH_WAIT = 2.0
 #: After a failed commit (disk full, I/O error), wait this long and retry.
@@ -234,7 +236,12 @@ class SqliteStore:
         target = self._saves
         self._writing = batch
         try:
-            await trio.to_thread.run_sync(self._write, batch, limiter=self._write_limiter)
+            # Abandoned if cancelled (a shutdown must not wait for a disk that
+            # hangs); the limiter stays held until the thread is done, and the
+            # batch is kept for aclose, whose writes are idempotent.
+            await trio.to_thread.run_sync(
+                self._write, batch, limiter=self._write_limiter, abandon_on_cancel=True
+            )
         except sqlite3.Error as exc:
             logger.error(
                 "Command store write failed path=%s commands=%d error=%r; retrying",
@@ -243,7 +250,7 @@ class SqliteStore:
             self._keep_for_retry(batch)
             return False
         except BaseException:
-            # Cancelled while waiting for the writer thread: nothing was written.
+            # Cancelled: not written, or (abandoned) not known to be.
             self._keep_for_retry(batch)
             raise
         finally:
@@ -383,14 +390,17 @@ class SqliteStore:
             over -= count
             if count == 0:
                 break
-        if deleted:
-            self._recent.clear()  # it may hold some of them
         return deleted
 
     async def _delete_oldest_finished(self, where: str, parameters: tuple, limit: int) -> int:
-        return await trio.to_thread.run_sync(
-            self._delete_oldest, where, parameters, limit, limiter=self._write_limiter
-        )
+        try:
+            return await trio.to_thread.run_sync(
+                self._delete_oldest, where, parameters, limit, limiter=self._write_limiter
+            )
+        finally:
+            # The cache may hold some of them; forget it at once, also if a
+            # later batch fails (then the purge ends with an error).
+            self._recent.clear()
 
     def _delete_oldest(self, where: str, parameters: tuple, limit: int) -> int:
         db = self._writer
@@ -417,11 +427,13 @@ class SqliteStore:
     async def aclose(self) -> None:
         """Commit what is still saved, then close the database.
 
-        Runs shielded, so a cancelled caller still leaves nothing unwritten.
+        Runs shielded, so a cancelled caller still leaves nothing unwritten,
+        but for at most :data:`CLOSE_TIMEOUT` seconds: a store whose disk
+        hangs is left behind (logged) rather than holding the shutdown.
         """
         if self._closed:
             return
-        with trio.CancelScope(shield=True):
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True) as closing:
             if self._dirty and not await self._commit_dirty():
                 logger.error(
                     "Command store closed with changes it could not write path=%s lost=%d",
@@ -429,6 +441,14 @@ class SqliteStore:
                 )
             self._closed = True
             await trio.to_thread.run_sync(self._close, limiter=self._write_limiter)
+        if closing.cancelled_caught:
+            # A write is stuck in its thread (a disk that hangs): leave the
+            # connections to the process's exit rather than hang here.
+            self._closed = True
+            logger.error(
+                "Command store did not close in time path=%s unwritten=%d",
+                self.path, len(self._dirty),
+            )
 
     def _close(self) -> None:
         try:
