@@ -166,3 +166,31 @@ def test_caller_chosen_values_cannot_split_or_forge_audit_log_lines(tmp_path, ca
     [line] = [r.getMessage() for r in caplog.records]
     assert "\n" not in line
     assert "client_id='a b' command_type='x\\nAudit action=cancel'" in line
+
+
+async def test_sends_and_cancels_through_the_python_api_are_audited_too(autojump_clock):
+    from trio_quiccmd import CommandManager, PolicyDenied
+
+    from .recording import connect_agent
+
+    audit = AuditLog(None)
+    policy = CommandPolicy(rules=(AllowRule(labels={}, command_types=frozenset({"echo"})),))
+    manager = CommandManager(audit=audit, policy=policy)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        connect_agent(manager, "c1")
+        sent = await manager.send_command("c1", "echo", {"x": 1}, connect_timeout=5)
+        await manager.cancel(sent.command_id, "changed my mind")
+        offline = await manager.send_command("nobody", "echo")
+        with pytest.raises(PolicyDenied):
+            await manager.send_command("c1", "shell", {"command": "id"})
+        nursery.cancel_scope.cancel()
+    entries, _ = audit.query()
+    assert [
+        (e.actor, e.action, e.client_id, e.command_id, e.outcome, e.error_code) for e in reversed(entries)
+    ] == [
+        ("python-api", "send", "c1", sent.command_id, "accepted", None),
+        ("python-api", "cancel", "c1", sent.command_id, "accepted", None),
+        ("python-api", "send", "nobody", offline.command_id, "refused", "agent_offline"),
+        ("python-api", "send", "c1", None, "refused", "policy_denied"),
+    ]

@@ -612,24 +612,25 @@ def create_app(
         if _payload_depth(payload) > MAX_PAYLOAD_DEPTH:
             raise _invalid(f"payload is nested more than {MAX_PAYLOAD_DEPTH} levels deep")
 
-        try:
-            if auth is not None:
+        if auth is not None:
+            try:
                 auth.require_scope(g.principal, client_id, command_type, manager.registry.labels_of(client_id))
-            command = await manager.send_command(
-                client_id,
-                command_type,
-                payload,
-                timeout=timeout,
-                connect_timeout=connect_timeout,
-                priority=priority,
-            )
-        except QuicCmdError as exc:
-            record("send", client_id, command_type, None, exc.code)
-            raise
+            except Forbidden as exc:
+                record("send", client_id, command_type, None, exc.code)
+                raise
+        # The manager audits the send itself (accepted, or refused and why).
+        command = await manager.send_command(
+            client_id,
+            command_type,
+            payload,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            priority=priority,
+            actor=g.principal.name,
+            remote=request.remote_addr or "",
+        )
         if command.status is CommandStatus.FAILED and command.error_code == ErrorCode.AGENT_OFFLINE.value:
-            record("send", client_id, command_type, command.command_id, ErrorCode.AGENT_OFFLINE.value)
             return json_response(command_json(command), 409)
-        record("send", client_id, command_type, command.command_id)
         if not wait:
             return json_response(command_json(command), 202)
         if not command.is_terminal:
@@ -688,11 +689,13 @@ def create_app(
             client_id, command_type = command.client_id, command.command_type
             if auth is not None:
                 auth.require_scope(g.principal, client_id, command_type, manager.registry.labels_of(client_id))
-            command = await manager.cancel(command_id, reason)
         except QuicCmdError as exc:
             record("cancel", client_id, command_type, command_id, exc.code)
             raise
-        record("cancel", client_id, command_type, command_id)
+        # The manager audits the cancel itself.
+        command = await manager.cancel(
+            command_id, reason, actor=g.principal.name, remote=request.remote_addr or ""
+        )
         return json_response(command_json(command))
 
     @app.get("/api/audit")

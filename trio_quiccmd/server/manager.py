@@ -24,6 +24,7 @@ from ..errors import (
     InvalidCommand,
     PayloadTooLarge,
     QueueFull,
+    QuicCmdError,
     ShuttingDown,
     StoreUnavailable,
     TooManyCommands,
@@ -43,11 +44,15 @@ from ..wire import (
     json_dumps,
 )
 from .auth import AgentAuthenticator
+from .audit import AuditLog
 from .policy import CommandPolicy
 from .registry import AgentLink, AgentRegistry, ClientInfo
 from .store import CommandPage, CommandQuery, MemoryStore, Store, StoreError
 
 logger = logging.getLogger("trio_quiccmd.command")
+
+#: Who sends and cancels made through the Python API are audited as.
+PYTHON_API_ACTOR = "python-api"
 
 _RESULT_STATUS = {
     "completed": CommandStatus.COMPLETED,
@@ -136,6 +141,7 @@ class CommandManager:
         wall_clock: Callable[[], float] = time.time,
         authenticator: AgentAuthenticator | None = None,
         policy: CommandPolicy | None = None,
+        audit: AuditLog | None = None,
     ):
         self.settings = settings or ManagerSettings()
         self.store: Store = store if store is not None else MemoryStore()
@@ -149,6 +155,8 @@ class CommandManager:
         )
         #: Which command types each agent may get, and payload schemas (None: all).
         self.policy = policy
+        #: Every send and cancel is recorded here, whoever makes it.
+        self.audit = audit
         self._wall = wall_clock
         self._observers: list[CommandObserver] = []
         # Unfinished commands: the manager is their authority.
@@ -333,6 +341,8 @@ class CommandManager:
         timeout: float = 30.0,
         connect_timeout: float = 0.0,
         priority: int = 0,
+        actor: str = PYTHON_API_ACTOR,
+        remote: str = "",
     ) -> Command:
         """Create a command for ``client_id`` and dispatch it; return it at once.
 
@@ -351,9 +361,14 @@ class CommandManager:
         never runs unless the history has it. If cancelled after the command
         was accepted, the command still runs; only the wait for its storage
         is abandoned.
+
+        The send is recorded in the audit log (if the manager has one) as made
+        by ``actor`` from ``remote``: the HTTP API passes the token's name.
         """
-        command = self._accept(client_id, command_type, payload, timeout, connect_timeout, priority)
-        return await self._stored(command)
+        command = self._accept(
+            client_id, command_type, payload, timeout, connect_timeout, priority, actor, remote
+        )
+        return await self._stored_audited(command, actor, remote)
 
     def _accept(
         self,
@@ -363,8 +378,59 @@ class CommandManager:
         timeout: float,
         connect_timeout: float,
         priority: int,
+        actor: str = PYTHON_API_ACTOR,
+        remote: str = "",
     ) -> Command:
-        """Create, record and dispatch a command (the synchronous part of sending)."""
+        """Create, record and dispatch a command (the synchronous part of
+        sending), and audit the send: accepted, or refused and why."""
+        try:
+            command = self._create(client_id, command_type, payload, timeout, connect_timeout, priority)
+        except QuicCmdError as exc:
+            self._audit("send", client_id, command_type, None, actor, remote, exc.code)
+            raise
+        offline = command.is_terminal  # failed at once: agent_offline
+        self._audit(
+            "send", client_id, command_type, command.command_id, actor, remote,
+            command.error_code if offline else None,
+        )
+        return command
+
+    async def _stored_audited(self, command: Command, actor: str, remote: str) -> Command:
+        try:
+            return await self._stored(command)
+        except StoreUnavailable as exc:
+            self._audit(
+                "send", command.client_id, command.command_type, command.command_id, actor, remote,
+                exc.code,
+            )
+            raise
+
+    def _audit(
+        self,
+        action: str,
+        client_id: str | None,
+        command_type: str | None,
+        command_id: str | None,
+        actor: str,
+        remote: str,
+        error_code: str | None = None,
+    ) -> None:
+        if self.audit is not None:
+            self.audit.record(
+                actor=actor, action=action, client_id=client_id, command_type=command_type,
+                command_id=command_id, outcome="refused" if error_code else "accepted",
+                error_code=error_code, remote=remote,
+            )
+
+    def _create(
+        self,
+        client_id: str,
+        command_type: str,
+        payload: Any,
+        timeout: float,
+        connect_timeout: float,
+        priority: int,
+    ) -> Command:
         self._validate(client_id, command_type, timeout, connect_timeout, priority)
         payload = self._own_payload(command_type, {} if payload is None else payload)
         if self.policy is not None:
@@ -582,6 +648,8 @@ class CommandManager:
         connect_timeout: float = 0.0,
         priority: int = 0,
         wait_timeout: float | None = None,
+        actor: str = PYTHON_API_ACTOR,
+        remote: str = "",
     ) -> Command:
         """:meth:`send_command`, then :meth:`wait` up to ``wait_timeout``
         seconds (default: until it finishes) for its final state.
@@ -589,14 +657,16 @@ class CommandManager:
         Raises what :meth:`send_command` raises. If cancelled after the
         command was accepted, the command still runs; only the wait ends.
         """
-        command = self._accept(client_id, command_type, payload, timeout, connect_timeout, priority)
+        command = self._accept(
+            client_id, command_type, payload, timeout, connect_timeout, priority, actor, remote
+        )
         if command.is_terminal:
-            return await self._stored(command)
+            return await self._stored_audited(command, actor, remote)
         # Waiting from the start means the finished command is handed over
         # even if it finishes while being stored: no lookup in the store.
         promise = self._hold_promise(command.command_id)
         try:
-            await self._stored(command)
+            await self._stored_audited(command, actor, remote)
             return await self._settled(command.command_id, promise, wait_timeout)
         finally:
             self._release_promise(command.command_id, promise)
@@ -625,25 +695,41 @@ class CommandManager:
         # Still unfinished (the wait ran out, or a durable drain released it).
         return await self.get_command(command_id)
 
-    async def cancel(self, command_id: str, reason: str = "cancelled by operator") -> Command:
+    async def cancel(
+        self,
+        command_id: str,
+        reason: str = "cancelled by operator",
+        *,
+        actor: str = PYTHON_API_ACTOR,
+        remote: str = "",
+    ) -> Command:
         """Cancel a pending or executing command; returns it, ``cancelled``.
 
         An executing command's agent is sent CANCEL. Raises
         :class:`CommandNotFound`, or :class:`CommandAlreadyFinished` if it had
-        already finished.
+        already finished. Audited like :meth:`send_command`.
         """
         command = self._live.get(command_id)
-        if command is None:
-            raise CommandAlreadyFinished(await self.get_command(command_id))
-        command = self._finish(
-            command, CommandStatus.CANCELLED, error=reason, error_code=ErrorCode.CANCELLED
-        )
-        # Acknowledged once stored, like a send: a restart must not revive it.
-        if not await self._flush_bounded():
-            raise StoreUnavailable(
-                f"the cancel took effect, but the command store did not store it within "
-                f"{self.settings.store_timeout:g} s"
+        try:
+            if command is None:
+                command = await self.get_command(command_id)
+                raise CommandAlreadyFinished(command)
+            command = self._finish(
+                command, CommandStatus.CANCELLED, error=reason, error_code=ErrorCode.CANCELLED
             )
+            # Acknowledged once stored, like a send: a restart must not revive it.
+            if not await self._flush_bounded():
+                raise StoreUnavailable(
+                    f"the cancel took effect, but the command store did not store it within "
+                    f"{self.settings.store_timeout:g} s"
+                )
+        except QuicCmdError as exc:
+            self._audit(
+                "cancel", command and command.client_id, command and command.command_type,
+                command_id, actor, remote, exc.code,
+            )
+            raise
+        self._audit("cancel", command.client_id, command.command_type, command_id, actor, remote)
         return command
 
     def clients(self) -> list[ClientInfo]:

@@ -271,6 +271,7 @@ async def _serve_with(
         manager_settings(settings),
         authenticator=agent_auth,
         policy=None if settings.policy.is_empty else settings.policy,
+        audit=audit,
     )
     try:
         await manager.recover()
