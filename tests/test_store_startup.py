@@ -89,3 +89,14 @@ async def test_a_bad_store_setting_is_a_configuration_error(tmp_path):
     with trio.fail_after(TIMEOUT):
         code, stderr = await refused(tmp_path, "--store-sync", "sometimes")
     assert code == 2 and "'full' or 'normal'" in the_error_line(stderr)
+
+
+async def test_the_server_says_where_its_store_is_as_an_absolute_path(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        async with spawn(server_argv("--store", "sqlite:///history/c.db"), cwd=tmp_path, name="server") as server:
+            await server.stdout.wait_for("quiccmd server listening ")
+            line = await server.stderr.wait_for("Command store kind=sqlite")
+            assert f"path={tmp_path / 'history' / 'c.db'} sync=full" in line, line
+            assert (tmp_path / "history" / "c.db").is_file()
+            server.process.terminate()
+            assert await server.process.wait() == 0

@@ -124,7 +124,9 @@ async def open_store(settings: ServerSettings) -> AsyncIterator[Store]:
         yield MemoryStore()
         return
     async with open_sqlite_store(path, synchronous=settings.store_sync) as store:  # type: ignore[arg-type]
-        logger.info("Command store kind=sqlite path=%s sync=%s", path, settings.store_sync)
+        # Absolute, because sqlite:///x.db is relative (the SQLAlchemy spelling;
+        # sqlite:////x.db is absolute) and the difference is easy to miss.
+        logger.info("Command store kind=sqlite path=%s sync=%s", path.resolve(), settings.store_sync)
         yield store
 
 
