@@ -30,6 +30,8 @@ from .server import CommandManager as CommandManager
 from .server import CommandServer as CommandServer
 from .server import ManagerSettings as ManagerSettings
 from .server import MemoryStore as MemoryStore
+from .server import SqliteStore as SqliteStore
+from .server import open_sqlite_store as open_sqlite_store
 
 __version__ = "0.1.0"
 
@@ -59,9 +61,11 @@ __all__ = [
     "QuicCmdError",
     "ServerFingerprintMismatch",
     "ShuttingDown",
+    "SqliteStore",
     "StoreUnavailable",
     "TooManyCommands",
     "Unauthorized",
     "UnknownCommandType",
     "builtin_executor",
+    "open_sqlite_store",
 ]

@@ -14,3 +14,6 @@ from .store import CommandPage as CommandPage
 from .store import CommandQuery as CommandQuery
 from .store import MemoryStore as MemoryStore
 from .store import Store as Store
+from .store import StoreError as StoreError
+from .store.sqlite import SqliteStore as SqliteStore
+from .store.sqlite import open_sqlite_store as open_sqlite_store
