@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import trio
 
-from trio_quiccmd import AgentRejected, CommandStatus, ExecutorRegistry, builtin_executor
+from trio_quiccmd import (
+    Agent,
+    AgentRejected,
+    CommandManager,
+    CommandServer,
+    CommandStatus,
+    ExecutorRegistry,
+    builtin_executor,
+)
+from trio_quiccmd.server.core import server_quic_configuration
 from trio_quiccmd.wire import ProtocolErrorCode
 
 from .conftest import wait_until
@@ -266,4 +275,35 @@ async def test_keepalive_follows_a_short_server_idle_timeout(dev_cert):
             command = await server.manager.send_and_wait("quiet", "echo", "still here")
             assert command.result == "still here"
             await server.shutdown(grace=0.5)
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_agent_notices_a_server_that_died_without_a_word_long_before_its_idle_timeout(
+    dev_cert,
+):
+    # A crashed server sends no CONNECTION_CLOSE, and aioquic has no stateless
+    # reset: without its own check the agent would wait out the 30 s idle timeout.
+    cert, key = dev_cert
+    server = CommandServer(CommandManager(), server_quic_configuration(cert, key, idle_timeout=30.0))
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            server_scope = trio.CancelScope()
+
+            async def run_server(task_status=trio.TASK_STATUS_IGNORED):
+                with server_scope:
+                    await server.serve("127.0.0.1", 0, task_status=task_status)
+
+            address = await nursery.start(run_server)
+            agent = Agent(
+                "silent-1", ("127.0.0.1", address[1]), ca_file=cert,
+                keepalive_interval=0.5, idle_timeout=30.0,
+                reconnect_initial_delay=60.0, reconnect_max_delay=60.0,
+            )
+            nursery.start_soon(agent.run)
+            await agent.wait_connected()
+            server_scope.cancel()  # gone, without a goodbye
+            lost_at = trio.current_time()
+            await wait_until(lambda: not agent.connected, interval=0.05)
+            # keepalive (0.5 s) + the liveness timeout (2 s), with room to spare
+            assert trio.current_time() - lost_at < 5
             nursery.cancel_scope.cancel()

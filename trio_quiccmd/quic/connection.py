@@ -219,6 +219,9 @@ class QuicSession:
             trio.current_time() + keepalive_interval if keepalive_interval else math.inf
         )
         self._ping_uid = 0
+        # When a keepalive PING went out with nothing heard from the peer
+        # since (math.inf: something was heard after the last one).
+        self._unanswered_since = math.inf
         self._on_cid_issued = on_connection_id_issued
         self._on_cid_retired = on_connection_id_retired
         self._timer_scope: trio.CancelScope | None = None
@@ -265,6 +268,7 @@ class QuicSession:
     def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
         if self.terminated.is_set():
             return
+        self._unanswered_since = math.inf
         self.quic.receive_datagram(data, addr, trio.current_time())
         self._process_events()
         close = self.quic._close_event
@@ -357,10 +361,13 @@ class QuicSession:
                 if timer_at is not None and now >= timer_at:
                     self.quic.handle_timer(max(now, timer_at))
                     self._process_events()
+                if now >= self._unanswered_since + self._liveness_timeout and not self._lost_notified:
+                    self._peer_silent()
                 if now >= self._ping_at and not self._lost_notified:
                     self._ping_uid += 1
                     self.quic.send_ping(self._ping_uid)
                     self._ping_at = now + self._keepalive_interval
+                    self._unanswered_since = min(self._unanswered_since, now)
                 await self._flush()
         finally:
             self._timer_scope = None
@@ -395,7 +402,26 @@ class QuicSession:
 
     def _next_deadline(self) -> float:
         timer_at = self._quic_timer_at
-        return min(self._ping_at, math.inf if timer_at is None else timer_at)
+        return min(
+            self._ping_at,
+            self._unanswered_since + self._liveness_timeout,
+            math.inf if timer_at is None else timer_at,
+        )
+
+    @property
+    def _liveness_timeout(self) -> float:
+        # Several probe timeouts even on a slow link, and never less than 2 s.
+        return max(LIVENESS_MIN_TIMEOUT, (self._keepalive_interval or 0.0) / 2)
+
+    def _peer_silent(self) -> None:
+        """Nothing came back from a keepalive PING in time: the peer is gone
+        (a server that crashed, or was restarted, answers nothing on this
+        connection; aioquic has no stateless reset to say so). Give up now
+        rather than at the idle timeout, so the agent reconnects sooner."""
+        reason = f"no answer to keepalives for {self._liveness_timeout:g} s"
+        logger.info("Peer not answering peer=%s reason=%r", self.peer_address, reason)
+        self._notify_lost(ProtocolErrorCode.NO_ERROR, reason)
+        self.quic.close(error_code=ProtocolErrorCode.NO_ERROR, reason_phrase=reason)
 
     def _transmit_now(self) -> None:
         """Send what is ready without waiting (synchronous; see FLUSH_BATCH_FRAMES)."""
@@ -502,10 +528,15 @@ class QuicSession:
             return
         self._lost_notified = True
         self._ping_at = math.inf
+        self._unanswered_since = math.inf
         self.close_error_code = error_code
         self.close_reason = reason
         self._decoders.clear()
         self.handler.connection_lost(self, error_code, reason)
+
+
+#: Least time a keepalive PING may go unanswered before the peer counts as gone.
+LIVENESS_MIN_TIMEOUT = 2.0
 
 
 class ConnectionFailed(Exception):
