@@ -444,3 +444,16 @@ async def test_a_purge_that_fails_half_way_forgets_the_cache_of_what_it_deleted(
         with pytest.raises(StoreError):
             await store.purge(finished_before=T0 + 100, keep_at_most=0)
         assert await store.get(old.command_id) is None
+
+
+async def test_unwritten_counts_what_waits_for_a_commit(tmp_path):
+    async with open_sqlite_store(tmp_path / "c.db") as store:
+        store.save(make_command(1))
+        store.save(make_command(2))
+        store.save(make_command(1, status=CommandStatus.EXECUTING))
+        assert store.unwritten == 2  # two commands; the second save of one replaced its first
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            await store.flush()
+            assert store.unwritten == 0
+            nursery.cancel_scope.cancel()

@@ -39,6 +39,7 @@ class Metrics:
         *,
         connected_agents: Callable[[], int] | None = None,
         unfinished_commands: Callable[[], int] | None = None,
+        store_unwritten: Callable[[], int] | None = None,
         registry: CollectorRegistry | None = None,
     ):
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
@@ -67,6 +68,13 @@ class Metrics:
         self.unfinished_commands = Gauge(
             "commands_unfinished", "Commands pending or executing now.", registry=r
         )
+        self.store_unwritten = Gauge(
+            "command_store_unwritten",
+            "Command changes saved but not yet committed to the store (rising: it cannot write).",
+            registry=r,
+        )
+        if store_unwritten is not None:
+            self.store_unwritten.set_function(store_unwritten)
         if connected_agents is not None:
             self.connected_agents.set_function(connected_agents)
         if unfinished_commands is not None:

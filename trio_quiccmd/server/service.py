@@ -282,6 +282,7 @@ async def _serve_with(
     metrics = Metrics(
         connected_agents=lambda: len(manager.registry.links()),
         unfinished_commands=lambda: manager.unfinished_count,
+        store_unwritten=lambda: store.unwritten,
     )
     manager.add_observer(metrics)
     app = create_app(

@@ -87,6 +87,11 @@ class Store(Protocol):
         """The store's background work (committing saves), until cancelled;
         the manager using the store runs it. Returns at once if there is none."""
 
+    @property
+    def unwritten(self) -> int:
+        """Changes saved and not yet committed (for a metric: a count that
+        keeps rising means the store cannot write)."""
+
     def save(self, command: Command, *, deadline_at: float = 0.0, sent_to: str = "") -> None:
         """Record ``command``'s current state. Never blocks.
 

@@ -26,6 +26,9 @@ class MemoryStore:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()  # nothing to do in the background
 
+    #: Nothing waits to be written in memory.
+    unwritten = 0
+
     def save(self, command: Command, *, deadline_at: float = 0.0, sent_to: str = "") -> None:
         self._commands[command.command_id] = command
         if command.is_terminal and command.command_id not in self._finished:

@@ -192,6 +192,10 @@ class SqliteStore:
 
     # -- writing -----------------------------------------------------------------
 
+    @property
+    def unwritten(self) -> int:
+        return len(self._dirty) + len(self._writing)
+
     def save(self, command: Command, *, deadline_at: float = 0.0, sent_to: str = "") -> None:
         if self._closed:
             raise StoreError(f"the command store {self.path} is closed")
