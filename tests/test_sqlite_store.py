@@ -457,3 +457,18 @@ async def test_unwritten_counts_what_waits_for_a_commit(tmp_path):
             await store.flush()
             assert store.unwritten == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_a_command_that_cannot_be_encoded_is_skipped_not_the_batch(tmp_path, caplog):
+    async with running(tmp_path / "c.db") as store:
+        good = make_command(1)
+        bad = attrs.evolve(make_command(2), payload={"not json": object()})
+        store.save(good)
+        store.save(bad)
+        await store.flush()
+        store.save(make_command(3))
+        await store.flush()  # the writer is still running
+    async with running(tmp_path / "c.db") as store:
+        page = await store.list(CommandQuery())
+        assert [c.command_id for c in page.commands] == [make_command(3).command_id, good.command_id]
+    assert any("Command not stored" in r.getMessage() for r in caplog.records)

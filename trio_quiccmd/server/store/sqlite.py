@@ -213,9 +213,9 @@ class SqliteStore:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Commit what is saved, batch after batch, until cancelled.
 
-        If cancelled while a batch is being written, the batch is still
-        committed (the thread is not abandoned); what is saved later is left
-        for :meth:`aclose`.
+        If cancelled while a batch is being written, the thread is abandoned
+        (a disk that hangs must not hold a shutdown) and the batch is kept,
+        with what is saved later, for :meth:`aclose`.
         """
         task_status.started()
         while True:
@@ -279,36 +279,30 @@ class SqliteStore:
             self._dirty_event.set()
 
     def _write(self, batch: dict[str, _Entry]) -> None:
-        rows = [
-            (
+        rows = []
+        for command, deadline_at, sent_to in batch.values():
+            try:
+                body = _encode(command)
+            except (TypeError, ValueError):
+                # Payloads and results are checked to be JSON before they get
+                # here, so this is a bug upstream: keep the rest of the batch,
+                # and the writer (and with it the server) running.
+                logger.exception("Command not stored command_id=%s", command.command_id)
+                continue
+            rows.append((
                 command.command_id,
                 _text(command.client_id),
                 _text(command.command_type),
                 command.status.value,
                 command.completed_at,
-                _encode(command),
+                body,
                 None if command.is_terminal else deadline_at,
                 _text(sent_to),
-            )
-            for command, deadline_at, sent_to in batch.values()
-        ]
+            ))
         db = self._writer
         db.execute("BEGIN IMMEDIATE")
         try:
-            try:
-                db.executemany(_UPSERT, rows)
-            except sqlite3.Error:
-                raise
-            except Exception:
-                # A row SQLite cannot take (a bug upstream of the store): keep
-                # the others rather than the writer, and with it the server.
-                for row in rows:
-                    try:
-                        db.execute(_UPSERT, row)
-                    except sqlite3.Error:
-                        raise
-                    except Exception:
-                        logger.exception("Command not stored command_id=%s", row[0])
+            db.executemany(_UPSERT, rows)
             db.execute("COMMIT")
         except BaseException:
             _rollback(db)
