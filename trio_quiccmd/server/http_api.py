@@ -495,7 +495,7 @@ def _query_time(params: Mapping[str, str], name: str) -> float | None:
     return moment.timestamp()
 
 
-def _wait_bound(timeout: float, connect_timeout: float) -> float:
+def _wait_bound(command: Command) -> float:
     """Longest a command can stay unfinished, from the manager's deadline rules.
 
     A command gets ``connect_timeout`` (offline agent) or ``timeout`` (agent's
@@ -504,7 +504,7 @@ def _wait_bound(timeout: float, connect_timeout: float) -> float:
     the same sum (plus slack for the deadline task to run) means a wait can
     never outlive its command, so it never holds up a shutdown.
     """
-    return max(connect_timeout, timeout) + timeout + 1.0
+    return max(command.connect_timeout, command.timeout) + command.timeout + 1.0
 
 
 # -- the app --------------------------------------------------------------------------
@@ -634,7 +634,7 @@ def create_app(
         if not wait:
             return json_response(command_json(command), 202)
         if not command.is_terminal:
-            command = await manager.wait(command.command_id, _wait_bound(command.timeout, command.connect_timeout))
+            command = await manager.wait(command.command_id, _wait_bound(command))
         # 200 means "final"; should the bound ever be hit, say "still running".
         return json_response(command_json(command), 200 if command.is_terminal else 202)
 

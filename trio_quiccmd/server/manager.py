@@ -187,9 +187,7 @@ class CommandManager:
         self._policy_recheck: set[str] = set()
         self._staging_wake = trio.Event()
         self._staged_round = _StagingRound()
-        # How many commands are executing, and (while a durable drain waits
-        # for them) the event it waits on.
-        self._executing_count = 0
+        # Set when nothing is executing any more, while a durable drain waits for that.
         self._executing_settled: trio.Event | None = None
         self._shutting_down = False
         self._dispatch_stopped = False
@@ -254,7 +252,7 @@ class CommandManager:
 
     async def _drain_durable(self, grace: float) -> int:
         self._dispatch_stopped = True
-        if self._executing_count:
+        if self._executing:
             self._executing_settled = trio.Event()
             with trio.move_on_after(grace):
                 await self._executing_settled.wait()
@@ -303,12 +301,7 @@ class CommandManager:
             self._set_deadline(command_id, now + (record.deadline_at - wall_now))
             counts[command.status] += 1
             if command.status is CommandStatus.PENDING:
-                self._queue_sequence += 1
-                heapq.heappush(
-                    self._queues.setdefault(client_id, []),
-                    (-command.priority, self._queue_sequence, command_id),
-                )
-                self._pending[client_id] = self._pending.get(client_id, 0) + 1
+                heapq.heappush(self._queues.setdefault(client_id, []), self._queue_entry(command))
                 if self.policy is not None:
                     # The policy may have changed with the restart: judge it
                     # again when it is about to be sent (the agent's labels
@@ -316,7 +309,6 @@ class CommandManager:
                     self._policy_recheck.add(command_id)
             else:
                 self._executing.setdefault(client_id, {})[command_id] = record.sent_to
-                self._executing_count += 1
             if record.deadline_at <= wall_now:
                 expired.append(command)
         if self._live and self._idle.is_set():
@@ -492,9 +484,7 @@ class CommandManager:
             self._update(command)
             if self._idle.is_set():
                 self._idle = trio.Event()
-            self._queue_sequence += 1
-            entry = (-priority, self._queue_sequence, command.command_id)
-            self._pending[client_id] = self._pending.get(client_id, 0) + 1
+            entry = self._queue_entry(command)
             if link is None:
                 logger.info(
                     "Command queued for offline agent command_id=%s client_id=%s connect_timeout=%s",
@@ -897,6 +887,14 @@ class CommandManager:
             )
         return json.loads(encoded)
 
+    def _queue_entry(self, command: Command) -> tuple[int, int, str]:
+        """A pending command's place in its agent's queue (priority, then age),
+        counted against the agent's queue limit from now on."""
+        self._queue_sequence += 1
+        client_id = command.client_id
+        self._pending[client_id] = self._pending.get(client_id, 0) + 1
+        return (-command.priority, self._queue_sequence, command.command_id)
+
     def _prune_queue(self, client_id: str) -> None:
         """Drop a client's queue entries for commands no longer pending (lazily,
         when they are most of it), so a client that never connects holds nothing."""
@@ -975,7 +973,6 @@ class CommandManager:
             command = transition(command, CommandStatus.EXECUTING, at=self._wall())
             assert link.hello is not None
             self._executing.setdefault(client_id, {})[command_id] = link.hello.instance_id
-            self._executing_count += 1
             self._set_deadline(command_id, now + command.timeout)
             self._update(command)
             logger.info(
@@ -1060,9 +1057,8 @@ class CommandManager:
         if executing is not None and executing.pop(command_id, None) is not None:
             if not executing:
                 del self._executing[client_id]
-            self._executing_count -= 1
-            if self._executing_count == 0 and self._executing_settled is not None:
-                self._executing_settled.set()
+                if not self._executing and self._executing_settled is not None:
+                    self._executing_settled.set()
         resend = self._resend.get(client_id)
         if resend is not None:
             resend.pop(command_id, None)
