@@ -213,9 +213,9 @@ async def test_a_command_is_sent_to_its_agent_only_once_it_is_stored(db, monkeyp
     commit_may_finish = threading.Event()
     original = SqliteStore._write
 
-    def slow_write(self, batch):
+    def slow_write(self, rows):
         commit_may_finish.wait(5)
-        return original(self, batch)
+        return original(self, rows)
 
     with trio.fail_after(10):
         async with server_run(db) as manager:
@@ -230,7 +230,6 @@ async def test_a_command_is_sent_to_its_agent_only_once_it_is_stored(db, monkeyp
                 nursery.start_soon(send)
                 await trio.testing.wait_all_tasks_blocked()
                 assert session.commands() == []  # not stored yet: not sent
-                assert manager.queued_count("c1") == 1
                 commit_may_finish.set()
             assert [frame.command_id for frame in session.commands()] == [sent[0].command_id]
             assert sent[0].status is CommandStatus.EXECUTING
@@ -262,9 +261,9 @@ async def blocked_commits(monkeypatch):
     release = threading.Event()
     original = SqliteStore._write
 
-    def hanging_write(self, batch):
+    def hanging_write(self, rows):
         release.wait(30)
-        return original(self, batch)
+        return original(self, rows)
 
     monkeypatch.setattr(SqliteStore, "_write", hanging_write)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 from contextlib import asynccontextmanager
@@ -101,9 +102,9 @@ async def test_many_saves_are_committed_in_few_transactions(tmp_path, monkeypatc
     transactions = []
     original = SqliteStore._write
 
-    def counting_write(self, batch):
-        transactions.append(len(batch))
-        return original(self, batch)
+    def counting_write(self, rows):
+        transactions.append(len(rows))
+        return original(self, rows)
 
     monkeypatch.setattr(SqliteStore, "_write", counting_write)
     async with running(tmp_path / "c.db") as store:
@@ -291,6 +292,13 @@ async def test_an_empty_file_gets_the_current_schema(tmp_path):
     assert _schema_version(path) == sqlite_store.SCHEMA_VERSION
 
 
+def _body(command: Command) -> str:
+    """A command as versions 1 and 2 stored it: all of it, as JSON."""
+    fields = attrs.asdict(command)
+    fields["status"] = command.status.value
+    return json.dumps(fields)
+
+
 def _version_1_database(path: Path, commands: list[Command]) -> None:
     db = sqlite3.connect(path, isolation_level=None)
     for statement in sqlite_store.MIGRATIONS[0].split(";"):
@@ -301,7 +309,7 @@ def _version_1_database(path: Path, commands: list[Command]) -> None:
         "INSERT INTO commands (command_id, client_id, command_type, status, completed_at, body)"
         " VALUES (?, ?, ?, ?, ?, ?)",
         [
-            (c.command_id, c.client_id, c.command_type, c.status.value, c.completed_at, sqlite_store._encode(c))
+            (c.command_id, c.client_id, c.command_type, c.status.value, c.completed_at, _body(c))
             for c in commands
         ],
     )
@@ -325,7 +333,55 @@ async def test_a_version_1_database_is_migrated_with_its_history_and_unfinished_
             (queued, pytest.approx(queued.created_at + 60), ""),
             (running_, pytest.approx(running_.sent_at + running_.timeout), ""),
         ]
-    assert _schema_version(path) == sqlite_store.SCHEMA_VERSION == 2
+    assert _schema_version(path) == sqlite_store.SCHEMA_VERSION == 3
+
+
+async def test_a_version_2_database_keeps_every_field_through_the_change_to_columns(tmp_path):
+    path = tmp_path / "commands.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    for script in sqlite_store.MIGRATIONS[:2]:
+        for statement in script.split(";"):
+            if statement.strip():
+                db.execute(statement)
+    db.execute("PRAGMA user_version = 2")
+    # Payloads and results of every JSON kind (a string must stay a string,
+    # a JSON null result must stay None), errors, priorities, timestamps.
+    done = attrs.evolve(
+        make_command(1, status=CommandStatus.COMPLETED),
+        payload="just text", result={"lines": ["a", "b"], "ok": True, "n": 1.5}, priority=7,
+    )
+    failed = attrs.evolve(
+        make_command(2, status=CommandStatus.FAILED),
+        payload=[1, None, {"é": "ü"}], error="boom", error_code="execution_error",
+    )
+    null_result = attrs.evolve(make_command(3, status=CommandStatus.COMPLETED), payload=None, result=None)
+    number_result = attrs.evolve(make_command(4, status=CommandStatus.COMPLETED), payload=0, result=42)
+    running_ = make_command(5, status=CommandStatus.EXECUTING)
+    db.executemany(
+        "INSERT INTO commands (command_id, client_id, command_type, status, completed_at, body,"
+        " deadline_at, sent_to) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (c.command_id, c.client_id, c.command_type, c.status.value, c.completed_at, _body(c),
+             None if c.is_terminal else T0 + 99, "" if c.is_terminal else "inst-7")
+            for c in (done, failed, null_result, number_result, running_)
+        ],
+    )
+    db.close()
+
+    async with running(path) as store:
+        page = await store.list(CommandQuery())
+        assert page.commands == [running_, number_result, null_result, failed, done]
+        for command in page.commands:
+            assert await store.get(command.command_id) == command
+        assert [(u.command, u.deadline_at, u.sent_to) for u in await store.unfinished()] == [
+            (running_, T0 + 99, "inst-7")
+        ]
+        # And it goes on from there: a change to a migrated command is stored.
+        store.save(transition(running_, CommandStatus.COMPLETED, at=T0 + 5, result="done"))
+    async with running(path) as store:
+        assert (await store.get(running_.command_id)).result == "done"
+        assert await store.unfinished() == []
+    assert _schema_version(path) == 3
 
 
 async def test_unfinished_commands_come_back_with_their_deadline_and_agent_instance(tmp_path):
@@ -345,9 +401,9 @@ async def test_changes_nobody_waits_for_ride_with_the_next_awaited_commit(tmp_pa
     transactions: list[list[str]] = []
     original = SqliteStore._write
 
-    def recording_write(self, batch):
-        transactions.append(sorted(batch))
-        return original(self, batch)
+    def recording_write(self, rows):
+        transactions.append(sorted(row[0] for row in rows))
+        return original(self, rows)
 
     monkeypatch.setattr(SqliteStore, "_write", recording_write)
     # Long enough that a slow machine cannot commit it alone by accident.

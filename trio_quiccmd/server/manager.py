@@ -183,6 +183,10 @@ class CommandManager:
         # join their agents' queues (see _queue_stored_commands), and the
         # round they are gathered in.
         self._staged: list[tuple[str, tuple[int, int, str]]] = []
+        # Durable store: accepted commands already executing (their agent had
+        # room), to send once stored; and per agent how many wait so.
+        self._staged_sends: list[tuple[str, str]] = []
+        self._unsent: dict[str, set[str]] = {}
         # Recovered pending commands to judge by the policy before sending.
         self._policy_recheck: set[str] = set()
         self._staging_wake = trio.Event()
@@ -484,22 +488,39 @@ class CommandManager:
             self._update(command)
             if self._idle.is_set():
                 self._idle = trio.Event()
-            entry = self._queue_entry(command)
             if link is None:
                 logger.info(
                     "Command queued for offline agent command_id=%s client_id=%s connect_timeout=%s",
                     command.command_id, client_id, connect_timeout,
                 )
-            if self.store.durable:
-                # Queued (and so sent) only once stored: nothing runs on an
-                # agent that a crash could leave out of the history.
-                self._staged.append((client_id, entry))
-                self._staging_wake.set()
-            else:
-                heapq.heappush(self._queues.setdefault(client_id, []), entry)
+            if not self.store.durable:
+                heapq.heappush(self._queues.setdefault(client_id, []), self._queue_entry(command))
                 self._dispatch(client_id)
                 command = self._live.get(command.command_id, command)
+            elif link is not None and self._sendable_at_once(client_id, link):
+                # Stored as executing, with the agent instance it goes to, in
+                # the same row write as its acceptance; sent once stored.
+                command = self._start(command, link, trio.current_time())
+                self._staged_sends.append((client_id, command.command_id))
+                self._unsent.setdefault(client_id, set()).add(command.command_id)
+                self._staging_wake.set()
+            else:
+                # Queued (and so sent) only once stored: nothing runs on an
+                # agent that a crash could leave out of the history.
+                self._staged.append((client_id, self._queue_entry(command)))
+                self._staging_wake.set()
         return command
+
+    def _sendable_at_once(self, client_id: str, link: AgentLink) -> bool:
+        """Whether a new command for ``client_id`` would go out at once: no
+        queue ahead of it, and room in the agent's window."""
+        return (
+            not self._dispatch_stopped
+            and not self._queues.get(client_id)
+            and not self._resend.get(client_id)
+            and link.in_flight + len(self._unsent.get(client_id, ())) < self.settings.max_in_flight_per_agent
+            and link.can_send
+        )
 
     async def _stored(self, command: Command) -> Command:
         """Wait until ``command`` (just accepted) is stored, and, with a durable
@@ -520,7 +541,10 @@ class CommandManager:
         # Not stored, so not sent: end it here, so that it never runs unseen
         # should the store recover later.
         current = self._live.get(command.command_id)
-        if current is not None and current.status is CommandStatus.PENDING:
+        if current is not None and (
+            current.status is CommandStatus.PENDING
+            or command.command_id in self._unsent.get(command.client_id, ())
+        ):
             self._finish(
                 current,
                 CommandStatus.FAILED,
@@ -543,8 +567,10 @@ class CommandManager:
             await self._staging_wake.wait()
             self._staging_wake = trio.Event()
             staged, self._staged = self._staged, []
+            sends, self._staged_sends = self._staged_sends, []
             staging, self._staged_round = self._staged_round, _StagingRound()
             await self.store.flush()
+            self._send_stored(sends, staging)
             clients: dict[str, None] = {}
             for client_id, entry in staged:
                 command = self._live.get(entry[2])
@@ -559,6 +585,32 @@ class CommandManager:
                 if command is not None:
                     staging.states[command_id] = command
             staging.done.set()
+
+    def _send_stored(self, sends: list[tuple[str, str]], staging: _StagingRound) -> None:
+        """Send commands stored as executing when accepted (see _create)."""
+        live, now = self._live, trio.current_time()
+        for client_id, command_id in sends:
+            unsent = self._unsent[client_id]
+            unsent.discard(command_id)
+            if not unsent:
+                del self._unsent[client_id]
+            command = live.get(command_id)
+            if command is None:
+                continue  # finished while being stored
+            staging.states[command_id] = command
+            if command.status is not CommandStatus.EXECUTING:
+                continue  # cancelled or timed out while being stored
+            link = self.registry.get(client_id)
+            sent_to = self._executing.get(client_id, {}).get(command_id)
+            if link is None or link.hello is None or link.hello.instance_id != sent_to:
+                # Gone while being stored: the same instance gets it when it
+                # comes back (agent_connected), another one never does.
+                continue
+            if link.can_send:
+                link.send_command(command, max(self._deadline_of[command_id] - now, 0.001))
+            else:
+                # The agent's stream limit: sent as soon as it rises.
+                self._resend.setdefault(client_id, {})[command_id] = None
 
     async def get_command(self, command_id: str) -> Command:
         """The command's current state. Raises :class:`CommandNotFound`."""
@@ -936,7 +988,8 @@ class CommandManager:
         link = self.registry.get(client_id)
         if link is None:
             return
-        window = self.settings.max_in_flight_per_agent
+        # Commands stored as executing but not sent yet hold their places.
+        window = self.settings.max_in_flight_per_agent - len(self._unsent.get(client_id, ()))
         now = trio.current_time()
         if resend:
             while resend and link.in_flight < window and link.can_send:
@@ -970,20 +1023,27 @@ class CommandManager:
                     continue
             link.send_command(command, command.timeout)
             self._unqueued(client_id)
-            command = transition(command, CommandStatus.EXECUTING, at=self._wall())
-            assert link.hello is not None
-            self._executing.setdefault(client_id, {})[command_id] = link.hello.instance_id
-            self._set_deadline(command_id, now + command.timeout)
-            self._update(command)
-            logger.info(
-                "Command sent command_id=%s client_id=%s command_type=%s",
-                command_id, client_id, command.command_type,
-            )
-            for observer in self._observers:
-                observer.command_sent(command)
+            self._start(command, link, now)
         if not queue:
             # (A refused recovered command may have pruned it already.)
             self._queues.pop(client_id, None)
+
+    def _start(self, command: Command, link: AgentLink, now: float) -> Command:
+        """Record ``command`` as executing on ``link``'s agent instance, with
+        the deadline for its execution."""
+        command_id, client_id = command.command_id, command.client_id
+        command = transition(command, CommandStatus.EXECUTING, at=self._wall())
+        assert link.hello is not None
+        self._executing.setdefault(client_id, {})[command_id] = link.hello.instance_id
+        self._set_deadline(command_id, now + command.timeout)
+        self._update(command)
+        logger.info(
+            "Command sent command_id=%s client_id=%s command_type=%s",
+            command_id, client_id, command.command_type,
+        )
+        for observer in self._observers:
+            observer.command_sent(command)
+        return command
 
     def _allowed_now(self, command: Command, link: AgentLink) -> bool:
         """A recovered command, judged by today's policy before it is sent;

@@ -27,12 +27,13 @@ import sqlite3
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Literal, TypeVar
+from typing import Any, AsyncIterator, Callable, Literal, Sequence, TypeVar
 
 import trio
 
-from ...model import Command, CommandStatus
-from . import CommandPage, CommandQuery, StoreError, UnfinishedCommand
+from ...model import TERMINAL_STATUSES, Command, CommandStatus
+from . import CommandPage, CommandQuery, StoreError, UnfinishedCommand, id_time_prefix
+from .worker import ConnectionThread
 
 logger = logging.getLogger("trio_quiccmd.store")
 
@@ -76,6 +77,46 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX commands_by_client_status ON commands (client_id, status, command_id);
     CREATE INDEX commands_by_type_status ON commands (command_type, status, command_id);
     """,
+    # 3: a column per field instead of the whole command as JSON, so a state
+    # change writes a few columns and encodes no JSON (the payload is encoded
+    # once, the result once); and no partial indexes, two fewer b-trees to
+    # update per write: retention walks the primary key (a command is
+    # created before it finishes) and a restart finds unfinished commands
+    # through the status index.
+    """
+    CREATE TABLE commands_v3 (
+        command_id      TEXT PRIMARY KEY,
+        client_id       TEXT NOT NULL,
+        command_type    TEXT NOT NULL,
+        status          TEXT NOT NULL,
+        priority        INTEGER NOT NULL,
+        timeout         REAL NOT NULL,
+        connect_timeout REAL NOT NULL,
+        created_at      REAL NOT NULL,
+        sent_at         REAL,
+        completed_at    REAL,
+        deadline_at     REAL,
+        sent_to         TEXT NOT NULL DEFAULT '',
+        error           TEXT,
+        error_code      TEXT,
+        payload         TEXT NOT NULL,
+        result          TEXT
+    ) WITHOUT ROWID;
+    INSERT INTO commands_v3 SELECT
+        command_id, client_id, command_type, status,
+        body ->> '$.priority', body ->> '$.timeout', body ->> '$.connect_timeout',
+        body ->> '$.created_at', body ->> '$.sent_at', completed_at, deadline_at, sent_to,
+        body ->> '$.error', body ->> '$.error_code', body -> '$.payload',
+        nullif(body -> '$.result', 'null')
+        FROM commands;
+    DROP TABLE commands;
+    ALTER TABLE commands_v3 RENAME TO commands;
+    CREATE INDEX commands_by_client ON commands (client_id, command_id);
+    CREATE INDEX commands_by_status ON commands (status, command_id);
+    CREATE INDEX commands_by_type ON commands (command_type, command_id);
+    CREATE INDEX commands_by_client_status ON commands (client_id, status, command_id);
+    CREATE INDEX commands_by_type_status ON commands (command_type, status, command_id);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -102,48 +143,42 @@ RETRY_DELAY = 1.0
 
 Synchronous = Literal["full", "normal"]
 
-_UPSERT = """
-    INSERT INTO commands
-        (command_id, client_id, command_type, status, completed_at, body, deadline_at, sent_to)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+#: A command's columns in the order rows are written and read.
+_COLUMNS = (
+    "command_id, client_id, command_type, status, priority, timeout, connect_timeout,"
+    " created_at, sent_at, completed_at, error, error_code, payload, result, deadline_at, sent_to"
+)
+_UPSERT = f"""
+    INSERT INTO commands ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (command_id) DO UPDATE SET
         status = excluded.status,
+        sent_at = excluded.sent_at,
         completed_at = excluded.completed_at,
-        body = excluded.body,
+        error = excluded.error,
+        error_code = excluded.error_code,
+        result = excluded.result,
         deadline_at = excluded.deadline_at,
         sent_to = excluded.sent_to
 """
+#: The columns a Command is made of (the first 14 of _COLUMNS).
+_COMMAND_COLUMNS = _COLUMNS.rsplit(", deadline_at", 1)[0]
+_UNFINISHED = tuple(status.value for status in CommandStatus if status not in TERMINAL_STATUSES)
+_FINISHED = tuple(status.value for status in TERMINAL_STATUSES)
 
 _Entry = tuple[Command, float, str]
+_Row = tuple[Any, ...]
 _T = TypeVar("_T")
 
 
-def _encode(command: Command) -> str:
-    # Field names kept, so the sqlite3 shell (and a migration's json_extract) can read it.
-    return json.dumps(
-        {
-            "command_id": command.command_id,
-            "client_id": command.client_id,
-            "command_type": command.command_type,
-            "payload": command.payload,
-            "status": command.status.value,
-            "result": command.result,
-            "error": command.error,
-            "error_code": command.error_code,
-            "priority": command.priority,
-            "timeout": command.timeout,
-            "connect_timeout": command.connect_timeout,
-            "created_at": command.created_at,
-            "sent_at": command.sent_at,
-            "completed_at": command.completed_at,
-        },
-        separators=(",", ":"),
-    )
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
-def _text(value: str) -> str:
+def _text(value: str | None) -> str | None:
     """``value`` as SQLite can store it: a lone surrogate (which JSON input can
     carry) cannot be encoded as UTF-8, and would fail the whole batch."""
+    if value is None:
+        return None
     try:
         value.encode()
     except UnicodeEncodeError:
@@ -151,10 +186,25 @@ def _text(value: str) -> str:
     return value
 
 
-def _decode(body: str) -> Command:
-    fields: dict[str, Any] = json.loads(body)
-    fields["status"] = CommandStatus(fields["status"])
-    return Command(**fields)
+def _command(row: Sequence[Any]) -> Command:
+    (command_id, client_id, command_type, status, priority, timeout, connect_timeout,
+     created_at, sent_at, completed_at, error, error_code, payload, result) = row[:14]
+    return Command(
+        command_id=command_id,
+        client_id=client_id,
+        command_type=command_type,
+        payload=json.loads(payload),
+        status=CommandStatus(status),
+        result=None if result is None else json.loads(result),
+        error=error,
+        error_code=error_code,
+        priority=priority,
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+        created_at=created_at,
+        sent_at=sent_at,
+        completed_at=completed_at,
+    )
 
 
 class SqliteStore:
@@ -173,8 +223,9 @@ class SqliteStore:
         self._writer = writer
         self._reader = reader
         self._lock_file = lock_file
-        self._write_limiter = trio.CapacityLimiter(1)
-        self._read_limiter = trio.CapacityLimiter(1)
+        # Each connection's calls run in a thread of its own, never on the event loop.
+        self._write_thread = ConnectionThread("quiccmd-store-writer")
+        self._read_thread = ConnectionThread("quiccmd-store-reader")
         # Saved, not yet being written; then the batch being written.
         self._dirty: dict[str, _Entry] = {}
         self._writing: dict[str, _Entry] = {}
@@ -182,11 +233,15 @@ class SqliteStore:
         # (a wait that starts after the command finished, a GET right after)
         # is answered without a read in a worker thread.
         self._recent: OrderedDict[str, Command] = OrderedDict()
+        # Unfinished commands' payloads as stored, so that each is encoded once.
+        self._payload_json: dict[str, str] = {}
         self._saves = 0
         self._committed_saves = 0
         self._dirty_event = trio.Event()
-        # Set by flush(): someone waits for a save not yet committed.
-        self._flush_asked = trio.Event()
+        self._committing = False
+        # A commit failed; the writer task retries until one succeeds.
+        self._failing = False
+        # Set (and replaced) at the end of each successful commit.
         self._commit_event = trio.Event()
         self._closed = False
 
@@ -204,14 +259,26 @@ class SqliteStore:
         self._dirty_event.set()
 
     async def flush(self) -> None:
+        """Return once everything saved before the call is committed.
+
+        Group commit with a leader: if no commit is under way, the caller
+        commits everything saved so far itself, with no hand-off to the
+        writer task; otherwise it waits for that commit, and leads the next
+        one if its saves came too late for it. While the store fails to
+        write, the writer task retries and callers wait. If cancelled while
+        leading, the batch is kept and committed by the next commit.
+        """
         target = self._saves
-        if self._committed_saves < target:
-            self._flush_asked.set()
         while self._committed_saves < target:
-            await self._commit_event.wait()
+            if self._committing or self._failing:
+                await self._commit_event.wait()
+            elif not await self._commit_dirty():
+                self._failing = True
+                self._dirty_event.set()  # the writer task retries
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Commit what is saved, batch after batch, until cancelled.
+        """Commit the changes nobody flushes, and retry failed commits, until
+        cancelled.
 
         If cancelled while a batch is being written, the thread is abandoned
         (a disk that hangs must not hold a shutdown) and the batch is kept,
@@ -221,31 +288,36 @@ class SqliteStore:
         while True:
             await self._dirty_event.wait()
             self._dirty_event = trio.Event()
-            if not self._dirty:
-                continue  # saved during the last commit, and committed with it
-            if not self._flush_asked.is_set() and len(self._dirty) < LINGER_BATCH:
-                # Nobody waits for these changes (a result, a state change):
-                # let them join the next commit someone does wait for, or
-                # gather for a moment, rather than paying a commit each.
-                with trio.move_on_after(COMMIT_LINGER):
-                    await self._flush_asked.wait()
-            self._flush_asked = trio.Event()
-            if not await self._commit_dirty():
+            if self._failing:
                 await trio.sleep(RETRY_DELAY)
-                self._dirty_event.set()
+            elif len(self._dirty) < LINGER_BATCH:
+                # Nobody waits for these changes (a result, a state change):
+                # let them join the next flush's commit, or gather for a
+                # moment, rather than paying a commit each.
+                with trio.move_on_after(COMMIT_LINGER):
+                    await self._commit_event.wait()
+                    continue  # a flush committed them; later saves linger afresh
+            while self._committing:
+                await self._commit_event.wait()
+            if self._dirty:
+                self._failing = not await self._commit_dirty()
+                if self._failing:
+                    self._dirty_event.set()
 
     async def _commit_dirty(self) -> bool:
         """Commit everything saved so far; False (and kept for a retry) if that failed."""
         batch, self._dirty = self._dirty, {}
         target = self._saves
         self._writing = batch
+        self._committing = True
+        # Made here, on the event loop: the thread then only waits for the
+        # disk, and does not compete with the loop for the GIL meanwhile.
+        rows = self._rows(batch)
         try:
             # Abandoned if cancelled (a shutdown must not wait for a disk that
-            # hangs); the limiter stays held until the thread is done, and the
+            # hangs): later writes queue behind it in the thread, and the
             # batch is kept for aclose, whose writes are idempotent.
-            await trio.to_thread.run_sync(
-                self._write, batch, limiter=self._write_limiter, abandon_on_cancel=True
-            )
+            await self._write_thread.run(self._write, rows)
         except sqlite3.Error as exc:
             logger.error(
                 "Command store write failed path=%s commands=%d error=%r; retrying",
@@ -259,7 +331,9 @@ class SqliteStore:
             raise
         finally:
             self._writing = {}
+            self._committing = False
         self._committed_saves = target
+        self._failing = False
         recent = self._recent
         for command, _deadline_at, _sent_to in batch.values():
             if command.is_terminal:
@@ -278,27 +352,45 @@ class SqliteStore:
         if self._dirty:
             self._dirty_event.set()
 
-    def _write(self, batch: dict[str, _Entry]) -> None:
+    def _rows(self, batch: dict[str, _Entry]) -> list[_Row]:
         rows = []
-        for command, deadline_at, sent_to in batch.values():
+        payloads = self._payload_json
+        for command_id, (command, deadline_at, sent_to) in batch.items():
+            finished = command.is_terminal
             try:
-                body = _encode(command)
+                payload = payloads.pop(command_id, None) if finished else payloads.get(command_id)
+                if payload is None:
+                    payload = _json(command.payload)
+                    if not finished:
+                        payloads[command_id] = payload
+                result = None if command.result is None else _json(command.result)
             except (TypeError, ValueError):
                 # Payloads and results are checked to be JSON before they get
                 # here, so this is a bug upstream: keep the rest of the batch,
                 # and the writer (and with it the server) running.
-                logger.exception("Command not stored command_id=%s", command.command_id)
+                logger.exception("Command not stored command_id=%s", command_id)
                 continue
             rows.append((
-                command.command_id,
+                command_id,
                 _text(command.client_id),
                 _text(command.command_type),
                 command.status.value,
+                command.priority,
+                command.timeout,
+                command.connect_timeout,
+                command.created_at,
+                command.sent_at,
                 command.completed_at,
-                body,
-                None if command.is_terminal else deadline_at,
+                _text(command.error),
+                command.error_code,
+                payload,
+                result,
+                None if finished else deadline_at,
                 _text(sent_to),
             ))
+        return rows
+
+    def _write(self, rows: list[_Row]) -> None:
         db = self._writer
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -324,15 +416,15 @@ class SqliteStore:
         database raises :class:`StoreError` with the message the server
         gives at start, rather than a bare sqlite3 error."""
         try:
-            return await trio.to_thread.run_sync(read, *args, limiter=self._read_limiter)
+            return await self._read_thread.run(read, *args)
         except sqlite3.Error as exc:
             raise StoreError(_describe(self.path, exc)) from None
 
     def _get(self, command_id: str) -> Command | None:
         row = self._reader.execute(
-            "SELECT body FROM commands WHERE command_id = ?", (command_id,)
+            f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE command_id = ?", (command_id,)
         ).fetchone()
-        return None if row is None else _decode(row[0])
+        return None if row is None else _command(row)
 
     async def list(self, query: CommandQuery) -> CommandPage:
         # Commit first, so the list shows every change made before it was
@@ -344,7 +436,7 @@ class SqliteStore:
     def _list(self, query: CommandQuery) -> CommandPage:
         sql, parameters = list_statement(query)
         rows = self._reader.execute(sql, parameters).fetchall()
-        commands = [_decode(body) for (body,) in rows[: query.limit]]
+        commands = [_command(row) for row in rows[: query.limit]]
         more = len(rows) > query.limit
         return CommandPage(commands, commands[-1].command_id if more else None)
 
@@ -357,24 +449,27 @@ class SqliteStore:
 
     def _unfinished(self) -> list[UnfinishedCommand]:
         rows = self._reader.execute(
-            "SELECT body, deadline_at, sent_to FROM commands"
-            " WHERE completed_at IS NULL ORDER BY command_id"
+            f"SELECT {_COLUMNS} FROM commands"
+            f" WHERE status IN ({', '.join('?' * len(_UNFINISHED))}) ORDER BY command_id",
+            _UNFINISHED,
         ).fetchall()
-        return [
-            UnfinishedCommand(_decode(body), deadline_at or 0.0, sent_to)
-            for body, deadline_at, sent_to in rows
-        ]
+        return [UnfinishedCommand(_command(row), row[14] or 0.0, row[15]) for row in rows]
 
     # -- retention ---------------------------------------------------------------
 
     async def purge(self, *, finished_before: float, keep_at_most: int) -> int:
         """Delete in transactions of :data:`PURGE_BATCH` rows, so that save
-        batches get their turn in between. If cancelled, what was deleted
+        batches get their turn in between; by count, the oldest (first
+        created) finished commands go first. If cancelled, what was deleted
         stays deleted."""
         await self.flush()  # judge the commands by their latest state
         deleted = 0
-        while True:  # by age
-            count = await self._delete_oldest_finished("completed_at < ?", (finished_before,), PURGE_BATCH)
+        # By age. A command finishes after it is created, so those finished
+        # before the cutoff were created before it: a walk of the primary key
+        # from its oldest end, with no index on completion to keep up.
+        by_age = ("command_id < ? AND completed_at < ?", (id_time_prefix(finished_before), finished_before))
+        while True:
+            count = await self._delete_oldest_finished(*by_age, PURGE_BATCH)
             deleted += count
             if count < PURGE_BATCH:
                 break
@@ -392,9 +487,7 @@ class SqliteStore:
 
     async def _delete_oldest_finished(self, where: str, parameters: tuple, limit: int) -> int:
         try:
-            return await trio.to_thread.run_sync(
-                self._delete_oldest, where, parameters, limit, limiter=self._write_limiter
-            )
+            return await self._write_thread.run(self._delete_oldest, where, parameters, limit)
         finally:
             # The cache may hold some of them; forget it at once, also if a
             # later batch fails (then the purge ends with an error).
@@ -406,7 +499,7 @@ class SqliteStore:
         try:
             deleted = db.execute(
                 "DELETE FROM commands WHERE command_id IN (SELECT command_id FROM commands"
-                f" WHERE {where} ORDER BY completed_at LIMIT ?)",
+                f" WHERE {where} ORDER BY command_id LIMIT ?)",
                 (*parameters, limit),
             ).rowcount
             db.execute("COMMIT")
@@ -417,7 +510,8 @@ class SqliteStore:
 
     def _count_finished(self) -> int:
         return self._reader.execute(
-            "SELECT count(*) FROM commands WHERE completed_at IS NOT NULL"
+            f"SELECT count(*) FROM commands WHERE status IN ({', '.join('?' * len(_FINISHED))})",
+            _FINISHED,
         ).fetchone()[0]
 
     # -- closing -----------------------------------------------------------------
@@ -438,7 +532,11 @@ class SqliteStore:
                     self.path, len(self._dirty),
                 )
             self._closed = True
-            await trio.to_thread.run_sync(self._close, limiter=self._write_limiter)
+            await self._write_thread.run(self._close)
+        # The threads end once their jobs are done (a stuck one, never: they
+        # are daemons, and do not hold the process's exit).
+        self._write_thread.stop()
+        self._read_thread.stop()
         if closing.cancelled_caught:
             # A write is stuck in its thread (a disk that hangs): leave the
             # connections to the process's exit rather than hang here.
@@ -496,7 +594,10 @@ def list_statement(query: CommandQuery) -> tuple[str, list[Any]]:
     else:
         index = " INDEXED BY commands_by_client"
     parameters.append(query.limit + 1)
-    return f"SELECT body FROM commands{index}{where} ORDER BY command_id DESC LIMIT ?", parameters
+    return (
+        f"SELECT {_COMMAND_COLUMNS} FROM commands{index}{where} ORDER BY command_id DESC LIMIT ?",
+        parameters,
+    )
 
 
 # -- opening ---------------------------------------------------------------------
