@@ -148,8 +148,15 @@ _COLUMNS = (
     "command_id, client_id, command_type, status, priority, timeout, connect_timeout,"
     " created_at, sent_at, completed_at, error, error_code, payload, result, deadline_at, sent_to"
 )
-_UPSERT = f"""
-    INSERT INTO commands ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+#: Rows written per statement, largest first. executemany() steps once per
+#: row, and each step gives up the GIL and then waits to take it back from a
+#: busy event loop: a commit of 200 rows took 15 ms that way (74 us a row,
+#: against 17 us on an idle loop). A statement of many rows steps once.
+#: A few fixed sizes, so that each statement is compiled once and cached.
+_CHUNKS = (128, 16, 1)
+_ROW_VALUES = "(" + ", ".join("?" * len(_COLUMNS.split(", "))) + ")"
+_UPSERT_TEMPLATE = f"""
+    INSERT INTO commands ({_COLUMNS}) VALUES {{values}}
     ON CONFLICT (command_id) DO UPDATE SET
         status = excluded.status,
         sent_at = excluded.sent_at,
@@ -160,6 +167,7 @@ _UPSERT = f"""
         deadline_at = excluded.deadline_at,
         sent_to = excluded.sent_to
 """
+_UPSERTS = {n: _UPSERT_TEMPLATE.format(values=", ".join([_ROW_VALUES] * n)) for n in _CHUNKS}
 #: The columns a Command is made of (the first 14 of _COLUMNS).
 _COMMAND_COLUMNS = _COLUMNS.rsplit(", deadline_at", 1)[0]
 _UNFINISHED = tuple(status.value for status in CommandStatus if status not in TERMINAL_STATUSES)
@@ -394,7 +402,12 @@ class SqliteStore:
         db = self._writer
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany(_UPSERT, rows)
+            start = 0
+            for size in _CHUNKS:
+                statement = _UPSERTS[size]
+                while len(rows) - start >= size:
+                    db.execute(statement, [value for row in rows[start:start + size] for value in row])
+                    start += size
             db.execute("COMMIT")
         except BaseException:
             _rollback(db)
