@@ -1,8 +1,10 @@
 """Run every system in one invocation and write docs/benchmarks.md.
 
 For each system and each concurrency C, runs the controller and its agent as
-separate OS processes, `--runs` times, and keeps the median run (by
-throughput). Peers whose server or library is missing report "skipped".
+separate OS processes, `--runs` times (in rounds: every system and C once
+per round, so that a machine whose speed drifts slows all alike), and keeps
+the median run (by throughput). Peers whose server or library is missing
+report "skipped".
 
     pip install -e '.[bench]'
     python benchmarks/run.py                      # R=10000, C=1,16,256, 3 runs
@@ -234,20 +236,26 @@ def main() -> None:
         return
     previous = json.loads(out.read_text()) if args.update and out.exists() else None
     results: dict[str, dict] = dict(previous["results"]) if previous else {}
+    # Round after round, every system and C once per round: a machine whose
+    # speed drifts (shared cores) then slows every system alike, instead of
+    # whichever ran during the slow minutes.
+    runs: dict[tuple[str, int], list[dict]] = {(name, c): [] for name in names for c in concurrencies}
+    for round_ in range(1, args.runs + 1):
+        for c in concurrencies:
+            for name in names:
+                cell = runs[name, c]
+                if cell and "skipped" in cell[-1]:
+                    continue
+                r = run_once(name, c, args.requests, args.timeout)
+                cell.append(r)
+                print(f"round {round_} {name:16} C={c:<4} " + (
+                    f"{r['throughput']:9.0f}/s p50={r['p50_ms']:.2f}ms p99={r['p99_ms']:.2f}ms "
+                    f"cpu={r['cpu_us_per_command']:.0f}us"
+                    if "throughput" in r else json.dumps(r)), flush=True)
     for name in names:
         results[name] = dict(results.get(name, {}))
         for c in concurrencies:
-            runs = []
-            for _ in range(args.runs):
-                r = run_once(name, c, args.requests, args.timeout)
-                runs.append(r)
-                if "skipped" in r:
-                    break
-            results[name][str(c)] = median_run(runs)
-            r = results[name][str(c)]
-            print(f"{name:16} C={c:<4} " + (
-                f"{r['throughput']:9.0f}/s p50={r['p50_ms']:.2f}ms p99={r['p99_ms']:.2f}ms cpu={r['cpu_us_per_command']:.0f}us"
-                if "throughput" in r else json.dumps(r)), flush=True)
+            results[name][str(c)] = median_run(runs[name, c])
 
     if previous:
         results = {name: results[name] for name in SYSTEMS if name in results}

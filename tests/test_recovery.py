@@ -212,8 +212,10 @@ async def test_a_command_is_sent_to_its_agent_only_once_it_is_stored(db, monkeyp
     # would be invisible to the operator (and could be sent again).
     commit_may_finish = threading.Event()
     original = SqliteStore._write
+    written: list = []
 
     def slow_write(self, rows):
+        written.extend(rows)
         commit_may_finish.wait(5)
         return original(self, rows)
 
@@ -233,6 +235,58 @@ async def test_a_command_is_sent_to_its_agent_only_once_it_is_stored(db, monkeyp
                 commit_may_finish.set()
             assert [frame.command_id for frame in session.commands()] == [sent[0].command_id]
             assert sent[0].status is CommandStatus.EXECUTING
+            # Its one row write already said "executing, sent to agent process
+            # i1": a crash after it went out cannot make it look unsent.
+            columns = sqlite_store._COLUMNS.split(", ")
+            (row,) = [dict(zip(columns, row)) for row in written if row[0] == sent[0].command_id]
+            assert (row["status"], row["sent_to"]) == ("executing", "i1")
+
+
+async def test_the_agents_window_holds_with_commands_being_stored(db):
+    with trio.fail_after(10):
+        async with server_run(db, max_in_flight_per_agent=2) as manager:
+            link, session = connect(manager, "c1", instance="i1")
+            async with trio.open_nursery() as nursery:
+                for n in range(5):
+                    nursery.start_soon(manager.send_command, "c1", "echo", n)
+            assert len(sent_ids(session)) == 2
+            assert manager.queued_count("c1") == 3
+            answer(link, session, sent_ids(session)[0])
+            await manager.store.flush()
+            await wait_all_stored(manager)
+            assert len(sent_ids(session)) == 3
+
+
+async def test_a_command_whose_agent_left_while_it_was_stored_goes_to_it_when_it_returns(db, monkeypatch):
+    commit_may_finish = threading.Event()
+    original = SqliteStore._write
+
+    def slow_write(self, rows):
+        commit_may_finish.wait(5)
+        return original(self, rows)
+
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            link, session = connect(manager, "c1", instance="i1")
+            monkeypatch.setattr(SqliteStore, "_write", slow_write)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(manager.send_command, "c1", "echo", "x")
+                await trio.testing.wait_all_tasks_blocked()
+                link.connection_lost(session, 0, "gone")
+                commit_may_finish.set()
+            (command,) = (await manager.list_commands()).commands
+            assert command.status is CommandStatus.EXECUTING and session.commands() == []
+            link, session = connect(manager, "c1", instance="i1")  # the same agent process
+            await wait_all_stored(manager)
+            assert sent_ids(session) == [command.command_id]
+            answer(link, session, command.command_id, "done")
+            assert (await manager.get_command(command.command_id)).result == "done"
+
+
+async def wait_all_stored(manager: CommandManager) -> None:
+    """Until what the manager saved is committed and what waited for that is sent."""
+    await manager.store.flush()
+    await trio.testing.wait_all_tasks_blocked()
 
 
 async def test_a_queued_command_the_new_policy_forbids_is_not_sent_after_a_restart(db):

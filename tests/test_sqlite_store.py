@@ -417,8 +417,9 @@ async def test_changes_nobody_waits_for_ride_with_the_next_awaited_commit(tmp_pa
             store.save(b)  # a send, which is acknowledged after its commit
             await store.flush()
             assert transactions == [sorted([a.command_id, b.command_id])]
-            # Alone, a change is still committed after the linger, without any flush.
-            monkeypatch.setattr(sqlite_store, "COMMIT_LINGER", 0.01)
+        # Alone, a change is still committed after the linger, without any flush.
+        monkeypatch.setattr(sqlite_store, "COMMIT_LINGER", 0.01)
+        async with running(tmp_path / "c.db") as store:
             store.save(c)
             await wait_until(lambda: len(transactions) == 2)
             assert transactions[1] == [c.command_id]

@@ -236,6 +236,7 @@ class SqliteStore:
         self._read_thread = ConnectionThread("quiccmd-store-reader")
         # Saved, not yet being written; then the batch being written.
         self._dirty: dict[str, _Entry] = {}
+        self._dirty_since = 0.0  # when the oldest of them was saved (trio clock)
         self._writing: dict[str, _Entry] = {}
         # The latest finished commands, committed: "send, then look it up"
         # (a wait that starts after the command finished, a GET right after)
@@ -262,9 +263,11 @@ class SqliteStore:
     def save(self, command: Command, *, deadline_at: float = 0.0, sent_to: str = "") -> None:
         if self._closed:
             raise StoreError(f"the command store {self.path} is closed")
+        if not self._dirty:
+            self._dirty_since = trio.current_time()
+            self._dirty_event.set()
         self._dirty[command.command_id] = (command, deadline_at, sent_to)
         self._saves += 1
-        self._dirty_event.set()
 
     async def flush(self) -> None:
         """Return once everything saved before the call is committed.
@@ -296,21 +299,22 @@ class SqliteStore:
         while True:
             await self._dirty_event.wait()
             self._dirty_event = trio.Event()
-            if self._failing:
-                await trio.sleep(RETRY_DELAY)
-            elif len(self._dirty) < LINGER_BATCH:
-                # Nobody waits for these changes (a result, a state change):
-                # let them join the next flush's commit, or gather for a
-                # moment, rather than paying a commit each.
-                with trio.move_on_after(COMMIT_LINGER):
-                    await self._commit_event.wait()
-                    continue  # a flush committed them; later saves linger afresh
-            while self._committing:
-                await self._commit_event.wait()
-            if self._dirty:
-                self._failing = not await self._commit_dirty()
+            while self._dirty:
                 if self._failing:
-                    self._dirty_event.set()
+                    await trio.sleep(RETRY_DELAY)
+                else:
+                    # Nobody waits for these changes (a result, a state
+                    # change): let them join the next flush's commit, or
+                    # gather for a moment, rather than paying a commit each.
+                    # Woken by the clock only: not by each save or commit.
+                    due = self._dirty_since + COMMIT_LINGER
+                    if len(self._dirty) < LINGER_BATCH and trio.current_time() < due:
+                        await trio.sleep_until(due)
+                        continue  # a flush may have committed them meanwhile
+                while self._committing:
+                    await self._commit_event.wait()
+                if self._dirty:
+                    self._failing = not await self._commit_dirty()
 
     async def _commit_dirty(self) -> bool:
         """Commit everything saved so far; False (and kept for a retry) if that failed."""
