@@ -178,8 +178,8 @@ _Row = tuple[Any, ...]
 _T = TypeVar("_T")
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+#: One encoder for every row (json.dumps with options builds one per call).
+_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _text(value: str | None) -> str | None:
@@ -384,8 +384,9 @@ class SqliteStore:
                 continue
             rows.append((
                 command_id,
-                _text(command.client_id),
-                _text(command.command_type),
+                # Both checked printable (so valid UTF-8) when the command was made.
+                command.client_id,
+                command.command_type,
                 command.status.value,
                 command.priority,
                 command.timeout,
