@@ -10,8 +10,9 @@ report "skipped".
     python benchmarks/run.py                      # R=10000, C=1,16,256, 3 runs
     python benchmarks/run.py --requests 3000 --systems quiccmd_api,aioquic_asyncio
 
-Results go to benchmarks/results/latest.json, docs/benchmarks.md (the table
-between the markers) and docs/benchmarks-throughput.png.
+Results go to benchmarks/results/latest.json and docs/benchmarks-throughput.png
+(with another --output, to that file and a PNG beside it); the table for
+docs/benchmarks.md is printed.
 """
 
 from __future__ import annotations

@@ -283,6 +283,61 @@ async def test_a_command_whose_agent_left_while_it_was_stored_goes_to_it_when_it
             assert (await manager.get_command(command.command_id)).result == "done"
 
 
+async def test_an_agent_back_while_its_command_is_being_stored_gets_it_once(db, monkeypatch):
+    # Found in review: the reconnect re-sent it at once (before it was stored),
+    # and the end of the commit sent it a second time.
+    commit_may_finish = threading.Event()
+    original = SqliteStore._write
+
+    def slow_write(self, rows):
+        commit_may_finish.wait(5)
+        return original(self, rows)
+
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            link, session = connect(manager, "c1", instance="i1")
+            monkeypatch.setattr(SqliteStore, "_write", slow_write)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(manager.send_command, "c1", "echo", "x")
+                await trio.testing.wait_all_tasks_blocked()
+                link.connection_lost(session, 0, "gone")
+                link, session = connect(manager, "c1", instance="i1")
+                assert session.commands() == []  # still not stored: not sent
+                commit_may_finish.set()
+            await wait_all_stored(manager)
+            (command,) = (await manager.list_commands()).commands
+            assert sent_ids(session) == [command.command_id]
+
+
+async def test_a_command_never_sent_goes_to_the_agents_next_process(db, monkeypatch):
+    # Its agent left while it was being stored and came back restarted (a new
+    # instance): nobody ever had it, so the new process gets it.
+    commit_may_finish = threading.Event()
+    original = SqliteStore._write
+
+    def slow_write(self, rows):
+        commit_may_finish.wait(5)
+        return original(self, rows)
+
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            link, session = connect(manager, "c1", instance="i1")
+            monkeypatch.setattr(SqliteStore, "_write", slow_write)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(manager.send_command, "c1", "echo", "x")
+                await trio.testing.wait_all_tasks_blocked()
+                link.connection_lost(session, 0, "gone")
+                commit_may_finish.set()
+            await wait_all_stored(manager)
+            link, session = connect(manager, "c1", instance="i2")
+            (command,) = (await manager.list_commands()).commands
+            assert sent_ids(session) == [command.command_id]
+            # The store knows where it went (a restart re-sends it to i2 only).
+            assert [u.sent_to for u in await manager.store.unfinished()] == ["i2"]
+            answer(link, session, command.command_id, "done")
+            assert (await manager.get_command(command.command_id)).result == "done"
+
+
 async def wait_all_stored(manager: CommandManager) -> None:
     """Until what the manager saved is committed and what waited for that is sent."""
     await manager.store.flush()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import sqlite3
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -356,6 +357,9 @@ async def test_a_version_2_database_keeps_every_field_through_the_change_to_colu
     )
     null_result = attrs.evolve(make_command(3, status=CommandStatus.COMPLETED), payload=None, result=None)
     number_result = attrs.evolve(make_command(4, status=CommandStatus.COMPLETED), payload=0, result=42)
+    bool_result = attrs.evolve(
+        make_command(6, status=CommandStatus.COMPLETED), payload='say "hi"\n', result=False
+    )
     running_ = make_command(5, status=CommandStatus.EXECUTING)
     db.executemany(
         "INSERT INTO commands (command_id, client_id, command_type, status, completed_at, body,"
@@ -363,14 +367,14 @@ async def test_a_version_2_database_keeps_every_field_through_the_change_to_colu
         [
             (c.command_id, c.client_id, c.command_type, c.status.value, c.completed_at, _body(c),
              None if c.is_terminal else T0 + 99, "" if c.is_terminal else "inst-7")
-            for c in (done, failed, null_result, number_result, running_)
+            for c in (done, failed, null_result, number_result, running_, bool_result)
         ],
     )
     db.close()
 
     async with running(path) as store:
         page = await store.list(CommandQuery())
-        assert page.commands == [running_, number_result, null_result, failed, done]
+        assert page.commands == [bool_result, running_, number_result, null_result, failed, done]
         for command in page.commands:
             assert await store.get(command.command_id) == command
         assert [(u.command, u.deadline_at, u.sent_to) for u in await store.unfinished()] == [
@@ -529,3 +533,59 @@ async def test_a_command_that_cannot_be_encoded_is_skipped_not_the_batch(tmp_pat
         page = await store.list(CommandQuery())
         assert [c.command_id for c in page.commands] == [make_command(3).command_id, good.command_id]
     assert any("Command not stored" in r.getMessage() for r in caplog.records)
+
+
+async def test_text_an_agent_chose_is_stored_even_when_it_is_not_valid_utf8(tmp_path):
+    # An agent's RESULT may carry lone surrogates (JSON escapes allow them) in
+    # its error and error code; one such row must not stop the writer.
+    odd = transition(
+        attrs.evolve(make_command(1), status=CommandStatus.EXECUTING),
+        CommandStatus.FAILED, at=T0 + 1, error="bad \ud800 text", error_code="code\udfff",
+    )
+    async with running(tmp_path / "c.db") as store:
+        store.save(odd)
+        store.save(make_command(2))
+        await store.flush()
+    async with running(tmp_path / "c.db") as store:
+        stored = await store.get(odd.command_id)
+        assert (stored.error, stored.error_code) == ("bad \\ud800 text", "code\\udfff")
+        assert await store.get(make_command(2).command_id) == make_command(2)
+
+
+async def test_a_commit_failing_while_the_writer_waits_for_it_is_retried(tmp_path, monkeypatch):
+    # The writer task waits for a flush's commit to end; that commit fails.
+    # Someone must still retry it, or every later send waits forever.
+    monkeypatch.setattr(sqlite_store, "COMMIT_LINGER", 0.01)
+    monkeypatch.setattr(sqlite_store, "RETRY_DELAY", 0.01)
+    release = threading.Event()
+    failures = [sqlite3.OperationalError("disk I/O error")]
+    original = SqliteStore._write
+
+    def failing_once(self, rows):
+        release.wait(5)
+        if failures:
+            raise failures.pop()
+        return original(self, rows)
+
+    monkeypatch.setattr(SqliteStore, "_write", failing_once)
+    with trio.fail_after(5):
+        async with running(tmp_path / "c.db") as store:
+            async with trio.open_nursery() as nursery:
+                store.save(make_command(1))
+                nursery.start_soon(store.flush)  # leads a commit, which hangs
+                await trio.testing.wait_all_tasks_blocked()
+                store.save(make_command(2))
+                # The writer's linger ends: it waits for that commit to end...
+                await wait_until(lambda: store._commit_ended.statistics().tasks_waiting > 0)
+                release.set()  # ...which fails
+            await store.flush()
+            assert store.unwritten == 0
+            assert len((await store.list(CommandQuery())).commands) == 2
+
+
+async def test_a_closed_store_refuses_reads_instead_of_hanging(tmp_path):
+    async with running(tmp_path / "c.db") as store:
+        store.save(make_command(1))
+    with trio.fail_after(5):
+        with pytest.raises(StoreError, match="closed"):
+            await store.list(CommandQuery())

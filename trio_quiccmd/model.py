@@ -137,6 +137,10 @@ class Command:
         return self.status in TERMINAL_STATUSES
 
 
+#: A command's priority is kept to a signed 32-bit range so every store can index it.
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)
+
+
 def transition(
     command: Command,
     status: CommandStatus,

@@ -38,7 +38,7 @@ from ..errors import (
     StoreUnavailable,
     Unauthorized,
 )
-from ..model import Command, CommandStatus, ErrorCode
+from ..model import PRIORITY_RANGE, Command, CommandStatus, ErrorCode
 from .audit import ACTIONS, OUTCOMES, AuditEntry, AuditLog
 from .auth import ANONYMOUS, ApiAuthenticator
 from .manager import CommandManager
@@ -51,8 +51,6 @@ logger = logging.getLogger("trio_quiccmd.http")
 #: client_id longer than this can never connect (HELLO refuses it), so a
 #: command for it is a mistake, not a wait.
 MAX_ID_LENGTH = 256
-#: ``priority`` is kept to a signed 32-bit range so every store can index it.
-PRIORITY_RANGE = (-(2**31), 2**31 - 1)
 MAX_REASON_LENGTH = 1024
 #: Deepest nesting of arrays/objects a payload may have. Encoding a command
 #: frame recurses once per level; far below Python's recursion limit, so a

@@ -30,6 +30,7 @@ from ..errors import (
     TooManyCommands,
 )
 from ..model import (
+    PRIORITY_RANGE,
     Command,
     CommandStatus,
     ErrorCode,
@@ -187,6 +188,10 @@ class CommandManager:
         # room), to send once stored; and per agent how many wait so.
         self._staged_sends: list[tuple[str, str]] = []
         self._unsent: dict[str, set[str]] = {}
+        # Executing commands never sent yet: their agent left (or its stream
+        # limit was reached) before they were stored. They go to whichever
+        # process of that agent connects next: none has seen them.
+        self._never_sent: dict[str, set[str]] = {}
         # Recovered pending commands to judge by the policy before sending.
         self._policy_recheck: set[str] = set()
         self._staging_wake = trio.Event()
@@ -516,7 +521,7 @@ class CommandManager:
         queue ahead of it, and room in the agent's window."""
         return (
             not self._dispatch_stopped
-            and not self._queues.get(client_id)
+            and not self._pending.get(client_id)  # queued, or being stored to be
             and not self._resend.get(client_id)
             and link.in_flight + len(self._unsent.get(client_id, ())) < self.settings.max_in_flight_per_agent
             and link.can_send
@@ -602,15 +607,17 @@ class CommandManager:
                 continue  # cancelled or timed out while being stored
             link = self.registry.get(client_id)
             sent_to = self._executing.get(client_id, {}).get(command_id)
-            if link is None or link.hello is None or link.hello.instance_id != sent_to:
-                # Gone while being stored: the same instance gets it when it
-                # comes back (agent_connected), another one never does.
+            if link is not None and link.has_command(command_id):
+                continue  # already sent (re-sent after a reconnect)
+            if link is None or link.hello is None or link.hello.instance_id != sent_to or not link.can_send:
+                # Gone while being stored, or at the agent's stream limit:
+                # sent when the agent is back, or the limit rises.
+                self._never_sent.setdefault(client_id, set()).add(command_id)
+                if link is not None and link.hello is not None and link.hello.instance_id == sent_to:
+                    self._resend.setdefault(client_id, {})[command_id] = None
                 continue
-            if link.can_send:
-                link.send_command(command, max(self._deadline_of[command_id] - now, 0.001))
-            else:
-                # The agent's stream limit: sent as soon as it rises.
-                self._resend.setdefault(client_id, {})[command_id] = None
+            link.send_command(command, max(self._deadline_of[command_id] - now, 0.001))
+            self._announce_sent(command)
 
     async def get_command(self, command_id: str) -> Command:
         """The command's current state. Raises :class:`CommandNotFound`."""
@@ -820,13 +827,23 @@ class CommandManager:
         self._resend.pop(client_id, None)
         executing = self._executing.get(client_id)
         instance = link.hello.instance_id
+        never_sent = self._never_sent.get(client_id, ())
+        if executing and never_sent:
+            # Never sent to any process: this one gets them, and the store
+            # learns where they went.
+            for command_id in never_sent:
+                command = self._live.get(command_id)
+                if command is not None and command_id in executing:
+                    executing[command_id] = instance
+                    self._update(command)
         if executing:
             held = set(link.hello.held_results)
+            unsent = self._unsent.get(client_id, ())  # sent once stored
             resend = {
                 command_id: None
                 for command_id, sent_to in executing.items()
                 if instance and sent_to == instance and command_id not in held
-                and not link.has_command(command_id)
+                and not link.has_command(command_id) and command_id not in unsent
             }
             elsewhere = sum(
                 1 for sent_to in executing.values() if not instance or sent_to != instance
@@ -923,6 +940,9 @@ class CommandManager:
                 )
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InvalidCommand("priority must be an integer")
+        low, high = PRIORITY_RANGE
+        if not low <= priority <= high:
+            raise InvalidCommand(f"priority must be between {low} and {high}")
 
     def _own_payload(self, command_type: str, payload: Any) -> Any:
         """A private copy of ``payload`` (the caller may change theirs later),
@@ -1005,10 +1025,15 @@ class CommandManager:
                 remaining = self._deadline_of[command_id] - now
                 # The command keeps its deadline: the agent gets the time left.
                 link.send_command(command, max(remaining, 0.001))
-                logger.info(
-                    "Command re-sent command_id=%s client_id=%s remaining=%.3f",
-                    command_id, client_id, remaining,
-                )
+                never_sent = self._never_sent.get(client_id)
+                if never_sent is not None and command_id in never_sent:
+                    self._forget_never_sent(client_id, command_id)
+                    self._announce_sent(command)
+                else:
+                    logger.info(
+                        "Command re-sent command_id=%s client_id=%s remaining=%.3f",
+                        command_id, client_id, remaining,
+                    )
             if not resend:
                 del self._resend[client_id]
         if not queue:
@@ -1023,7 +1048,7 @@ class CommandManager:
                     continue
             link.send_command(command, command.timeout)
             self._unqueued(client_id)
-            self._start(command, link, now)
+            self._announce_sent(self._start(command, link, now))
         if not queue:
             # (A refused recovered command may have pruned it already.)
             self._queues.pop(client_id, None)
@@ -1037,13 +1062,22 @@ class CommandManager:
         self._executing.setdefault(client_id, {})[command_id] = link.hello.instance_id
         self._set_deadline(command_id, now + command.timeout)
         self._update(command)
+        return command
+
+    def _announce_sent(self, command: Command) -> None:
         logger.info(
             "Command sent command_id=%s client_id=%s command_type=%s",
-            command_id, client_id, command.command_type,
+            command.command_id, command.client_id, command.command_type,
         )
         for observer in self._observers:
             observer.command_sent(command)
-        return command
+
+    def _forget_never_sent(self, client_id: str, command_id: str) -> None:
+        never_sent = self._never_sent.get(client_id)
+        if never_sent is not None:
+            never_sent.discard(command_id)
+            if not never_sent:
+                del self._never_sent[client_id]
 
     def _allowed_now(self, command: Command, link: AgentLink) -> bool:
         """A recovered command, judged by today's policy before it is sent;
@@ -1124,6 +1158,7 @@ class CommandManager:
             resend.pop(command_id, None)
             if not resend:
                 del self._resend[client_id]
+        self._forget_never_sent(client_id, command_id)
 
     def _log_finished(self, command: Command) -> None:
         status = command.status

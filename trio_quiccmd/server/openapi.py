@@ -12,7 +12,7 @@ import functools
 import sys
 from typing import Any
 
-from ..model import CommandStatus
+from ..model import PRIORITY_RANGE, CommandStatus
 
 API_VERSION = "1.0.0"
 
@@ -145,7 +145,7 @@ def openapi_document(
                     "description": "Seconds to wait for an offline agent to connect; 0 fails at once",
                 },
                 "priority": {
-                    "type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1, "default": 0,
+                    "type": "integer", "minimum": PRIORITY_RANGE[0], "maximum": PRIORITY_RANGE[1], "default": 0,
                     "description": "Higher is sent first when the agent's window is full",
                 },
                 "wait": {"type": "boolean", "default": False, "description": "Answer with the final state"},

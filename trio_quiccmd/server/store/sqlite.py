@@ -104,10 +104,18 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     INSERT INTO commands_v3 SELECT
         command_id, client_id, command_type, status,
-        body ->> '$.priority', body ->> '$.timeout', body ->> '$.connect_timeout',
-        body ->> '$.created_at', body ->> '$.sent_at', completed_at, deadline_at, sent_to,
-        body ->> '$.error', body ->> '$.error_code', body -> '$.payload',
-        nullif(body -> '$.result', 'null')
+        json_extract(body, '$.priority'), json_extract(body, '$.timeout'),
+        json_extract(body, '$.connect_timeout'), json_extract(body, '$.created_at'),
+        json_extract(body, '$.sent_at'), completed_at, deadline_at, sent_to,
+        json_extract(body, '$.error'), json_extract(body, '$.error_code'),
+        CASE json_type(body, '$.payload')
+            WHEN 'text' THEN json_quote(json_extract(body, '$.payload'))
+            WHEN 'null' THEN 'null' WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'
+            ELSE json_extract(body, '$.payload') END,
+        CASE json_type(body, '$.result')
+            WHEN 'text' THEN json_quote(json_extract(body, '$.result'))
+            WHEN 'null' THEN NULL WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'
+            ELSE json_extract(body, '$.result') END
         FROM commands;
     DROP TABLE commands;
     ALTER TABLE commands_v3 RENAME TO commands;
@@ -248,10 +256,11 @@ class SqliteStore:
         self._committed_saves = 0
         self._dirty_event = trio.Event()
         self._committing = False
-        # A commit failed; the writer task retries until one succeeds.
+        # The last commit failed; the writer task retries until one succeeds.
         self._failing = False
-        # Set (and replaced) at the end of each successful commit.
-        self._commit_event = trio.Event()
+        # Set (and replaced) at the end of each commit, however it ended:
+        # whoever waits for one looks again at what is left to do.
+        self._commit_ended = trio.Event()
         self._closed = False
 
     # -- writing -----------------------------------------------------------------
@@ -282,10 +291,9 @@ class SqliteStore:
         target = self._saves
         while self._committed_saves < target:
             if self._committing or self._failing:
-                await self._commit_event.wait()
-            elif not await self._commit_dirty():
-                self._failing = True
-                self._dirty_event.set()  # the writer task retries
+                await self._commit_ended.wait()
+            else:
+                await self._commit_dirty()  # if it fails, the writer task retries
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Commit the changes nobody flushes, and retry failed commits, until
@@ -300,6 +308,9 @@ class SqliteStore:
             await self._dirty_event.wait()
             self._dirty_event = trio.Event()
             while self._dirty:
+                if self._committing:
+                    await self._commit_ended.wait()  # a flush's; then see what is left
+                    continue
                 if self._failing:
                     await trio.sleep(RETRY_DELAY)
                 else:
@@ -311,10 +322,8 @@ class SqliteStore:
                     if len(self._dirty) < LINGER_BATCH and trio.current_time() < due:
                         await trio.sleep_until(due)
                         continue  # a flush may have committed them meanwhile
-                while self._committing:
-                    await self._commit_event.wait()
-                if self._dirty:
-                    self._failing = not await self._commit_dirty()
+                if not self._committing and self._dirty:
+                    await self._commit_dirty()
 
     async def _commit_dirty(self) -> bool:
         """Commit everything saved so far; False (and kept for a retry) if that failed."""
@@ -322,20 +331,23 @@ class SqliteStore:
         target = self._saves
         self._writing = batch
         self._committing = True
-        # Made here, on the event loop: the thread then only waits for the
-        # disk, and does not compete with the loop for the GIL meanwhile.
-        rows = self._rows(batch)
         try:
+            # Made here, on the event loop: the thread then only waits for the
+            # disk, and does not compete with the loop for the GIL meanwhile.
+            rows = self._rows(batch)
             # Abandoned if cancelled (a shutdown must not wait for a disk that
             # hangs): later writes queue behind it in the thread, and the
             # batch is kept for aclose, whose writes are idempotent.
             await self._write_thread.run(self._write, rows)
-        except sqlite3.Error as exc:
+        except Exception as exc:
+            # sqlite3 errors (disk full, I/O); anything else is a bug, which
+            # must not stop the writer, and with it the server.
             logger.error(
                 "Command store write failed path=%s commands=%d error=%r; retrying",
-                self.path, len(batch), str(exc),
+                self.path, len(batch), f"{type(exc).__name__}: {exc}",
             )
             self._keep_for_retry(batch)
+            self._failing = True
             return False
         except BaseException:
             # Cancelled: not written, or (abandoned) not known to be.
@@ -344,6 +356,8 @@ class SqliteStore:
         finally:
             self._writing = {}
             self._committing = False
+            ended, self._commit_ended = self._commit_ended, trio.Event()
+            ended.set()
         self._committed_saves = target
         self._failing = False
         recent = self._recent
@@ -352,8 +366,6 @@ class SqliteStore:
                 recent[command.command_id] = command
         while len(recent) > RECENT_FINISHED:
             recent.popitem(last=False)
-        done, self._commit_event = self._commit_event, trio.Event()
-        done.set()
         return True
 
     def _keep_for_retry(self, batch: dict[str, _Entry]) -> None:
@@ -376,7 +388,7 @@ class SqliteStore:
                     if not finished:
                         payloads[command_id] = payload
                 result = None if command.result is None else _json(command.result)
-            except (TypeError, ValueError):
+            except Exception:
                 # Payloads and results are checked to be JSON before they get
                 # here, so this is a bug upstream: keep the rest of the batch,
                 # and the writer (and with it the server) running.
@@ -384,7 +396,9 @@ class SqliteStore:
                 continue
             rows.append((
                 command_id,
-                # Both checked printable (so valid UTF-8) when the command was made.
+                # Both checked printable (so valid UTF-8) when the command was
+                # made, and the priority to fit 32 bits; errors, their codes
+                # and instance ids come from agents.
                 command.client_id,
                 command.command_type,
                 command.status.value,
@@ -395,7 +409,7 @@ class SqliteStore:
                 command.sent_at,
                 command.completed_at,
                 _text(command.error),
-                command.error_code,
+                _text(command.error_code),
                 payload,
                 result,
                 None if finished else deadline_at,
@@ -433,6 +447,8 @@ class SqliteStore:
         """Run ``read`` on the reading connection, in its thread. A damaged
         database raises :class:`StoreError` with the message the server
         gives at start, rather than a bare sqlite3 error."""
+        if self._closed:
+            raise StoreError(f"the command store {self.path} is closed")
         try:
             return await self._read_thread.run(read, *args)
         except sqlite3.Error as exc:

@@ -25,6 +25,7 @@ class ConnectionThread:
 
     def __init__(self, name: str):
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._stopped = False
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
@@ -37,8 +38,11 @@ class ConnectionThread:
 
         If cancelled, stops waiting at once: the job still runs (a disk that
         hangs must not hold a shutdown), later jobs wait behind it, and its
-        outcome is dropped.
+        outcome is dropped. Raises RuntimeError once :meth:`stop` was called
+        (the job would never run).
         """
+        if self._stopped:
+            raise RuntimeError(f"{self._thread.name} is stopped")
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
         result: outcome.Outcome[_T] | None = None
@@ -58,4 +62,6 @@ class ConnectionThread:
 
     def stop(self) -> None:
         """End the thread once the jobs given so far have run."""
-        self._jobs.put(None)
+        if not self._stopped:
+            self._stopped = True
+            self._jobs.put(None)
