@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -210,19 +211,9 @@ async def test_history_is_queryable_after_a_restart(db):
 async def test_a_command_is_sent_to_its_agent_only_once_it_is_stored(db, monkeypatch):
     # A command that ran on an agent but that a crash left out of the store
     # would be invisible to the operator (and could be sent again).
-    commit_may_finish = threading.Event()
-    original = SqliteStore._write
-    written: list = []
-
-    def slow_write(self, rows):
-        written.extend(rows)
-        commit_may_finish.wait(5)
-        return original(self, rows)
-
     with trio.fail_after(10):
-        async with server_run(db) as manager:
+        async with server_run(db) as manager, held_commits(monkeypatch) as held:
             link, session = connect(manager, "c1", instance="i1")
-            monkeypatch.setattr(SqliteStore, "_write", slow_write)
             sent: list = []
             async with trio.open_nursery() as nursery:
 
@@ -232,13 +223,13 @@ async def test_a_command_is_sent_to_its_agent_only_once_it_is_stored(db, monkeyp
                 nursery.start_soon(send)
                 await trio.testing.wait_all_tasks_blocked()
                 assert session.commands() == []  # not stored yet: not sent
-                commit_may_finish.set()
+                held.release.set()
             assert [frame.command_id for frame in session.commands()] == [sent[0].command_id]
             assert sent[0].status is CommandStatus.EXECUTING
             # Its one row write already said "executing, sent to agent process
             # i1": a crash after it went out cannot make it look unsent.
             columns = sqlite_store._COLUMNS.split(", ")
-            (row,) = [dict(zip(columns, row)) for row in written if row[0] == sent[0].command_id]
+            (row,) = [dict(zip(columns, row)) for row in held.rows if row[0] == sent[0].command_id]
             assert (row["status"], row["sent_to"]) == ("executing", "i1")
 
 
@@ -258,22 +249,14 @@ async def test_the_agents_window_holds_with_commands_being_stored(db):
 
 
 async def test_a_command_whose_agent_left_while_it_was_stored_goes_to_it_when_it_returns(db, monkeypatch):
-    commit_may_finish = threading.Event()
-    original = SqliteStore._write
-
-    def slow_write(self, rows):
-        commit_may_finish.wait(5)
-        return original(self, rows)
-
     with trio.fail_after(10):
-        async with server_run(db) as manager:
+        async with server_run(db) as manager, held_commits(monkeypatch) as held:
             link, session = connect(manager, "c1", instance="i1")
-            monkeypatch.setattr(SqliteStore, "_write", slow_write)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(manager.send_command, "c1", "echo", "x")
                 await trio.testing.wait_all_tasks_blocked()
                 link.connection_lost(session, 0, "gone")
-                commit_may_finish.set()
+                held.release.set()
             (command,) = (await manager.list_commands()).commands
             assert command.status is CommandStatus.EXECUTING and session.commands() == []
             link, session = connect(manager, "c1", instance="i1")  # the same agent process
@@ -286,24 +269,16 @@ async def test_a_command_whose_agent_left_while_it_was_stored_goes_to_it_when_it
 async def test_an_agent_back_while_its_command_is_being_stored_gets_it_once(db, monkeypatch):
     # Found in review: the reconnect re-sent it at once (before it was stored),
     # and the end of the commit sent it a second time.
-    commit_may_finish = threading.Event()
-    original = SqliteStore._write
-
-    def slow_write(self, rows):
-        commit_may_finish.wait(5)
-        return original(self, rows)
-
     with trio.fail_after(10):
-        async with server_run(db) as manager:
+        async with server_run(db) as manager, held_commits(monkeypatch) as held:
             link, session = connect(manager, "c1", instance="i1")
-            monkeypatch.setattr(SqliteStore, "_write", slow_write)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(manager.send_command, "c1", "echo", "x")
                 await trio.testing.wait_all_tasks_blocked()
                 link.connection_lost(session, 0, "gone")
                 link, session = connect(manager, "c1", instance="i1")
                 assert session.commands() == []  # still not stored: not sent
-                commit_may_finish.set()
+                held.release.set()
             await wait_all_stored(manager)
             (command,) = (await manager.list_commands()).commands
             assert sent_ids(session) == [command.command_id]
@@ -312,22 +287,14 @@ async def test_an_agent_back_while_its_command_is_being_stored_gets_it_once(db, 
 async def test_a_command_never_sent_goes_to_the_agents_next_process(db, monkeypatch):
     # Its agent left while it was being stored and came back restarted (a new
     # instance): nobody ever had it, so the new process gets it.
-    commit_may_finish = threading.Event()
-    original = SqliteStore._write
-
-    def slow_write(self, rows):
-        commit_may_finish.wait(5)
-        return original(self, rows)
-
     with trio.fail_after(10):
-        async with server_run(db) as manager:
+        async with server_run(db) as manager, held_commits(monkeypatch) as held:
             link, session = connect(manager, "c1", instance="i1")
-            monkeypatch.setattr(SqliteStore, "_write", slow_write)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(manager.send_command, "c1", "echo", "x")
                 await trio.testing.wait_all_tasks_blocked()
                 link.connection_lost(session, 0, "gone")
-                commit_may_finish.set()
+                held.release.set()
             await wait_all_stored(manager)
             link, session = connect(manager, "c1", instance="i2")
             (command,) = (await manager.list_commands()).commands
@@ -364,28 +331,36 @@ async def test_a_queued_command_the_new_policy_forbids_is_not_sent_after_a_resta
 # -- a store that cannot write -----------------------------------------------------
 
 
+@attrs.define
+class HeldCommits:
+    release: threading.Event
+    rows: list = attrs.Factory(list)  # every row a commit was given
+
+
 @asynccontextmanager
-async def blocked_commits(monkeypatch):
-    """Commits hang (a disk that stopped answering) until the block ends."""
-    release = threading.Event()
+async def held_commits(monkeypatch) -> AsyncIterator[HeldCommits]:
+    """Commits hang (a disk that stopped answering) until ``release`` is set,
+    at the latest when the block ends."""
+    held = HeldCommits(threading.Event())
     original = SqliteStore._write
 
     def hanging_write(self, rows):
-        release.wait(30)
+        held.rows.extend(rows)
+        held.release.wait(30)
         return original(self, rows)
 
     monkeypatch.setattr(SqliteStore, "_write", hanging_write)
     try:
-        yield
+        yield held
     finally:
-        release.set()
+        held.release.set()
 
 
 async def test_a_send_the_store_cannot_take_fails_clearly_and_is_never_sent(db, monkeypatch):
     with trio.fail_after(10):
         async with server_run(db, store_timeout=0.3) as manager:
             link, session = connect(manager, "c1", instance="i1")
-            async with blocked_commits(monkeypatch):
+            async with held_commits(monkeypatch):
                 with pytest.raises(StoreUnavailable, match="has not been sent"):
                     await manager.send_command("c1", "echo", "x", timeout=30)
                 (refused,) = [c for c in manager.store._dirty.values()]
@@ -426,7 +401,7 @@ async def test_a_client_id_the_store_could_not_encode_is_refused(db):
 async def test_a_disk_that_hangs_does_not_hold_the_shutdown(db, monkeypatch):
     monkeypatch.setattr(sqlite_store, "CLOSE_TIMEOUT", 0.3)
     with trio.fail_after(10):
-        async with blocked_commits(monkeypatch):
+        async with held_commits(monkeypatch):
             started = trio.current_time()
             async with server_run(db, store_timeout=0.3) as manager:
                 connect(manager, "c1", instance="i1")
