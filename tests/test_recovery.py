@@ -284,7 +284,27 @@ async def test_an_agent_back_while_its_command_is_being_stored_gets_it_once(db, 
             assert sent_ids(session) == [command.command_id]
 
 
-async def test_a_command_never_sent_goes_to_the_agents_next_process(db, monkeypatch):
+async def test_an_agent_restarted_while_its_command_is_being_stored_gets_it_once_stored(db, monkeypatch):
+    # Found in review: the new process connected before the commit ended, and
+    # the command, stored as going to the old one, was never sent at all.
+    with trio.fail_after(10):
+        async with server_run(db) as manager, held_commits(monkeypatch) as held:
+            link, session = connect(manager, "c1", instance="i1")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(manager.send_command, "c1", "echo", "x")
+                await trio.testing.wait_all_tasks_blocked()
+                link.connection_lost(session, 0, "gone")
+                link, session = connect(manager, "c1", instance="i2")  # restarted
+                assert session.commands() == []
+                held.release.set()
+            await wait_all_stored(manager)
+            (command,) = (await manager.list_commands()).commands
+            assert sent_ids(session) == [command.command_id]
+            assert [u.sent_to for u in await manager.store.unfinished()] == ["i2"]
+
+
+@pytest.mark.parametrize("next_instance", ["i2", ""])  # "": an agent that names no instance
+async def test_a_command_never_sent_goes_to_the_agents_next_process(db, monkeypatch, next_instance):
     # Its agent left while it was being stored and came back restarted (a new
     # instance): nobody ever had it, so the new process gets it.
     with trio.fail_after(10):
@@ -296,11 +316,12 @@ async def test_a_command_never_sent_goes_to_the_agents_next_process(db, monkeypa
                 link.connection_lost(session, 0, "gone")
                 held.release.set()
             await wait_all_stored(manager)
-            link, session = connect(manager, "c1", instance="i2")
+            link, session = connect(manager, "c1", instance=next_instance)
+            await wait_all_stored(manager)
             (command,) = (await manager.list_commands()).commands
             assert sent_ids(session) == [command.command_id]
-            # The store knows where it went (a restart re-sends it to i2 only).
-            assert [u.sent_to for u in await manager.store.unfinished()] == ["i2"]
+            # The store knows where it went (a restart re-sends it there only).
+            assert [u.sent_to for u in await manager.store.unfinished()] == [next_instance]
             answer(link, session, command.command_id, "done")
             assert (await manager.get_command(command.command_id)).result == "done"
 

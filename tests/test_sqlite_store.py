@@ -356,7 +356,9 @@ async def test_a_version_2_database_keeps_every_field_through_the_change_to_colu
         payload=[1, None, {"é": "ü"}], error="boom", error_code="execution_error",
     )
     null_result = attrs.evolve(make_command(3, status=CommandStatus.COMPLETED), payload=None, result=None)
-    number_result = attrs.evolve(make_command(4, status=CommandStatus.COMPLETED), payload=0, result=42)
+    number_result = attrs.evolve(
+        make_command(4, status=CommandStatus.COMPLETED), payload=0.30000000000000004, result=2**77
+    )
     bool_result = attrs.evolve(
         make_command(6, status=CommandStatus.COMPLETED), payload='say "hi"\n', result=False
     )
@@ -589,3 +591,20 @@ async def test_a_closed_store_refuses_reads_instead_of_hanging(tmp_path):
     with trio.fail_after(5):
         with pytest.raises(StoreError, match="closed"):
             await store.list(CommandQuery())
+
+
+@pytest.mark.parametrize("version", [(3, 37, 2), (3, 40, 1)])
+def test_the_v3_migration_keeps_json_values_with_or_without_the_arrow_operator(monkeypatch, version):
+    # SQLite before 3.38 has no ->: the migration then rebuilds the JSON text.
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", version)
+    db = sqlite3.connect(":memory:")
+    values = ["text", 'say "hi"', 0, -7, 2**40, [1, None], {"a": {"b": [True]}}, True, False, None]
+    for value in values:
+        body = json.dumps({"payload": value, "result": value})
+        payload_sql = sqlite_store._json_text_at("$.payload", null="'null'")
+        result_sql = sqlite_store._json_text_at("$.result", null="NULL")
+        payload, result = db.execute(
+            f"SELECT {payload_sql}, {result_sql} FROM (SELECT ? AS body)", (body,)
+        ).fetchone()
+        assert json.loads(payload) == value
+        assert (None if result is None else json.loads(result)) == value

@@ -523,6 +523,7 @@ class CommandManager:
             not self._dispatch_stopped
             and not self._pending.get(client_id)  # queued, or being stored to be
             and not self._resend.get(client_id)
+            and not self._never_sent.get(client_id)
             and link.in_flight + len(self._unsent.get(client_id, ())) < self.settings.max_in_flight_per_agent
             and link.can_send
         )
@@ -606,18 +607,34 @@ class CommandManager:
             if command.status is not CommandStatus.EXECUTING:
                 continue  # cancelled or timed out while being stored
             link = self.registry.get(client_id)
-            sent_to = self._executing.get(client_id, {}).get(command_id)
-            if link is not None and link.has_command(command_id):
-                continue  # already sent (re-sent after a reconnect)
-            if link is None or link.hello is None or link.hello.instance_id != sent_to or not link.can_send:
-                # Gone while being stored, or at the agent's stream limit:
-                # sent when the agent is back, or the limit rises.
+            if link is None or link.hello is None:
+                # Gone while being stored: the agent's next process gets it.
                 self._never_sent.setdefault(client_id, set()).add(command_id)
-                if link is not None and link.hello is not None and link.hello.instance_id == sent_to:
-                    self._resend.setdefault(client_id, {})[command_id] = None
-                continue
-            link.send_command(command, max(self._deadline_of[command_id] - now, 0.001))
-            self._announce_sent(command)
+            elif link.has_command(command_id):
+                continue  # already sent
+            elif link.hello.instance_id != self._executing[client_id][command_id]:
+                # Another process of the agent connected meanwhile. None has
+                # seen the command: it goes to this one, once that is stored.
+                self._restage(command, link)
+            elif not link.can_send:
+                # The agent's stream limit: sent as soon as it rises.
+                self._never_sent.setdefault(client_id, set()).add(command_id)
+                self._resend.setdefault(client_id, {})[command_id] = None
+            else:
+                link.send_command(command, max(self._deadline_of[command_id] - now, 0.001))
+                self._announce_sent(command)
+
+    def _restage(self, command: Command, link: AgentLink) -> None:
+        """Send ``command``, which no agent process has seen, to ``link``'s
+        process, once the store says it went there."""
+        assert link.hello is not None
+        client_id, command_id = command.client_id, command.command_id
+        self._forget_never_sent(client_id, command_id)
+        self._executing[client_id][command_id] = link.hello.instance_id
+        self._update(command)
+        self._staged_sends.append((client_id, command_id))
+        self._unsent.setdefault(client_id, set()).add(command_id)
+        self._staging_wake.set()
 
     async def get_command(self, command_id: str) -> Command:
         """The command's current state. Raises :class:`CommandNotFound`."""
@@ -827,15 +844,13 @@ class CommandManager:
         self._resend.pop(client_id, None)
         executing = self._executing.get(client_id)
         instance = link.hello.instance_id
-        never_sent = self._never_sent.get(client_id, ())
-        if executing and never_sent:
-            # Never sent to any process: this one gets them, and the store
-            # learns where they went.
-            for command_id in never_sent:
-                command = self._live.get(command_id)
-                if command is not None and command_id in executing:
-                    executing[command_id] = instance
-                    self._update(command)
+        for command_id in list(self._never_sent.get(client_id, ())):
+            # Never sent to any process: this one gets them, once stored.
+            command = self._live.get(command_id)
+            if command is not None and executing and command_id in executing:
+                self._restage(command, link)
+            else:
+                self._forget_never_sent(client_id, command_id)
         if executing:
             held = set(link.hello.held_results)
             unsent = self._unsent.get(client_id, ())  # sent once stored

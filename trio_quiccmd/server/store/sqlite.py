@@ -40,6 +40,21 @@ logger = logging.getLogger("trio_quiccmd.store")
 #: The schema, one script per version; a database at version N gets scripts
 #: N+1... applied in one transaction at open. Never edit a released script:
 #: add the next one.
+def _json_text_at(path: str, null: str) -> str:
+    """SQL for the JSON text of ``body``'s value at ``path`` (``null`` for a
+    JSON null): exactly as stored with the -> operator (SQLite 3.38+); before
+    that, rebuilt from the value, which rounds a bare non-integer number (not
+    one inside an array or object) to 15 significant digits."""
+    if sqlite3.sqlite_version_info >= (3, 38):
+        return f"CASE json_type(body, '{path}') WHEN 'null' THEN {null} ELSE body -> '{path}' END"
+    return (
+        f"CASE json_type(body, '{path}')"
+        f" WHEN 'text' THEN json_quote(json_extract(body, '{path}'))"
+        f" WHEN 'null' THEN {null} WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'"
+        f" ELSE CAST(json_extract(body, '{path}') AS TEXT) END"
+    )
+
+
 MIGRATIONS: tuple[str, ...] = (
     # 1: the history. Each command's latest state as JSON, beside the columns
     # that lists filter and sort on; every list is "newest first", i.e. by
@@ -83,7 +98,7 @@ MIGRATIONS: tuple[str, ...] = (
     # update per write: retention walks the primary key (a command is
     # created before it finishes) and a restart finds unfinished commands
     # through the status index.
-    """
+    f"""
     CREATE TABLE commands_v3 (
         command_id      TEXT PRIMARY KEY,
         client_id       TEXT NOT NULL,
@@ -108,14 +123,8 @@ MIGRATIONS: tuple[str, ...] = (
         json_extract(body, '$.connect_timeout'), json_extract(body, '$.created_at'),
         json_extract(body, '$.sent_at'), completed_at, deadline_at, sent_to,
         json_extract(body, '$.error'), json_extract(body, '$.error_code'),
-        CASE json_type(body, '$.payload')
-            WHEN 'text' THEN json_quote(json_extract(body, '$.payload'))
-            WHEN 'null' THEN 'null' WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'
-            ELSE json_extract(body, '$.payload') END,
-        CASE json_type(body, '$.result')
-            WHEN 'text' THEN json_quote(json_extract(body, '$.result'))
-            WHEN 'null' THEN NULL WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'
-            ELSE json_extract(body, '$.result') END
+        {_json_text_at("$.payload", null="'null'")},
+        {_json_text_at("$.result", null="NULL")}
         FROM commands;
     DROP TABLE commands;
     ALTER TABLE commands_v3 RENAME TO commands;
