@@ -185,7 +185,7 @@ class CommandManager:
         # round they are gathered in.
         self._staged: list[tuple[str, tuple[int, int, str]]] = []
         # Durable store: accepted commands already executing (their agent had
-        # room), to send once stored; and per agent how many wait so.
+        # room), to send once stored; and per agent, which wait so.
         self._staged_sends: list[tuple[str, str]] = []
         self._unsent: dict[str, set[str]] = {}
         # Executing commands never sent yet: their agent left (or its stream
