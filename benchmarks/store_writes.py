@@ -21,12 +21,11 @@ from pathlib import Path
 
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from trio_quiccmd.model import Command, CommandStatus, new_command_id, transition  # noqa: E402
-from trio_quiccmd.server.store.sqlite import open_sqlite_store  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import make_payload, make_result  # noqa: E402
+
+from trio_quiccmd.model import Command, CommandStatus, new_command_id, transition  # noqa: E402
+from trio_quiccmd.server.store.sqlite import open_sqlite_store  # noqa: E402
 
 
 async def measure(batch: int, commands: int, synchronous: str) -> dict:

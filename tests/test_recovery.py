@@ -253,9 +253,7 @@ async def test_a_command_whose_agent_left_while_it_was_stored_goes_to_it_when_it
         async with server_run(db) as manager, held_commits(monkeypatch) as held:
             link, session = connect(manager, "c1", instance="i1")
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(manager.send_command, "c1", "echo", "x")
-                await trio.testing.wait_all_tasks_blocked()
-                link.connection_lost(session, 0, "gone")
+                await send_then_lose_the_agent(manager, nursery, link, session)
                 held.release.set()
             (command,) = (await manager.list_commands()).commands
             assert command.status is CommandStatus.EXECUTING and session.commands() == []
@@ -273,9 +271,7 @@ async def test_an_agent_back_while_its_command_is_being_stored_gets_it_once(db, 
         async with server_run(db) as manager, held_commits(monkeypatch) as held:
             link, session = connect(manager, "c1", instance="i1")
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(manager.send_command, "c1", "echo", "x")
-                await trio.testing.wait_all_tasks_blocked()
-                link.connection_lost(session, 0, "gone")
+                await send_then_lose_the_agent(manager, nursery, link, session)
                 link, session = connect(manager, "c1", instance="i1")
                 assert session.commands() == []  # still not stored: not sent
                 held.release.set()
@@ -291,9 +287,7 @@ async def test_an_agent_restarted_while_its_command_is_being_stored_gets_it_once
         async with server_run(db) as manager, held_commits(monkeypatch) as held:
             link, session = connect(manager, "c1", instance="i1")
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(manager.send_command, "c1", "echo", "x")
-                await trio.testing.wait_all_tasks_blocked()
-                link.connection_lost(session, 0, "gone")
+                await send_then_lose_the_agent(manager, nursery, link, session)
                 link, session = connect(manager, "c1", instance="i2")  # restarted
                 assert session.commands() == []
                 held.release.set()
@@ -311,9 +305,7 @@ async def test_a_command_never_sent_goes_to_the_agents_next_process(db, monkeypa
         async with server_run(db) as manager, held_commits(monkeypatch) as held:
             link, session = connect(manager, "c1", instance="i1")
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(manager.send_command, "c1", "echo", "x")
-                await trio.testing.wait_all_tasks_blocked()
-                link.connection_lost(session, 0, "gone")
+                await send_then_lose_the_agent(manager, nursery, link, session)
                 held.release.set()
             await wait_all_stored(manager)
             link, session = connect(manager, "c1", instance=next_instance)
@@ -324,6 +316,13 @@ async def test_a_command_never_sent_goes_to_the_agents_next_process(db, monkeypa
             assert [u.sent_to for u in await manager.store.unfinished()] == [next_instance]
             answer(link, session, command.command_id, "done")
             assert (await manager.get_command(command.command_id)).result == "done"
+
+
+async def send_then_lose_the_agent(manager: CommandManager, nursery, link, session) -> None:
+    """Send a command to c1 (its commit held), then drop the agent's connection."""
+    nursery.start_soon(manager.send_command, "c1", "echo", "x")
+    await trio.testing.wait_all_tasks_blocked()
+    link.connection_lost(session, 0, "gone")
 
 
 async def wait_all_stored(manager: CommandManager) -> None:

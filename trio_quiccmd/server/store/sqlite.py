@@ -143,8 +143,9 @@ PURGE_BATCH = 500
 #: How long a statement waits for a lock another process holds, seconds.
 BUSY_TIMEOUT = 2.0
 #: Changes nobody waits for are committed at most this long (seconds) after
-#: they are saved, or with the next commit someone waits for, or once this
-#: many are waiting. A crash in between loses only such changes, which the
+#: they are saved, or with the next commit someone waits for, or at once if
+#: this many are already waiting when the writer task looks (at the first
+#: change after a commit, and when a linger ends). A crash in between loses only such changes, which the
 #: restart recovers: the command is still executing, and its agent answers
 #: it again.
 COMMIT_LINGER = 0.01
