@@ -25,6 +25,7 @@ from collections import deque
 from typing import Awaitable, Callable
 
 import trio
+from aioquic import tls
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import NetworkAddress, QuicConnection
@@ -228,6 +229,8 @@ class QuicSession:
         self._wake_pending = True
         self._quic_timer_at: float | None = None
         self._unflushed_frames = 0
+        # Stream data was queued since the last transmission (see _ack_now_if_sending).
+        self._data_queued = False
         self._waiting_for_streams = False
         # Datagrams the kernel had no room for; sent by the timer task first.
         self._backlog: list[tuple[bytes, NetworkAddress]] = []
@@ -308,6 +311,7 @@ class QuicSession:
         except (RuntimeError, ValueError) as exc:  # aioquic: reset, already ended, or not ours
             logger.debug("Nothing sent stream=%d: %s", stream_id, exc)
             return False
+        self._data_queued = True
         self._wake()
         return True
 
@@ -428,7 +432,9 @@ class QuicSession:
         self._unflushed_frames = 0
         if self._backlog:
             return  # the socket is full; the timer task is waiting to send
-        datagrams = self.quic.datagrams_to_send(trio.current_time())
+        now = trio.current_time()
+        self._ack_now_if_sending(now)
+        datagrams = self.quic.datagrams_to_send(now)
         for index, (data, addr) in enumerate(datagrams):
             if not self._transport.try_send(data, addr):
                 self._backlog = datagrams[index:]
@@ -443,10 +449,30 @@ class QuicSession:
             else:
                 await transport.wait_writable()
         self._unflushed_frames = 0
-        for data, addr in self.quic.datagrams_to_send(trio.current_time()):
+        now = trio.current_time()
+        self._ack_now_if_sending(now)
+        for data, addr in self.quic.datagrams_to_send(now):
             while not transport.try_send(data, addr):
                 await transport.wait_writable()
         self._quic_timer_at = self.quic.get_timer()
+
+    def _ack_now_if_sending(self, now: float) -> None:
+        """Let the packets about to carry stream data carry the pending ACK too.
+
+        aioquic writes an ACK only once its delay (1 ms) has passed, even into
+        a packet that leaves anyway, and then sends it in a packet of its own.
+        An answer sent within the millisecond (an agent's RESULT, the server's
+        next COMMAND) would each cost the peer an extra packet to receive,
+        decrypt and process, and this side a timer wake-up to send it. With
+        no stream data going out the delay is kept, so that ACKs still
+        gather. The packet space is private: aioquic has no setting for this.
+        """
+        if not self._data_queued:
+            return
+        self._data_queued = False
+        space = self.quic._spaces.get(tls.Epoch.ONE_RTT)
+        if space is not None and space.ack_at is not None and space.ack_at > now:
+            space.ack_at = now
 
     # -- events --------------------------------------------------------------
 
