@@ -117,6 +117,51 @@ async def test_many_saves_are_committed_in_few_transactions(tmp_path, monkeypatc
         assert len((await store.list(CommandQuery(limit=1000))).commands) == 1000
 
 
+@pytest.mark.parametrize("size", [1, 2, 128, 129, 300])
+async def test_a_batch_of_any_size_is_stored_whole(tmp_path, size):
+    # One statement up to MAX_ROWS_PER_STATEMENT rows, several in one
+    # transaction beyond: every row is stored, with its own values.
+    async with running(tmp_path / "c.db") as store:
+        saved = [make_command(n, status=CommandStatus.COMPLETED) for n in range(size)]
+        for command in saved:
+            store.save(command)
+        await store.flush()
+    async with running(tmp_path / "c.db") as store:
+        page = await store.list(CommandQuery(limit=1000))
+    assert sorted(page.commands, key=lambda c: c.command_id) == saved
+
+
+@pytest.mark.parametrize("size", [100, 300])
+async def test_a_batch_that_fails_part_way_stores_none_of_it(tmp_path, monkeypatch, size):
+    # Its last row is refused (by a trigger standing in for a disk error):
+    # the rows before it, in the same statement or in earlier ones, are not
+    # committed either; once the cause is gone, the retry stores them all.
+    monkeypatch.setattr(sqlite_store, "RETRY_DELAY", 0.2)
+    path = tmp_path / "c.db"
+    async with running(path):
+        pass
+    saved = [make_command(n) for n in range(size)]
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TRIGGER refuse_last BEFORE INSERT ON commands "
+        f"WHEN NEW.command_id = '{saved[-1].command_id}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    db.commit()
+    async with running(path) as store:
+        for command in saved:
+            store.save(command)
+        with trio.move_on_after(0.1):
+            await store.flush()  # fails, and waits for the retry
+        assert store.unwritten == size
+        assert db.execute("SELECT count(*) FROM commands").fetchone() == (0,)
+        db.execute("DROP TRIGGER refuse_last")
+        db.commit()
+        with trio.fail_after(5):
+            await store.flush()
+        assert db.execute("SELECT count(*) FROM commands").fetchone() == (size,)
+    db.close()
+
+
 def _corpus() -> list[Command]:
     rng = random.Random(7)
     statuses = list(CommandStatus)
