@@ -229,7 +229,7 @@ class QuicSession:
         self._wake_pending = True
         self._quic_timer_at: float | None = None
         self._unflushed_frames = 0
-        # Stream data was queued since the last transmission (see _ack_now_if_sending).
+        # Stream data was queued since the last transmission (see _datagrams_to_send).
         self._data_queued = False
         self._waiting_for_streams = False
         # Datagrams the kernel had no room for; sent by the timer task first.
@@ -432,9 +432,7 @@ class QuicSession:
         self._unflushed_frames = 0
         if self._backlog:
             return  # the socket is full; the timer task is waiting to send
-        now = trio.current_time()
-        self._ack_now_if_sending(now)
-        datagrams = self.quic.datagrams_to_send(now)
+        datagrams = self._datagrams_to_send(trio.current_time())
         for index, (data, addr) in enumerate(datagrams):
             if not self._transport.try_send(data, addr):
                 self._backlog = datagrams[index:]
@@ -449,30 +447,42 @@ class QuicSession:
             else:
                 await transport.wait_writable()
         self._unflushed_frames = 0
-        now = trio.current_time()
-        self._ack_now_if_sending(now)
-        for data, addr in self.quic.datagrams_to_send(now):
+        for data, addr in self._datagrams_to_send(trio.current_time()):
             while not transport.try_send(data, addr):
                 await transport.wait_writable()
         self._quic_timer_at = self.quic.get_timer()
 
-    def _ack_now_if_sending(self, now: float) -> None:
-        """Let the packets about to carry stream data carry the pending ACK too.
+    def _datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        """What aioquic has to send now, the pending ACK riding with any stream data.
 
         aioquic writes an ACK only once its delay (1 ms) has passed, even into
         a packet that leaves anyway, and then sends it in a packet of its own.
         An answer sent within the millisecond (an agent's RESULT, the server's
         next COMMAND) would each cost the peer an extra packet to receive,
-        decrypt and process, and this side a timer wake-up to send it. With
-        no stream data going out the delay is kept, so that ACKs still
-        gather. The packet space is private: aioquic has no setting for this.
+        decrypt and process, and this side a timer wake-up to send it. So when
+        stream data was queued and a packet may leave now (room in the
+        congestion window, no pacing delay), the ACK is made due now. If it is
+        not written after all (held back by something else), its delay is
+        restored: an ACK due now but unsent would make the timer fire at once,
+        again and again. With no stream data queued the delay is kept, so
+        that ACKs still gather. The packet space and the recovery state are
+        private: aioquic has no setting for this.
         """
-        if not self._data_queued:
-            return
+        quic = self.quic
+        space = quic._spaces.get(tls.Epoch.ONE_RTT) if self._data_queued else None
         self._data_queued = False
-        space = self.quic._spaces.get(tls.Epoch.ONE_RTT)
+        delayed_until = None
         if space is not None and space.ack_at is not None and space.ack_at > now:
-            space.ack_at = now
+            recovery = quic._loss
+            if (
+                recovery.bytes_in_flight + quic._max_datagram_size <= recovery.congestion_window
+                and recovery._pacer.next_send_time(now) is None
+            ):
+                delayed_until, space.ack_at = space.ack_at, now
+        datagrams = quic.datagrams_to_send(now)
+        if delayed_until is not None and space.ack_at == now:
+            space.ack_at = delayed_until
+        return datagrams
 
     # -- events --------------------------------------------------------------
 
