@@ -117,10 +117,10 @@ async def test_many_saves_are_committed_in_few_transactions(tmp_path, monkeypatc
         assert len((await store.list(CommandQuery(limit=1000))).commands) == 1000
 
 
-@pytest.mark.parametrize("size", [1, 2, 128, 129, 300])
+@pytest.mark.parametrize("size", [1, 2, 16, 17, 128, 145, 300])
 async def test_a_batch_of_any_size_is_stored_whole(tmp_path, size):
-    # One statement up to MAX_ROWS_PER_STATEMENT rows, several in one
-    # transaction beyond: every row is stored, with its own values.
+    # One statement up to SMALL_BATCH rows, several in one transaction
+    # beyond: every row is stored, with its own values.
     async with running(tmp_path / "c.db") as store:
         saved = [make_command(n, status=CommandStatus.COMPLETED) for n in range(size)]
         for command in saved:
@@ -129,6 +129,32 @@ async def test_a_batch_of_any_size_is_stored_whole(tmp_path, size):
     async with running(tmp_path / "c.db") as store:
         page = await store.list(CommandQuery(limit=1000))
     assert sorted(page.commands, key=lambda c: c.command_id) == saved
+
+
+async def test_batches_fit_a_sqlite_that_takes_fewer_parameters(tmp_path):
+    # SQLite before 3.32 takes at most 999 parameters per statement; a
+    # statement of 128 rows has 2,048, and would fail every commit.
+    async with running(tmp_path / "c.db") as store:
+        store._writer.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        for n in range(300):
+            store.save(make_command(n))
+        with trio.fail_after(5):
+            await store.flush()
+        assert len((await store.list(CommandQuery(limit=1000))).commands) == 300
+
+
+async def test_a_transaction_left_open_by_a_failure_does_not_swallow_later_commits(tmp_path):
+    # A failed write whose ROLLBACK failed too leaves the writer inside a
+    # transaction; a later batch must still be committed, not join it.
+    path = tmp_path / "c.db"
+    async with running(path) as store:
+        store._writer.execute("BEGIN")
+        for n in range(5):
+            store.save(make_command(n))
+        await store.flush()
+        db = sqlite3.connect(path)
+        assert db.execute("SELECT count(*) FROM commands").fetchone() == (5,)
+        db.close()
 
 
 @pytest.mark.parametrize("size", [100, 300])

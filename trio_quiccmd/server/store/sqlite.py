@@ -167,18 +167,24 @@ _COLUMNS = (
     "command_id, client_id, command_type, status, priority, timeout, connect_timeout,"
     " created_at, sent_at, completed_at, error, error_code, payload, result, deadline_at, sent_to"
 )
-#: Most rows written by one statement. Each statement steps once, and each
+#: Most rows written by one statement (fewer where the SQLite library takes
+#: fewer parameters: 999 before 3.32). Each statement steps once, and each
 #: step gives up the GIL and then waits to take it back from the event loop:
 #: executemany() steps once per row, and a commit of 200 rows took 15 ms that
-#: way (74 us a row, against 17 us on an idle loop). A batch that fits in one
-#: statement is written by that statement alone, without BEGIN and COMMIT:
-#: one statement is one transaction, so one step, one fsync (at one command
-#: in flight, 10-20 % less time in the thread than BEGIN, upsert, COMMIT).
+#: way (74 us a row, against 17 us on an idle loop).
 MAX_ROWS_PER_STATEMENT = 128
-#: The writer caches a statement for each batch size it has met (1 to
-#: MAX_ROWS_PER_STATEMENT), besides its few others.
-_WRITER_CACHED_STATEMENTS = 2 * MAX_ROWS_PER_STATEMENT
-_ROW_VALUES = "(" + ", ".join("?" * len(_COLUMNS.split(", "))) + ")"
+#: A batch of at most this many rows (what a server that is not busy
+#: commits) is written by one statement of exactly its size, without BEGIN
+#: and COMMIT: one statement is one transaction, and two steps fewer are two
+#: waits fewer for the GIL (at one command in flight, 10-20 % less time in
+#: the writer thread). A larger batch is BEGIN, statements of
+#: MAX_ROWS_PER_STATEMENT and of SMALL_BATCH rows, one of the rest, COMMIT.
+#: Only these sizes are ever compiled (and cached by the connection): a
+#: statement's compiled form grows with its rows, and one of every size up
+#: to 128 would hold 16 MiB.
+SMALL_BATCH = 16
+_COLUMN_COUNT = len(_COLUMNS.split(", "))
+_ROW_VALUES = "(" + ", ".join("?" * _COLUMN_COUNT) + ")"
 _UPSERT_TEMPLATE = f"""
     INSERT INTO commands ({_COLUMNS}) VALUES {{values}}
     ON CONFLICT (command_id) DO UPDATE SET
@@ -191,12 +197,6 @@ _UPSERT_TEMPLATE = f"""
         deadline_at = excluded.deadline_at,
         sent_to = excluded.sent_to
 """
-
-
-@functools.cache
-def _upsert(rows: int) -> str:
-    return _UPSERT_TEMPLATE.format(values=", ".join([_ROW_VALUES] * rows))
-
 #: The columns a Command is made of (the first 14 of _COLUMNS).
 _COMMAND_COLUMNS = _COLUMNS.rsplit(", deadline_at", 1)[0]
 _UNFINISHED = tuple(status.value for status in CommandStatus if status not in TERMINAL_STATUSES)
@@ -205,6 +205,16 @@ _FINISHED = tuple(status.value for status in TERMINAL_STATUSES)
 _Entry = tuple[Command, float, str]
 _Row = tuple[Any, ...]
 _T = TypeVar("_T")
+
+
+@functools.cache
+def _upsert(rows: int) -> str:
+    """The upsert of ``rows`` rows (compiled once per size by the connection)."""
+    return _UPSERT_TEMPLATE.format(values=", ".join([_ROW_VALUES] * rows))
+
+
+def _values(rows: list[_Row]) -> list[Any]:
+    return [value for row in rows for value in row]
 
 
 #: One encoder for every row (json.dumps with options builds one per call).
@@ -440,15 +450,24 @@ class SqliteStore:
 
     def _write(self, rows: list[_Row]) -> None:
         db = self._writer
-        if len(rows) <= MAX_ROWS_PER_STATEMENT:
+        if db.in_transaction:
+            # Left open by an earlier failure whose ROLLBACK failed too: these
+            # rows would join it, and never be committed.
+            db.execute("ROLLBACK")
+        if len(rows) <= SMALL_BATCH:
             if rows:  # (none if every command of the batch failed to encode)
-                db.execute(_upsert(len(rows)), [value for row in rows for value in row])
+                db.execute(_upsert(len(rows)), _values(rows))
             return
+        most = min(MAX_ROWS_PER_STATEMENT, db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _COLUMN_COUNT)
         db.execute("BEGIN IMMEDIATE")
         try:
-            for start in range(0, len(rows), MAX_ROWS_PER_STATEMENT):
-                chunk = rows[start:start + MAX_ROWS_PER_STATEMENT]
-                db.execute(_upsert(len(chunk)), [value for row in chunk for value in row])
+            start = 0
+            for size in (most, SMALL_BATCH):
+                while len(rows) - start >= size:
+                    db.execute(_upsert(size), _values(rows[start:start + size]))
+                    start += size
+            if start < len(rows):
+                db.execute(_upsert(len(rows) - start), _values(rows[start:]))
             db.execute("COMMIT")
         except BaseException:
             _rollback(db)
@@ -659,12 +678,11 @@ def list_statement(query: CommandQuery) -> tuple[str, list[Any]]:
 # -- opening ---------------------------------------------------------------------
 
 
-def _connect(path: Path, *, cached_statements: int = 128) -> sqlite3.Connection:
-    # Autocommit mode: transactions are begun and ended explicitly. Used from
-    # the connection's own thread, one call at a time.
+def _connect(path: Path) -> sqlite3.Connection:
+    # Autocommit mode: a statement outside BEGIN ... COMMIT is a transaction
+    # of its own. Used from the connection's own thread, one call at a time.
     return sqlite3.connect(
-        path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False,
-        cached_statements=cached_statements,
+        path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
     )
 
 
@@ -729,7 +747,7 @@ def _open(path: Path, synchronous: Synchronous) -> SqliteStore:
     lock_file = _lock(path)
     writer = reader = None
     try:
-        writer = _connect(path, cached_statements=_WRITER_CACHED_STATEMENTS)
+        writer = _connect(path)
         (mode,) = writer.execute("PRAGMA journal_mode = WAL").fetchone()
         if mode != "wal":
             raise StoreError(f"the command store {path} cannot use write-ahead logging (mode {mode})")
