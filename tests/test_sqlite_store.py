@@ -117,7 +117,7 @@ async def test_many_saves_are_committed_in_few_transactions(tmp_path, monkeypatc
         assert len((await store.list(CommandQuery(limit=1000))).commands) == 1000
 
 
-@pytest.mark.parametrize("size", [1, 2, 16, 17, 128, 145, 300])
+@pytest.mark.parametrize("size", [1, 2, 32, 33, 128, 161, 300])
 async def test_a_batch_of_any_size_is_stored_whole(tmp_path, size):
     # One statement up to SMALL_BATCH rows, several in one transaction
     # beyond: every row is stored, with its own values.

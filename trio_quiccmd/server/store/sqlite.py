@@ -174,15 +174,16 @@ _COLUMNS = (
 #: way (74 us a row, against 17 us on an idle loop).
 MAX_ROWS_PER_STATEMENT = 128
 #: A batch of at most this many rows (what a server that is not busy
-#: commits) is written by one statement of exactly its size, without BEGIN
-#: and COMMIT: one statement is one transaction, and two steps fewer are two
-#: waits fewer for the GIL (at one command in flight, 10-20 % less time in
-#: the writer thread). A larger batch is BEGIN, statements of
-#: MAX_ROWS_PER_STATEMENT and of SMALL_BATCH rows, one of the rest, COMMIT.
-#: Only these sizes are ever compiled (and cached by the connection): a
-#: statement's compiled form grows with its rows, and one of every size up
-#: to 128 would hold 16 MiB.
-SMALL_BATCH = 16
+#: commits; at 16 commands in flight, 16 results and 16 new commands) is
+#: written by one statement of exactly its size, without BEGIN and COMMIT:
+#: one statement is one transaction, and two steps fewer are two waits fewer
+#: for the GIL (at one command in flight, 10-20 % less time in the writer
+#: thread). A larger batch is BEGIN, statements of MAX_ROWS_PER_STATEMENT and
+#: of SMALL_BATCH rows, one of the rest, COMMIT. Only these sizes are ever
+#: compiled (and cached by the connection): a statement's compiled form
+#: grows with its rows; every size up to 32 holds under half a MiB, up to
+#: 128 it would be 16 MiB.
+SMALL_BATCH = 32
 _COLUMN_COUNT = len(_COLUMNS.split(", "))
 _ROW_VALUES = "(" + ", ".join("?" * _COLUMN_COUNT) + ")"
 _UPSERT_TEMPLATE = f"""
