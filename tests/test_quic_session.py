@@ -27,8 +27,7 @@ class _Wire:
     """One direction of a loopback path: counts datagrams and delivers them
     later (from a task), as the kernel would, never inside the sender's call."""
 
-    def __init__(self, source: tuple) -> None:
-        self.source = source
+    def __init__(self) -> None:
         self.sent = 0
         self.sent_at: list[float] = []
         self._send, self.receive = trio.open_memory_channel[bytes](math.inf)
@@ -70,7 +69,7 @@ async def _joined_sessions(nursery: trio.Nursery, dev_cert) -> tuple[QuicSession
     """A connected (client, server) pair; returns the client session, both
     wires (to the server, to the client) and the client's handler."""
     cert, key = dev_cert
-    to_server, to_client = _Wire(CLIENT_ADDRESS), _Wire(SERVER_ADDRESS)
+    to_server, to_client = _Wire(), _Wire()
     client_configuration = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name="localhost")
     client_configuration.load_verify_locations(cafile=str(cert))
     collect = _Collect()
@@ -81,7 +80,9 @@ async def _joined_sessions(nursery: trio.Nursery, dev_cert) -> tuple[QuicSession
         server = None
         async for data in to_server.receive:
             if server is None:  # made from the first datagram, as QuicEndpoint does
-                header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+                header = pull_quic_header(
+                    Buffer(data=data), host_cid_length=server_configuration.connection_id_length
+                )
                 quic = QuicConnection(
                     configuration=server_configuration,
                     original_destination_connection_id=header.destination_cid,
