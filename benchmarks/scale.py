@@ -8,15 +8,23 @@ verified). Measures:
 * handshake rate: agents connected (HELLO done) per second while they connect;
 * server memory per connected agent: growth of the server's RSS / N;
 * fan-out: one `echo` command sent to every agent at once, time until every
-  result is back.
+  result is back, and how long the server's garbage collector ran meanwhile
+  (a full collection walks every connected agent's state).
 
     python benchmarks/scale.py                  # 1,000 agents
     python benchmarks/scale.py --agents 10000   # the big one
+    python benchmarks/scale.py --agents 3000 --gc-freeze-agents 0   # no heap freezing
+
+As in the server, agents' state is kept out of full garbage collections
+(``HeapFreezer``) once ``--gc-freeze-agents`` (default 1000, the server's
+default) are connected; its periodic look is made once more just before the
+fan-out, as a server whose agents have been connected a while has made it.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import resource
@@ -32,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit  # noqa: E402
 
 from trio_quiccmd import Agent, CommandManager, CommandServer, CommandStatus, ManagerSettings  # noqa: E402
+from trio_quiccmd.server.collector import HeapFreezer  # noqa: E402
 from trio_quiccmd.quic.tls import ensure_dev_certificate  # noqa: E402
 from trio_quiccmd.server.core import server_quic_configuration  # noqa: E402
 
@@ -51,6 +60,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class CollectorClock:
+    """Time the garbage collector spends, by generation, while installed."""
+
+    def __init__(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        self.collections = [0, 0, 0]
+        self._started = 0.0
+
+    def __enter__(self) -> "CollectorClock":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            generation = info["generation"]
+            self.seconds[generation] += time.perf_counter() - self._started
+            self.collections[generation] += 1
+
+
 def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -68,6 +101,14 @@ async def run_server(args: argparse.Namespace) -> None:
     server = CommandServer(manager, server_quic_configuration(cert, key, idle_timeout=60.0))
     async with trio.open_nursery() as nursery:
         address = await nursery.start(server.serve, "127.0.0.1", 0)
+        freezer = None
+        if args.gc_freeze_agents:
+            freezer = HeapFreezer(
+                lambda: len(manager.registry.links()),
+                lambda: server.endpoint.sessions_ended,
+                min_agents=args.gc_freeze_agents,
+            )
+            await nursery.start(freezer.run)
         for _ in range(3):  # settle allocator before the baseline
             await trio.sleep(0.1)
         baseline = rss_mib()
@@ -96,19 +137,22 @@ async def run_server(args: argparse.Namespace) -> None:
 
         ids = [f"scale-{i}" for i in range(args.agents)]
         pids = [os.getpid(), *(proc.pid for proc in procs)]
+        if freezer is not None:
+            freezer.check()
         cpu_before = [cpu_seconds(pid) for pid in pids]
-        fanout_start = time.perf_counter()
-        commands = [await manager.send_command(client_id, "echo", {"n": 1}) for client_id in ids]
-        sent_at = time.perf_counter()
-        finished = 0
-        async with trio.open_nursery() as waiters:
-            async def wait_one(command_id: str) -> None:
-                nonlocal finished
-                if (await manager.wait(command_id)).status is CommandStatus.COMPLETED:
-                    finished += 1
-            for command in commands:
-                waiters.start_soon(wait_one, command.command_id)
-        fanout = time.perf_counter() - fanout_start
+        with CollectorClock() as collector:
+            fanout_start = time.perf_counter()
+            commands = [await manager.send_command(client_id, "echo", {"n": 1}) for client_id in ids]
+            sent_at = time.perf_counter()
+            finished = 0
+            async with trio.open_nursery() as waiters:
+                async def wait_one(command_id: str) -> None:
+                    nonlocal finished
+                    if (await manager.wait(command_id)).status is CommandStatus.COMPLETED:
+                        finished += 1
+                for command in commands:
+                    waiters.start_soon(wait_one, command.command_id)
+            fanout = time.perf_counter() - fanout_start
         cpu_used = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before)]
 
         emit({
@@ -128,6 +172,12 @@ async def run_server(args: argparse.Namespace) -> None:
             "fanout_server_cpu_seconds": cpu_used[0],
             "fanout_agents_cpu_seconds": sum(cpu_used[1:]),
             "fanout_cpu_floor_seconds": max(cpu_used[0], sum(cpu_used) / (os.cpu_count() or 1)),
+            # The server's garbage collector during the fan-out (the event
+            # loop stands still meanwhile); full collections are generation 2.
+            "fanout_server_gc_seconds": sum(collector.seconds),
+            "fanout_server_full_collections": collector.collections[2],
+            "fanout_server_full_collection_seconds": collector.seconds[2],
+            "gc_freeze_agents": args.gc_freeze_agents,
         })
         for proc in procs:
             proc.terminate()
@@ -162,6 +212,10 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--connect-concurrency", type=int, default=64)
     parser.add_argument("--connect-timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--gc-freeze-agents", type=int, default=1000,
+        help="keep agents' state out of full collections from this many on, as the server does; 0: never",
+    )
     parser.add_argument("--port", type=int)
     parser.add_argument("--ca-file")
     parser.add_argument("--offset", type=int, default=0)

@@ -85,6 +85,8 @@ def test_limits_defaults_precedence_and_mapping(tmp_path):
     assert defaults.max_unfinished_commands == 1_000_000
     assert defaults.max_agents == 100_000
     assert defaults.max_hello_rate == 200.0
+    assert defaults.gc_freeze_agents == 1000
+    assert load_settings(["--gc-freeze-agents", "0"], {}).gc_freeze_agents == 0  # never
     config = tmp_path / "limits.toml"
     config.write_text(
         "[server]\nmax_queued_per_agent = 5\nmax_unfinished_commands = 6\n"
@@ -140,6 +142,8 @@ def test_server_table_in_toml(tmp_path):
         (["--store", "sqlite:///"], {}, None, "store must be"),
         ([], {"QUICCMD_STORE_SYNC": "always"}, None, "environment variable QUICCMD_STORE_SYNC: store_sync must be 'full' or 'normal'"),
         ([], {}, "store = 1\n", "expected a non-empty string"),
+        (["--gc-freeze-agents", "-1"], {}, None, "option --gc-freeze-agents: gc_freeze_agents must be 0 or more"),
+        ([], {"QUICCMD_GC_FREEZE_AGENTS": "lots"}, None, "expected an integer"),
     ],
 )
 def test_bad_settings_are_one_line_errors(tmp_path, argv, env, toml, fragment):

@@ -32,6 +32,7 @@ from ..tokens import TokenFileError
 from ..wire import DEFAULT_MAX_FRAME_SIZE
 from .audit import AUDIT_FILE, AuditLog
 from .auth import AgentAuthenticator, ApiAuthenticator, check_http_exposure, is_loopback
+from .collector import HeapFreezer
 from .core import CommandServer, server_quic_configuration
 from .http_api import ApiLimits, create_app
 from .manager import CommandManager, ManagerSettings
@@ -314,6 +315,13 @@ async def _serve_with(
             quic_address = await nursery.start(
                 command_server.serve, settings.quic_host, settings.quic_port
             )
+            if settings.gc_freeze_agents:
+                freezer = HeapFreezer(
+                    lambda: len(manager.registry.links()),
+                    lambda: command_server.endpoint.sessions_ended,
+                    min_agents=settings.gc_freeze_agents,
+                )
+                await nursery.start(freezer.run)
             listening_on = f"HTTP (TCP) {settings.http_address}"
             binds = await nursery.start(run_http)
             addresses = ServerAddresses(
