@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit  # noqa: E402
 
 from trio_quiccmd import Agent, CommandManager, CommandServer, CommandStatus, ManagerSettings  # noqa: E402
-from trio_quiccmd.server.collector import HeapFreezer  # noqa: E402
 from trio_quiccmd.quic.tls import ensure_dev_certificate  # noqa: E402
+from trio_quiccmd.server.collector import HeapFreezer  # noqa: E402
 from trio_quiccmd.server.core import server_quic_configuration  # noqa: E402
 
 
@@ -103,11 +103,7 @@ async def run_server(args: argparse.Namespace) -> None:
         address = await nursery.start(server.serve, "127.0.0.1", 0)
         freezer = None
         if args.gc_freeze_agents:
-            freezer = HeapFreezer(
-                lambda: len(manager.registry.links()),
-                lambda: server.endpoint.sessions_ended,
-                min_agents=args.gc_freeze_agents,
-            )
+            freezer = HeapFreezer(manager.registry.links, min_agents=args.gc_freeze_agents)
             await nursery.start(freezer.run)
         for _ in range(3):  # settle allocator before the baseline
             await trio.sleep(0.1)
@@ -137,6 +133,9 @@ async def run_server(args: argparse.Namespace) -> None:
 
         ids = [f"scale-{i}" for i in range(args.agents)]
         pids = [os.getpid(), *(proc.pid for proc in procs)]
+        # Both ways alike: what a fan-out meets is the collector's steady
+        # state, not the garbage of the connect phase.
+        gc.collect()
         if freezer is not None:
             freezer.check()
         cpu_before = [cpu_seconds(pid) for pid in pids]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 import trio
@@ -17,6 +18,7 @@ class FakeCollector:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.frozen = False
+        self.enabled = True
 
     def collect(self) -> int:
         # "full" walks everything; with a frozen heap only what is not frozen.
@@ -31,36 +33,50 @@ class FakeCollector:
         self.calls.append("unfreeze")
         self.frozen = False
 
-    def get_freeze_count(self) -> int:
-        return 0
+    def isenabled(self) -> bool:
+        return self.enabled
 
     def take(self) -> list[str]:
         calls, self.calls = self.calls, []
         return calls
 
 
-class Agents:
+class Fleet:
+    """Connected agents, each a distinct object for as long as its session lasts."""
+
     def __init__(self) -> None:
-        self.connected = 0
-        self.ended = 0
+        self.links: list[object] = []
+
+    def connect(self, n: int) -> None:
+        self.links += [object() for _ in range(n)]
+
+    def leave(self, n: int) -> None:
+        del self.links[:n]
+
+    def reconnect(self, n: int) -> None:
+        self.leave(n)
+        self.connect(n)
 
 
-def make(min_agents: int = 100) -> tuple[HeapFreezer, Agents, FakeCollector]:
-    agents, fake = Agents(), FakeCollector()
-    freezer = HeapFreezer(lambda: agents.connected, lambda: agents.ended, min_agents=min_agents, collector=fake)
-    return freezer, agents, fake
+def make(min_agents: int = 100) -> tuple[HeapFreezer, Fleet, FakeCollector]:
+    fleet, fake = Fleet(), FakeCollector()
+    return HeapFreezer(lambda: fleet.links, min_agents=min_agents, collector=fake), fleet, fake
+
+
+async def wait_out_the_minimum_gap() -> None:
+    await trio.sleep(collector_module.MIN_SECONDS_BETWEEN_FULL_COLLECTIONS)
 
 
 async def test_nothing_is_frozen_below_the_threshold(autojump_clock):
-    freezer, agents, fake = make()
-    agents.connected = 99
+    freezer, fleet, fake = make()
+    fleet.connect(99)
     freezer.check()
     assert fake.take() == [] and not freezer.frozen
 
 
 async def test_at_the_threshold_one_full_collection_then_a_freeze(autojump_clock):
-    freezer, agents, fake = make()
-    agents.connected = 100
+    freezer, fleet, fake = make()
+    fleet.connect(100)
     freezer.check()
     assert fake.take() == ["full", "freeze"] and freezer.frozen
     freezer.check()  # nothing changed: nothing to do
@@ -68,40 +84,67 @@ async def test_at_the_threshold_one_full_collection_then_a_freeze(autojump_clock
 
 
 async def test_growth_freezes_again_after_a_short_collection(autojump_clock):
-    freezer, agents, fake = make()
-    agents.connected = 100
+    freezer, fleet, fake = make()
+    fleet.connect(100)
     freezer.check()
     fake.take()
-    agents.connected = 124  # less than a quarter more
+    fleet.connect(24)  # less than a quarter more
     freezer.check()
     assert fake.take() == []
-    agents.connected = 125
+    fleet.connect(1)
     freezer.check()
     # Never unfrozen: the collection walks only what is not frozen.
     assert fake.take() == ["collect", "freeze"]
 
 
-async def test_sessions_ended_since_the_freeze_are_reclaimed_with_one_full_collection(autojump_clock):
-    freezer, agents, fake = make()
-    agents.connected, agents.ended = 200, 50  # ended before the freeze: its collection takes them
+async def test_a_quarter_of_the_frozen_agents_leaving_costs_one_full_collection(autojump_clock):
+    freezer, fleet, fake = make()
+    fleet.connect(200)
     freezer.check()
     fake.take()
-    agents.ended += 9  # under 5 % of the 200 frozen
+    await wait_out_the_minimum_gap()
+    fleet.reconnect(49)  # under a quarter of the 200 frozen (their new sessions are not frozen)
     freezer.check()
     assert fake.take() == []
-    agents.ended += 1
-    agents.connected = 190
+    fleet.leave(1)
     freezer.check()
     # One pause, not two: the collection after unfreezing serves the new freeze.
     assert fake.take() == ["unfreeze", "full", "freeze"]
-    agents.ended += 9
+
+
+async def test_agents_that_leave_are_counted_across_a_growth_freeze(autojump_clock):
+    freezer, fleet, fake = make()
+    fleet.connect(100)
     freezer.check()
-    assert fake.take() == []  # counted from that collection
+    await wait_out_the_minimum_gap()
+    fleet.leave(20)
+    fleet.connect(45)  # 125: frozen again, the 20 that left still frozen with them
+    freezer.check()
+    assert fake.take()[-2:] == ["collect", "freeze"]
+    fleet.leave(16)  # 36 of the 145 agents frozen have left: not yet a quarter
+    freezer.check()
+    assert fake.take() == []
+    fleet.leave(1)
+    freezer.check()
+    assert fake.take() == ["unfreeze", "full", "freeze"]
+
+
+async def test_full_collections_are_a_minute_apart_at_least(autojump_clock):
+    freezer, fleet, fake = make()
+    fleet.connect(100)
+    freezer.check()
+    fake.take()
+    fleet.reconnect(100)  # every frozen agent left at once
+    freezer.check()
+    assert fake.take() == []
+    await wait_out_the_minimum_gap()
+    freezer.check()
+    assert fake.take() == ["unfreeze", "full", "freeze"]
 
 
 async def test_a_freeze_an_hour_old_is_renewed(autojump_clock):
-    freezer, agents, fake = make()
-    agents.connected = 100
+    freezer, fleet, fake = make()
+    fleet.connect(100)
     freezer.check()
     fake.take()
     await trio.sleep(collector_module.MAX_FROZEN_SECONDS - 1)
@@ -113,41 +156,59 @@ async def test_a_freeze_an_hour_old_is_renewed(autojump_clock):
 
 
 async def test_below_the_threshold_again_the_heap_is_left_unfrozen(autojump_clock):
-    freezer, agents, fake = make()
-    agents.connected = 100
+    freezer, fleet, fake = make()
+    fleet.connect(100)
     freezer.check()
     fake.take()
-    agents.connected, agents.ended = 10, 90
+    await wait_out_the_minimum_gap()
+    fleet.leave(90)
     freezer.check()
     assert fake.take() == ["unfreeze", "full"] and not freezer.frozen
 
 
-async def test_the_task_looks_every_few_seconds(autojump_clock):
-    freezer, agents, fake = make()
+async def test_an_application_that_disabled_the_collector_is_left_alone(autojump_clock):
+    freezer, fleet, fake = make()
+    fake.enabled = False
+    fleet.connect(1000)
+    freezer.check()
+    assert fake.take() == []
+
+
+async def test_the_task_looks_every_few_seconds_and_unfreezes_when_cancelled(autojump_clock):
+    freezer, fleet, fake = make()
     async with trio.open_nursery() as nursery:
         await nursery.start(freezer.run)
-        agents.connected = 100
+        fleet.connect(100)
         await trio.sleep(collector_module.CHECK_INTERVAL + 0.1)
         assert fake.take() == ["full", "freeze"]
         nursery.cancel_scope.cancel()
+    assert fake.take() == ["unfreeze"] and not freezer.frozen
 
 
 def test_a_threshold_below_one_is_refused():
     with pytest.raises(ValueError, match="min_agents"):
-        HeapFreezer(lambda: 0, lambda: 0, min_agents=0)
+        HeapFreezer(list, min_agents=0)
 
 
-async def test_the_real_collector_freezes_and_unfreezes(autojump_clock):
-    # The gc module is what the stand-in stands for: objects alive at the
-    # freeze are out of the collector's reach until the unfreeze.
-    agents = Agents()
-    freezer = HeapFreezer(lambda: agents.connected, lambda: agents.ended, min_agents=1)
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def test_with_the_real_collector_frozen_garbage_waits_for_the_unfreeze(autojump_clock):
+    fleet = Fleet()
+    freezer = HeapFreezer(lambda: fleet.links, min_agents=1)
     try:
-        agents.connected = 1
-        freezer.check()
-        assert gc.get_freeze_count() > 0
-        agents.connected, agents.ended = 0, 1
-        freezer.check()
-        assert gc.get_freeze_count() == 0
+        cycle = _Cycle()
+        gone = weakref.ref(cycle)
+        fleet.connect(1)
+        freezer.check()  # the cycle is alive, so frozen
+        del cycle
+        gc.collect()
+        assert gone() is not None  # garbage, but out of the collector's reach
+        await wait_out_the_minimum_gap()
+        fleet.leave(1)
+        freezer.check()  # unfrozen and collected
+        assert gone() is None
     finally:
         gc.unfreeze()

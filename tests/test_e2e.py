@@ -110,7 +110,9 @@ class Stack:
         )
 
 
-async def start_server(directory: Path, exits: AsyncExitStack) -> tuple[SimpleNamespace, str]:
+async def start_server(
+    directory: Path, exits: AsyncExitStack, extra_args: tuple[str, ...] = ()
+) -> tuple[SimpleNamespace, str]:
     """``python -m trio_quiccmd.server`` on free ports; returns it and its "listening" line.
 
     A port picked free can be taken by someone else before the server binds
@@ -124,6 +126,7 @@ async def start_server(directory: Path, exits: AsyncExitStack) -> tuple[SimpleNa
             "--quic", f"127.0.0.1:{quic_port}",
             "--max-payload-bytes", str(MAX_PAYLOAD_BYTES),
             "--shutdown-grace", str(SHUTDOWN_GRACE),
+            *extra_args,
         ], cwd=directory))
         try:
             with trio.fail_after(TIMEOUT):
@@ -142,8 +145,8 @@ async def start_server(directory: Path, exits: AsyncExitStack) -> tuple[SimpleNa
 
 
 @asynccontextmanager
-async def running_stack(directory: Path) -> AsyncIterator[Stack]:
-    """A server and an agent started from ``directory``, as the README says.
+async def running_stack(directory: Path, server_args: tuple[str, ...] = ()) -> AsyncIterator[Stack]:
+    """A server (with ``server_args`` too) and an agent started from ``directory``, as the README says.
 
     On a normal exit both are stopped with SIGTERM and must exit 0, with no
     traceback in their logs.
@@ -151,7 +154,7 @@ async def running_stack(directory: Path) -> AsyncIterator[Stack]:
     # Setup is bounded wait by wait: a cancel scope may not span the
     # nurseries the exit stack opens for the processes.
     async with AsyncExitStack() as exits:
-        server, line = await start_server(directory, exits)
+        server, line = await start_server(directory, exits, server_args)
         http_url = line.split("http=", 1)[1].split()[0]
         host, port = http_url.removeprefix("http://").rsplit(":", 1)
         quic_address = line.rsplit("quic=", 1)[1]
@@ -220,6 +223,15 @@ async def running_stack(directory: Path) -> AsyncIterator[Stack]:
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     async with running_stack(tmp_path) as running:
         yield running
+
+
+async def test_the_heap_is_frozen_once_enough_agents_are_connected(tmp_path: Path):
+    # With the threshold at one agent, the server's periodic look (every 5 s)
+    # freezes the heap; at shutdown it is unfrozen and the server exits 0.
+    async with running_stack(tmp_path, ("--gc-freeze-agents", "1")) as stack:
+        with trio.fail_after(TIMEOUT):
+            await stack.server.stderr.wait_for("Heap frozen agents=1")
+        assert stack.server.stderr.matching("Heap collected before freezing unreachable="), stack.output()
 
 
 def command_url(command: dict) -> str:

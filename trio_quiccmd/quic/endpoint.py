@@ -51,8 +51,6 @@ class QuicEndpoint:
         self._transport: DatagramSocket | None = None
         self._nursery: trio.Nursery | None = None
         self._accepting = True
-        #: Sessions that have ended since the endpoint was made.
-        self.sessions_ended = 0
 
     @property
     def sessions(self) -> list[QuicSession]:
@@ -167,6 +165,5 @@ class QuicEndpoint:
         try:
             await session.run()
         finally:
-            self.sessions_ended += 1
             for cid in self._session_cids.pop(session, ()):
                 self._routes.pop(cid, None)

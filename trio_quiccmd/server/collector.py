@@ -3,18 +3,19 @@
 Each connected agent holds some 400 objects the cyclic garbage collector
 tracks (aioquic's per-connection tables, streams, crypto state, our tasks and
 cancel scopes). CPython's full collection walks every tracked object and
-holds the event loop meanwhile: measured 0.5-1.1 s at 3,000 agents, ~1.5 s
-at 10,000 (see docs/benchmarks.md), long enough for keepalives and loss
-timers to fire late and for a fan-out's replies to pile up.
+holds the event loop meanwhile: measured 0.5-1.1 s at 3,000 agents (see
+docs/benchmarks.md), long enough for keepalives and loss timers to fire late
+and for a fan-out's replies to pile up.
 
 :class:`HeapFreezer` moves what is alive into the collector's permanent
 generation (``gc.freeze()``) once enough agents are connected, and again as
-their number grows; collections then walk only newer objects. The price:
-an agent's session holds reference cycles, so the state of a session that
-ended after a freeze is only reclaimed when the heap is unfrozen and
-collected in full. That happens, once each time, when the sessions ended
-since the last full collection reach a fraction of those frozen, or when the
-freeze is an hour old.
+their number grows by a quarter; collections then walk only newer objects.
+The price: an agent's session holds reference cycles, so the state of a
+frozen agent whose session ended stays in memory (~80 KiB) until the heap is
+unfrozen and collected in full. That happens, once each time, when a
+quarter of the frozen agents have left (CPython's own rule starts a full
+collection when survivors reach a quarter of the old objects), or when the
+freeze is an hour old; never twice within a minute.
 """
 
 from __future__ import annotations
@@ -22,21 +23,22 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from typing import Callable, Protocol
+from typing import Callable, Collection, Hashable, Protocol
 
 import trio
 
 logger = logging.getLogger("trio_quiccmd.server")
 
-#: Seconds between looks at the number of agents.
+#: Seconds between looks at the connected agents.
 CHECK_INTERVAL = 5.0
 #: Freeze again once this many times the agents frozen last time are connected.
 GROWTH = 1.25
-#: Collect in full once sessions ended since the last full collection reach
-#: this fraction of the agents frozen (each holds ~80 KiB until then).
-REFRESH_FRACTION = 0.05
-#: ... or once the heap has been frozen this long, seconds.
+#: Collect in full once this fraction of the frozen agents have left ...
+REFRESH_FRACTION = 0.25
+#: ... or once the heap has been frozen this long, seconds ...
 MAX_FROZEN_SECONDS = 3600.0
+#: ... but never again within this many seconds of the last full collection.
+MIN_SECONDS_BETWEEN_FULL_COLLECTIONS = 60.0
 
 
 class Collector(Protocol):
@@ -48,20 +50,19 @@ class Collector(Protocol):
 
     def unfreeze(self) -> None: ...
 
-    def get_freeze_count(self) -> int: ...
+    def isenabled(self) -> bool: ...
 
 
 class HeapFreezer:
-    """Freezes the heap once ``connected()`` reaches ``min_agents``.
+    """Freezes the heap once ``connected()`` holds ``min_agents`` agents.
 
-    ``connected`` counts the agents connected now; ``ended`` the sessions
-    ended since the server started (it only grows).
+    ``connected`` returns the agents connected now, each an object that
+    stays the same for as long as its session lasts (the registry's links).
     """
 
     def __init__(
         self,
-        connected: Callable[[], int],
-        ended: Callable[[], int],
+        connected: Callable[[], Collection[Hashable]],
         *,
         min_agents: int,
         collector: Collector = gc,
@@ -69,63 +70,70 @@ class HeapFreezer:
         if min_agents < 1:
             raise ValueError("min_agents must be 1 or more")
         self._connected = connected
-        self._ended = ended
         self._min_agents = min_agents
         self._gc = collector
-        # Agents connected at the last freeze; None while nothing is frozen.
-        self._frozen_for: int | None = None
+        # The agents connected at the freezes since the last full collection;
+        # empty while nothing is frozen.
+        self._frozen: set[Hashable] = set()
+        self._frozen_count = 0  # agents connected at the latest freeze
         self._frozen_since = 0.0
-        self._ended_at_full_collection = 0
+        self._last_full_collection = -MIN_SECONDS_BETWEEN_FULL_COLLECTIONS
 
     @property
     def frozen(self) -> bool:
-        return self._frozen_for is not None
+        return bool(self._frozen)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Look every CHECK_INTERVAL seconds until cancelled.
 
-        If cancelled, the heap stays as it is (frozen or not): the process is
-        going away, or the next run takes it up.
+        When cancelled, the heap is unfrozen (a constant-time move): what was
+        frozen is left to the collector's own rules again.
         """
         task_status.started()
-        while True:
-            await trio.sleep(CHECK_INTERVAL)
-            self.check()
+        try:
+            while True:
+                await trio.sleep(CHECK_INTERVAL)
+                self.check()
+        finally:
+            if self._frozen:
+                self._gc.unfreeze()
+                self._frozen.clear()
 
     def check(self) -> None:
         """Unfreeze and collect in full if due, then freeze if due."""
-        connected, ended = self._connected(), self._ended()
+        if not self._gc.isenabled():
+            return  # the application manages collections itself
+        connected = self._connected()
         now = trio.current_time()
         collected_in_full = False
-        if self._frozen_for is not None and (
-            ended - self._ended_at_full_collection >= max(1.0, self._frozen_for * REFRESH_FRACTION)
-            or now - self._frozen_since >= MAX_FROZEN_SECONDS
-        ):
-            frozen = self._gc.get_freeze_count()
-            self._gc.unfreeze()
-            self._frozen_for = None
-            self._collect_in_full(ended, f"Heap unfrozen frozen_objects={frozen} agents={connected}")
-            collected_in_full = True
-        if connected < self._min_agents or (
-            self._frozen_for is not None and connected < self._frozen_for * GROWTH
+        if self._frozen and now - self._last_full_collection >= MIN_SECONDS_BETWEEN_FULL_COLLECTIONS:
+            left = len(self._frozen.difference(connected))
+            if left >= len(self._frozen) * REFRESH_FRACTION or now - self._frozen_since >= MAX_FROZEN_SECONDS:
+                self._gc.unfreeze()
+                self._frozen.clear()
+                self._collect_in_full(now, f"Heap unfrozen agents_left={left}")
+                collected_in_full = True
+        if len(connected) < self._min_agents or (
+            self._frozen and len(connected) < self._frozen_count * GROWTH
         ):
             return
-        if self._frozen_for is not None:
-            # Only what is not frozen is walked: a short collection, so that
-            # no garbage made since the last freeze is frozen with the rest.
-            self._gc.collect()
-        elif not collected_in_full:
-            self._collect_in_full(ended, "Heap collected before freezing")
-        if self._frozen_for is None:
+        if self._frozen:
+            # Only what is not frozen is walked, so that no garbage made since
+            # the last freeze is frozen with the rest.
+            started = time.perf_counter()
+            found = self._gc.collect()
+            logger.info("Heap collected unreachable=%d seconds=%.3f", found, time.perf_counter() - started)
+        else:
             self._frozen_since = now
+            if not collected_in_full:
+                self._collect_in_full(now, "Heap collected before freezing")
         self._gc.freeze()
-        self._frozen_for = connected
-        logger.info("Heap frozen agents=%d frozen_objects=%d", connected, self._gc.get_freeze_count())
+        self._frozen.update(connected)
+        self._frozen_count = len(connected)
+        logger.info("Heap frozen agents=%d", len(connected))
 
-    def _collect_in_full(self, ended: int, message: str) -> None:
+    def _collect_in_full(self, now: float, message: str) -> None:
         started = time.perf_counter()
         found = self._gc.collect()
-        self._ended_at_full_collection = ended
-        logger.info(
-            "%s unreachable=%d seconds=%.3f", message, found, time.perf_counter() - started
-        )
+        self._last_full_collection = now
+        logger.info("%s unreachable=%d seconds=%.3f", message, found, time.perf_counter() - started)

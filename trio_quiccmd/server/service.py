@@ -315,13 +315,17 @@ async def _serve_with(
             quic_address = await nursery.start(
                 command_server.serve, settings.quic_host, settings.quic_port
             )
+            # Stopped when the shutdown starts: the drain ends every session,
+            # which must not cost a full collection.
+            freezer_scope = trio.CancelScope()
             if settings.gc_freeze_agents:
-                freezer = HeapFreezer(
-                    lambda: len(manager.registry.links()),
-                    lambda: command_server.endpoint.sessions_ended,
-                    min_agents=settings.gc_freeze_agents,
-                )
-                await nursery.start(freezer.run)
+                freezer = HeapFreezer(manager.registry.links, min_agents=settings.gc_freeze_agents)
+
+                async def run_freezer(*, task_status: trio.TaskStatus[None]) -> None:
+                    with freezer_scope:
+                        await freezer.run(task_status=task_status)
+
+                await nursery.start(run_freezer)
             listening_on = f"HTTP (TCP) {settings.http_address}"
             binds = await nursery.start(run_http)
             addresses = ServerAddresses(
@@ -344,6 +348,7 @@ async def _serve_with(
             logger.info(
                 "Shutting down grace=%s unfinished=%d", settings.shutdown_grace, manager.unfinished_count
             )
+            freezer_scope.cancel()
             # Drains commands (HTTP keeps answering: 503 for new ones, reads and
             # long-polls for the rest), then closes agent connections politely.
             await command_server.shutdown(settings.shutdown_grace)
