@@ -63,6 +63,15 @@ def make(min_agents: int = 100) -> tuple[HeapFreezer, Fleet, FakeCollector]:
     return HeapFreezer(lambda: fleet.links, min_agents=min_agents, collector=fake), fleet, fake
 
 
+def frozen_with(agents: int) -> tuple[HeapFreezer, Fleet, FakeCollector]:
+    """A freezer that has just frozen the heap with ``agents`` connected (its calls taken)."""
+    freezer, fleet, fake = make()
+    fleet.connect(agents)
+    freezer.check()
+    assert fake.take() == ["full", "freeze"]
+    return freezer, fleet, fake
+
+
 async def wait_out_the_minimum_gap() -> None:
     await trio.sleep(collector_module.MIN_SECONDS_BETWEEN_FULL_COLLECTIONS)
 
@@ -84,10 +93,7 @@ async def test_at_the_threshold_one_full_collection_then_a_freeze(autojump_clock
 
 
 async def test_growth_freezes_again_after_a_short_collection(autojump_clock):
-    freezer, fleet, fake = make()
-    fleet.connect(100)
-    freezer.check()
-    fake.take()
+    freezer, fleet, fake = frozen_with(100)
     fleet.connect(24)  # less than a quarter more
     freezer.check()
     assert fake.take() == []
@@ -98,10 +104,7 @@ async def test_growth_freezes_again_after_a_short_collection(autojump_clock):
 
 
 async def test_a_quarter_of_the_frozen_agents_leaving_costs_one_full_collection(autojump_clock):
-    freezer, fleet, fake = make()
-    fleet.connect(200)
-    freezer.check()
-    fake.take()
+    freezer, fleet, fake = frozen_with(200)
     await wait_out_the_minimum_gap()
     fleet.reconnect(49)  # under a quarter of the 200 frozen (their new sessions are not frozen)
     freezer.check()
@@ -113,9 +116,7 @@ async def test_a_quarter_of_the_frozen_agents_leaving_costs_one_full_collection(
 
 
 async def test_agents_that_leave_are_counted_across_a_growth_freeze(autojump_clock):
-    freezer, fleet, fake = make()
-    fleet.connect(100)
-    freezer.check()
+    freezer, fleet, fake = frozen_with(100)
     await wait_out_the_minimum_gap()
     fleet.leave(20)
     fleet.connect(45)  # 125: frozen again, the 20 that left still frozen with them
@@ -130,10 +131,7 @@ async def test_agents_that_leave_are_counted_across_a_growth_freeze(autojump_clo
 
 
 async def test_full_collections_are_a_minute_apart_at_least(autojump_clock):
-    freezer, fleet, fake = make()
-    fleet.connect(100)
-    freezer.check()
-    fake.take()
+    freezer, fleet, fake = frozen_with(100)
     fleet.reconnect(100)  # every frozen agent left at once
     freezer.check()
     assert fake.take() == []
@@ -143,10 +141,7 @@ async def test_full_collections_are_a_minute_apart_at_least(autojump_clock):
 
 
 async def test_a_freeze_an_hour_old_is_renewed(autojump_clock):
-    freezer, fleet, fake = make()
-    fleet.connect(100)
-    freezer.check()
-    fake.take()
+    freezer, fleet, fake = frozen_with(100)
     await trio.sleep(collector_module.MAX_FROZEN_SECONDS - 1)
     freezer.check()
     assert fake.take() == []
@@ -156,10 +151,7 @@ async def test_a_freeze_an_hour_old_is_renewed(autojump_clock):
 
 
 async def test_below_the_threshold_again_the_heap_is_left_unfrozen(autojump_clock):
-    freezer, fleet, fake = make()
-    fleet.connect(100)
-    freezer.check()
-    fake.take()
+    freezer, fleet, fake = frozen_with(100)
     await wait_out_the_minimum_gap()
     fleet.leave(90)
     freezer.check()

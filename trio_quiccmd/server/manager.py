@@ -115,6 +115,15 @@ class _StagingRound:
         self.states: dict[str, Command] = {}
 
 
+def _discard(sets: dict[str, set[str]], key: str, item: str) -> None:
+    """Remove ``item`` from ``sets[key]``, and the key once its set is empty."""
+    members = sets.get(key)
+    if members is not None:
+        members.discard(item)
+        if not members:
+            del sets[key]
+
+
 class CommandObserver(Protocol):
     """Told of lifecycle events (metrics hang off this)."""
 
@@ -596,10 +605,7 @@ class CommandManager:
         """Send commands stored as executing when accepted (see _create)."""
         live, now = self._live, trio.current_time()
         for client_id, command_id in sends:
-            unsent = self._unsent[client_id]
-            unsent.discard(command_id)
-            if not unsent:
-                del self._unsent[client_id]
+            _discard(self._unsent, client_id, command_id)
             command = live.get(command_id)
             if command is None:
                 continue  # finished while being stored
@@ -1088,11 +1094,7 @@ class CommandManager:
             observer.command_sent(command)
 
     def _forget_never_sent(self, client_id: str, command_id: str) -> None:
-        never_sent = self._never_sent.get(client_id)
-        if never_sent is not None:
-            never_sent.discard(command_id)
-            if not never_sent:
-                del self._never_sent[client_id]
+        _discard(self._never_sent, client_id, command_id)
 
     def _allowed_now(self, command: Command, link: AgentLink) -> bool:
         """A recovered command, judged by today's policy before it is sent;

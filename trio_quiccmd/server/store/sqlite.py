@@ -38,9 +38,6 @@ from .worker import ConnectionThread
 
 logger = logging.getLogger("trio_quiccmd.store")
 
-#: The schema, one script per version; a database at version N gets scripts
-#: N+1... applied in one transaction at open. Never edit a released script:
-#: add the next one.
 def _json_text_at(path: str, null: str) -> str:
     """SQL for the JSON text of ``body``'s value at ``path`` (``null`` for a
     JSON null): exactly as stored with the -> operator (SQLite 3.38+); before
@@ -56,6 +53,9 @@ def _json_text_at(path: str, null: str) -> str:
     )
 
 
+#: The schema, one script per version; a database at version N gets scripts
+#: N+1... applied in one transaction at open. Never edit a released script:
+#: add the next one.
 MIGRATIONS: tuple[str, ...] = (
     # 1: the history. Each command's latest state as JSON, beside the columns
     # that lists filter and sort on; every list is "newest first", i.e. by
@@ -146,9 +146,9 @@ BUSY_TIMEOUT = 2.0
 #: Changes nobody waits for are committed at most this long (seconds) after
 #: they are saved, or with the next commit someone waits for, or at once if
 #: this many are already waiting when the writer task looks (at the first
-#: change after a commit, and when a linger ends). A crash in between loses only such changes, which the
-#: restart recovers: the command is still executing, and its agent answers
-#: it again.
+#: change after a commit, and when a linger ends). A crash in between loses
+#: only such changes, which the restart recovers: the command is still
+#: executing, and its agent answers it again.
 COMMIT_LINGER = 0.01
 LINGER_BATCH = 1000
 #: How many of the latest finished commands are also kept in memory.
@@ -202,6 +202,9 @@ _UPSERT_TEMPLATE = f"""
 _COMMAND_COLUMNS = _COLUMNS.rsplit(", deadline_at", 1)[0]
 _UNFINISHED = tuple(status.value for status in CommandStatus if status not in TERMINAL_STATUSES)
 _FINISHED = tuple(status.value for status in TERMINAL_STATUSES)
+#: WHERE clauses for them (through the status index), with _UNFINISHED or _FINISHED as parameters.
+_IS_UNFINISHED = f"status IN ({', '.join('?' * len(_UNFINISHED))})"
+_IS_FINISHED = f"status IN ({', '.join('?' * len(_FINISHED))})"
 
 _Entry = tuple[Command, float, str]
 _Row = tuple[Any, ...]
@@ -525,8 +528,7 @@ class SqliteStore:
 
     def _unfinished(self) -> list[UnfinishedCommand]:
         rows = self._reader.execute(
-            f"SELECT {_COLUMNS} FROM commands"
-            f" WHERE status IN ({', '.join('?' * len(_UNFINISHED))}) ORDER BY command_id",
+            f"SELECT {_COLUMNS} FROM commands WHERE {_IS_UNFINISHED} ORDER BY command_id",
             _UNFINISHED,
         ).fetchall()
         return [UnfinishedCommand(_command(row), row[14] or 0.0, row[15]) for row in rows]
@@ -586,8 +588,7 @@ class SqliteStore:
 
     def _count_finished(self) -> int:
         return self._reader.execute(
-            f"SELECT count(*) FROM commands WHERE status IN ({', '.join('?' * len(_FINISHED))})",
-            _FINISHED,
+            f"SELECT count(*) FROM commands WHERE {_IS_FINISHED}", _FINISHED,
         ).fetchone()[0]
 
     # -- closing -----------------------------------------------------------------
