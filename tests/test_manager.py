@@ -113,6 +113,21 @@ async def test_window_then_priority_then_age(manager, autojump_clock):
     assert sent_order == ["high", "low", "low2"]
 
 
+async def test_every_send_is_a_checkpoint(manager, autojump_clock):
+    # A loop sending to many agents must let the connections transmit (and
+    # the results come in) as it goes, not hold the event loop until the
+    # last command is made: whether the command went out, was queued or
+    # failed at once.
+    link, session = connect_agent(manager, "c1")
+    for expected in [CommandStatus.EXECUTING] * 4 + [CommandStatus.PENDING]:
+        with trio.testing.assert_checkpoints():
+            command = await manager.send_command("c1", "sleep", timeout=100)
+        assert command.status is expected
+    with trio.testing.assert_checkpoints():
+        offline = await manager.send_command("nobody", "echo")
+    assert offline.error_code == "agent_offline"
+
+
 async def test_pending_command_times_out_as_delivery_timeout(manager, autojump_clock):
     link, session = connect_agent(manager, "c1")
     for i in range(4):
