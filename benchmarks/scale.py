@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit  # noqa: E402
 
 from trio_quiccmd import Agent, CommandManager, CommandServer, CommandStatus, ManagerSettings  # noqa: E402
+from trio_quiccmd.quic.endpoint import DEFAULT_MAX_HANDSHAKES  # noqa: E402
 from trio_quiccmd.quic.tls import ensure_dev_certificate  # noqa: E402
 from trio_quiccmd.server.collector import HeapFreezer  # noqa: E402
 from trio_quiccmd.server.core import server_quic_configuration  # noqa: E402
@@ -98,7 +99,9 @@ async def run_server(args: argparse.Namespace) -> None:
     manager = CommandManager(
         settings=ManagerSettings(hello_timeout=60.0, max_hello_rate=1e6, max_agents=10**7)
     )
-    server = CommandServer(manager, server_quic_configuration(cert, key, idle_timeout=60.0))
+    server = CommandServer(
+        manager, server_quic_configuration(cert, key, idle_timeout=60.0), max_handshakes=args.max_handshakes
+    )
     async with trio.open_nursery() as nursery:
         address = await nursery.start(server.serve, "127.0.0.1", 0)
         freezer = None
@@ -111,6 +114,7 @@ async def run_server(args: argparse.Namespace) -> None:
         per_proc = -(-args.agents // args.procs)
         procs = []
         started = time.perf_counter()
+        server_cpu_at_start = cpu_seconds(os.getpid())
         for p in range(args.procs):
             count = min(per_proc, args.agents - p * per_proc)
             procs.append(
@@ -128,6 +132,8 @@ async def run_server(args: argparse.Namespace) -> None:
                     first_at = time.perf_counter()
                 await trio.sleep(0.05)
         all_at = time.perf_counter()
+        # The agent processes' CPU until now is their start-up and handshakes.
+        connect_cpu = [cpu_seconds(os.getpid()) - server_cpu_at_start, *(cpu_seconds(p.pid) for p in procs)]
         await trio.sleep(0.5)
         connected_rss = rss_mib()
 
@@ -159,6 +165,14 @@ async def run_server(args: argparse.Namespace) -> None:
             "agent_processes": args.procs,
             "connect_seconds": all_at - started,
             "handshakes_per_second": args.agents / (all_at - (first_at or started)),
+            # CPU per agent connected (handshake, HELLO, and the keepalives of
+            # those already connected meanwhile), server and agents.
+            "connect_server_cpu_ms_per_agent": connect_cpu[0] * 1000 / args.agents,
+            "connect_agents_cpu_ms_per_agent": sum(connect_cpu[1:]) * 1000 / args.agents,
+            # New connections not started at once (a Retry, or dropped until
+            # the agent resent): more than --max-handshakes were in progress.
+            "handshakes_deferred": server.endpoint.deferred_handshakes,
+            "max_handshakes": args.max_handshakes,
             "server_rss_baseline_mib": baseline,
             "server_rss_connected_mib": connected_rss,
             "server_kib_per_agent": (connected_rss - baseline) * 1024 / args.agents,
@@ -214,6 +228,10 @@ def main() -> None:
     parser.add_argument(
         "--gc-freeze-agents", type=int, default=1000,
         help="keep agents' state out of full collections from this many on, as the server does; 0: never",
+    )
+    parser.add_argument(
+        "--max-handshakes", type=int, default=DEFAULT_MAX_HANDSHAKES,
+        help="the server's limit on handshakes in progress (default: the server's)",
     )
     parser.add_argument("--port", type=int)
     parser.add_argument("--ca-file")

@@ -86,6 +86,8 @@ def test_limits_defaults_precedence_and_mapping(tmp_path):
     assert defaults.max_agents == 100_000
     assert defaults.max_hello_rate == 200.0
     assert defaults.gc_freeze_agents == 1000
+    assert defaults.max_handshakes == 64
+    assert load_settings([], {"QUICCMD_MAX_HANDSHAKES": "8"}).max_handshakes == 8
     assert load_settings(["--gc-freeze-agents", "0"], {}).gc_freeze_agents == 0  # never
     config = tmp_path / "limits.toml"
     config.write_text(
@@ -143,6 +145,8 @@ def test_server_table_in_toml(tmp_path):
         ([], {"QUICCMD_STORE_SYNC": "always"}, None, "environment variable QUICCMD_STORE_SYNC: store_sync must be 'full' or 'normal'"),
         ([], {}, "store = 1\n", "expected a non-empty string"),
         (["--gc-freeze-agents", "-1"], {}, None, "option --gc-freeze-agents: gc_freeze_agents must be 0 or more"),
+        (["--max-handshakes", "0"], {}, None, "option --max-handshakes: max_handshakes must be greater than 0"),
+        ([], {}, "max_handshakes = 1e9\n", "max_handshakes must be at most"),
         ([], {"QUICCMD_GC_FREEZE_AGENTS": "lots"}, None, "expected an integer"),
     ],
 )

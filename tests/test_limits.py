@@ -1,5 +1,5 @@
 """Server limits: queued commands per agent, unfinished commands, connected
-agents and the HELLO rate. Each refuses with a clear error and creates nothing.
+agents, the HELLO rate and handshakes in progress. Each refuses with a clear error and creates nothing.
 
 Unit tests drive the manager on a virtual clock with recording sessions (see
 test_manager); the HELLO flood runs over real QUIC.
@@ -7,11 +7,17 @@ test_manager); the HELLO flood runs over real QUIC.
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import trio
+from aioquic.buffer import Buffer
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 from trio_quiccmd import (
     CommandManager,
+    CommandServer,
     CommandStatus,
     ManagerSettings,
     QueueFull,
@@ -19,8 +25,11 @@ from trio_quiccmd import (
 )
 from trio_quiccmd.agent.client import Agent
 from trio_quiccmd.quic.connection import SessionHandler, connect
+from trio_quiccmd.quic.endpoint import HANDSHAKE_SLOT_SECONDS
+from trio_quiccmd.server.core import server_quic_configuration
 from trio_quiccmd.wire import Hello, ProtocolError, ProtocolErrorCode, Welcome, encode_frame
 
+from .conftest import wait_until
 from .recording import RecordingSession, answer, connect_agent
 from .test_protocol_errors import raw_client_configuration
 
@@ -296,3 +305,112 @@ async def test_second_hello_on_the_same_connection_is_closed_unexpected_frame(cl
         await cluster.start_agent("good")
         assert await raw_hello(cluster, "twice", again=True) == ProtocolErrorCode.UNEXPECTED_FRAME
         assert (await cluster.manager.send_and_wait("good", "echo", 2)).result == 2
+
+
+# -- handshakes in progress ----------------------------------------------------------------
+
+
+class _SilentClients:
+    """New connections' first datagrams, all sent from one UDP socket whose
+    owner never answers: handshakes that stay in progress, as from forged
+    source addresses."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self._retries = 0
+
+    def dial(self, address: tuple, cert, count: int) -> None:
+        for _ in range(count):
+            client = QuicConnection(configuration=raw_client_configuration(cert))
+            client.connect(address, now=trio.current_time())
+            for data, _addr in client.datagrams_to_send(now=trio.current_time()):
+                self.sock.sendto(data, address)
+
+    def retries(self) -> int:
+        """Retry packets received so far."""
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return self._retries
+            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+            self._retries += header.packet_type == QuicPacketType.RETRY
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_unproven_connections_beyond_half_the_handshake_limit_get_a_retry(
+    dev_cert, autojump_clock
+):
+    cert, key = dev_cert
+    server = CommandServer(CommandManager(), server_quic_configuration(cert, key), max_handshakes=4)
+    endpoint = server.endpoint
+    async with trio.open_nursery() as nursery:
+        address = ("127.0.0.1", (await nursery.start(server.serve, "127.0.0.1", 0))[1])
+        with trio.fail_after(30):
+            silent = _SilentClients()
+            silent.dial(address, cert, 5)
+            await wait_until(lambda: len(endpoint.sessions) + endpoint.deferred_handshakes == 5)
+            # Two handshakes started (half the limit: their addresses are
+            # unproven); the other three got only a Retry, which a client
+            # that does not answer, or a forged address, never uses.
+            assert (len(endpoint.sessions), endpoint.deferred_handshakes) == (2, 3)
+            await wait_until(lambda: silent.retries() == 3)
+            # A handshake that makes no progress gives its slot up in time:
+            # then a new one is started.
+            await trio.sleep(HANDSHAKE_SLOT_SECONDS)
+            silent.dial(address, cert, 1)
+            await wait_until(lambda: len(endpoint.sessions) == 3)
+            assert endpoint.deferred_handshakes == 3
+        silent.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_handshakes_from_unproven_addresses_do_not_keep_a_real_agent_out(dev_cert):
+    # Initials from forged addresses (here: a socket that never answers) take
+    # all the slots they may; a real agent answers the Retry from its own
+    # address and gets one of the others at once.
+    cert, key = dev_cert
+    server = CommandServer(CommandManager(), server_quic_configuration(cert, key), max_handshakes=2)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            address = ("127.0.0.1", (await nursery.start(server.serve, "127.0.0.1", 0))[1])
+            silent = _SilentClients()
+            silent.dial(address, cert, 3)
+            await wait_until(lambda: silent.retries() == 2)
+            assert len(server.endpoint.sessions) == 1
+            agent = Agent("real", address, ca_file=cert)
+            dialled_at = trio.current_time()
+            nursery.start_soon(agent.run)
+            await agent.wait_connected()
+            # At once: not after the unproven handshake's slot ran out.
+            assert trio.current_time() - dialled_at < HANDSHAKE_SLOT_SECONDS / 2
+            assert agent.sessions_established == 1 and server.endpoint.deferred_handshakes == 3
+            assert (await server.manager.send_and_wait("real", "echo", "in")).result == "in"
+            silent.close()
+            await server.shutdown(grace=0.5)
+            nursery.cancel_scope.cancel()
+
+
+async def test_agents_dialling_at_once_beyond_the_handshake_limit_all_connect(dev_cert):
+    # Real agents whose first packet was dropped send it again (QUIC's probe
+    # timeout) and get in as the handshakes before them finish.
+    cert, key = dev_cert
+    server = CommandServer(CommandManager(), server_quic_configuration(cert, key), max_handshakes=1)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(server.serve, "127.0.0.1", 0)
+            agents = [Agent(f"a{i}", ("127.0.0.1", address[1]), ca_file=cert) for i in range(3)]
+            for agent in agents:
+                nursery.start_soon(agent.run)
+            for agent in agents:
+                await agent.wait_connected()
+            assert server.endpoint.deferred_handshakes >= 1
+            assert all(agent.sessions_established == 1 for agent in agents)
+            for i in range(3):
+                assert (await server.manager.send_and_wait(f"a{i}", "echo", i)).result == i
+            await server.shutdown(grace=0.5)
+            nursery.cancel_scope.cancel()

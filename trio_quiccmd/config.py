@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import attrs
 
+from .quic.endpoint import DEFAULT_MAX_HANDSHAKES
 from .server.policy import CommandPolicy, parse_policy
 
 ENV_PREFIX = "QUICCMD_"
@@ -244,6 +245,9 @@ class ServerSettings:
     #: HELLOs accepted per second (bursts of one second's worth); more are
     #: closed with RATE_LIMITED.
     max_hello_rate: float = attrs.field(default=200.0, validator=[_positive, _at_most(1_000_000)])
+    #: QUIC handshakes in progress at once; beyond that a new connection must
+    #: prove its address (Retry) and may wait (see quic/endpoint.py).
+    max_handshakes: int = attrs.field(default=DEFAULT_MAX_HANDSHAKES, validator=[_positive, _at_most(100_000)])
     #: Once this many agents are connected, their state is kept out of the
     #: garbage collector's full collections (see server/collector.py); 0: never.
     gc_freeze_agents: int = attrs.field(default=1000, validator=[_not_negative, _at_most(10_000_000)])
@@ -323,6 +327,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("max_unfinished_commands", _integer, "unfinished commands on the server; more get 429 (default 1000000)", "N"),
     _Option("max_agents", _integer, "connected agents; more are refused TOO_MANY_AGENTS (default 100000)", "N"),
     _Option("max_hello_rate", _number, "HELLOs accepted per second; more are refused RATE_LIMITED (default 200)", "PER_SECOND"),
+    _Option("max_handshakes", _integer, f"QUIC handshakes in progress at once; agents dialling beyond it wait a moment (default {DEFAULT_MAX_HANDSHAKES})", "N"),
     _Option("gc_freeze_agents", _integer, "from this many connected agents on, keep their state out of full garbage collections; 0: never (default 1000)", "N"),
     _Option("require_api_token", _boolean, "require an API bearer token on loopback too", switch=True),
     _Option("allow_unauthenticated_http", _boolean, "serve HTTP off loopback with no API token (not advised)", switch=True),

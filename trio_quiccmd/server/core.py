@@ -8,7 +8,7 @@ from pathlib import Path
 import trio
 from aioquic.quic.configuration import QuicConfiguration
 
-from ..quic.endpoint import QuicEndpoint
+from ..quic.endpoint import DEFAULT_MAX_HANDSHAKES, QuicEndpoint
 from ..wire import ALPN, DEFAULT_MAX_FRAME_SIZE, ProtocolErrorCode
 from .manager import CommandManager
 
@@ -35,13 +35,16 @@ class CommandServer:
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         credential_check_interval: float = 1.0,
+        max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
     ):
         self.manager = manager
         #: How often the agent token file is checked for changes (revocations
         #: close connected agents within this).
         self.credential_check_interval = credential_check_interval
+        #: ``max_handshakes``: QUIC handshakes in progress at once (see QuicEndpoint).
         self.endpoint = QuicEndpoint(
-            quic_configuration, manager.registry.new_link, max_frame_size=max_frame_size
+            quic_configuration, manager.registry.new_link,
+            max_frame_size=max_frame_size, max_handshakes=max_handshakes,
         )
 
     async def serve(

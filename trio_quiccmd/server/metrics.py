@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from ..model import Command, CommandStatus
@@ -40,6 +41,7 @@ class Metrics:
         connected_agents: Callable[[], int] | None = None,
         unfinished_commands: Callable[[], int] | None = None,
         store_unwritten: Callable[[], int] | None = None,
+        connections_deferred: Callable[[], int] | None = None,
         registry: CollectorRegistry | None = None,
     ):
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
@@ -75,6 +77,13 @@ class Metrics:
         )
         if store_unwritten is not None:
             self.store_unwritten.set_function(store_unwritten)
+        if connections_deferred is not None:
+            r.register(_CounterReading(
+                "quic_connections_deferred",
+                "New QUIC connections not started at once: too many handshakes in progress "
+                "(answered with a Retry, or dropped until the agent resends).",
+                connections_deferred,
+            ))
         if connected_agents is not None:
             self.connected_agents.set_function(connected_agents)
         if unfinished_commands is not None:
@@ -108,3 +117,19 @@ class Metrics:
     def render(self) -> bytes:
         """The text exposition format, for ``GET /metrics``."""
         return generate_latest(self.registry)
+
+
+class _CounterReading:
+    """A counter kept elsewhere (a plain int the QUIC endpoint increments on
+    its hot path), read when scraped."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]):
+        self._name = name
+        self._documentation = documentation
+        self._read = read
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self._name, self._documentation)]
+
+    def collect(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self._name, self._documentation, value=self._read())]

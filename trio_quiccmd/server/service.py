@@ -280,19 +280,23 @@ async def _serve_with(
         await manager.recover()
     except StoreError as exc:  # damaged pages where the unfinished commands are
         raise StartupError(str(exc)) from None
+    # The agents' frame limit bounds COMMAND frames (the API refuses bigger
+    # payloads); the server reads RESULT frames up to the same size.
+    command_server = CommandServer(
+        manager, quic_configuration, max_frame_size=DEFAULT_MAX_FRAME_SIZE,
+        max_handshakes=settings.max_handshakes,
+    )
     metrics = Metrics(
         connected_agents=lambda: len(manager.registry.links()),
         unfinished_commands=lambda: manager.unfinished_count,
         store_unwritten=lambda: store.unwritten,
+        connections_deferred=lambda: command_server.endpoint.deferred_handshakes,
     )
     manager.add_observer(metrics)
     app = create_app(
         manager, limits=api_limits(settings), metrics=metrics, auth=api_auth, audit=audit,
         bind_host=settings.http_host,
     )
-    # The agents' frame limit bounds COMMAND frames (the API refuses bigger
-    # payloads); the server reads RESULT frames up to the same size.
-    command_server = CommandServer(manager, quic_configuration, max_frame_size=DEFAULT_MAX_FRAME_SIZE)
 
     http_stop = trio.Event()
     http_stopped = trio.Event()
