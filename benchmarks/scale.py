@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit  # noqa: E402
 
 from trio_quiccmd import Agent, CommandManager, CommandServer, CommandStatus, ManagerSettings  # noqa: E402
-from trio_quiccmd.quic.endpoint import DEFAULT_MAX_HANDSHAKES  # noqa: E402
+from trio_quiccmd.quic.admission import DEFAULT_MAX_HANDSHAKES  # noqa: E402
 from trio_quiccmd.quic.tls import ensure_dev_certificate  # noqa: E402
 from trio_quiccmd.server.collector import HeapFreezer  # noqa: E402
 from trio_quiccmd.server.core import server_quic_configuration  # noqa: E402
@@ -169,9 +169,9 @@ async def run_server(args: argparse.Namespace) -> None:
             # those already connected meanwhile), server and agents.
             "connect_server_cpu_ms_per_agent": connect_cpu[0] * 1000 / args.agents,
             "connect_agents_cpu_ms_per_agent": sum(connect_cpu[1:]) * 1000 / args.agents,
-            # New connections not started at once (a Retry, or dropped until
-            # the agent resent): more than --max-handshakes were in progress.
-            "handshakes_deferred": server.endpoint.deferred_handshakes,
+            # New connections' Initials not started at once (each answered
+            # with a Retry, or dropped): --max-handshakes were in progress.
+            "handshakes_deferred": server.endpoint.admission.deferred,
             "max_handshakes": args.max_handshakes,
             "server_rss_baseline_mib": baseline,
             "server_rss_connected_mib": connected_rss,

@@ -649,7 +649,7 @@ async def test_metrics_count_commands_by_outcome(tmp_path):
     assert values["connected_agents"] == 1
     assert values["commands_unfinished"] == 0
     assert values["command_store_unwritten"] >= 0  # the default (SQLite) store's backlog
-    assert values["quic_connections_deferred_total"] == 0  # one agent: no handshake waited
+    assert values["quic_initials_deferred_total"] == 0  # one agent: no handshake waited
     assert values["command_duration_seconds_count{status=completed}"] == 2
     assert values["command_duration_seconds_count{status=timeout}"] == 1
     assert values["command_duration_seconds_sum{status=timeout}"] >= 0.2

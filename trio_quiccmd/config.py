@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import attrs
 
-from .quic.endpoint import DEFAULT_MAX_HANDSHAKES
+from .quic.admission import DEFAULT_MAX_HANDSHAKES
 from .server.policy import CommandPolicy, parse_policy
 
 ENV_PREFIX = "QUICCMD_"
@@ -246,8 +246,8 @@ class ServerSettings:
     #: closed with RATE_LIMITED.
     max_hello_rate: float = attrs.field(default=200.0, validator=[_positive, _at_most(1_000_000)])
     #: QUIC handshakes in progress at once; beyond that a new connection must
-    #: prove its address (Retry) and may wait (see quic/endpoint.py).
-    max_handshakes: int = attrs.field(default=DEFAULT_MAX_HANDSHAKES, validator=[_positive, _at_most(100_000)])
+    #: prove its address (Retry) and may wait (see quic/admission.py).
+    max_handshakes: int = attrs.field(default=DEFAULT_MAX_HANDSHAKES, validator=[_positive, _at_most(10_000)])
     #: Once this many agents are connected, their state is kept out of the
     #: garbage collector's full collections (see server/collector.py); 0: never.
     gc_freeze_agents: int = attrs.field(default=1000, validator=[_not_negative, _at_most(10_000_000)])

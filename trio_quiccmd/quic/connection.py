@@ -209,6 +209,7 @@ class QuicSession:
         keepalive_interval: float | None = None,
         on_connection_id_issued: Callable[[bytes], None] | None = None,
         on_connection_id_retired: Callable[[bytes], None] | None = None,
+        on_handshake_completed: Callable[[], None] | None = None,
     ):
         self.quic = quic
         self.handler = handler
@@ -225,6 +226,7 @@ class QuicSession:
         self._unanswered_since = math.inf
         self._on_cid_issued = on_connection_id_issued
         self._on_cid_retired = on_connection_id_retired
+        self._on_handshake_completed = on_handshake_completed
         self._timer_scope: trio.CancelScope | None = None
         self._wake_pending = True
         self._quic_timer_at: float | None = None
@@ -508,6 +510,8 @@ class QuicSession:
                 elif isinstance(event, events.HandshakeCompleted):
                     self._fit_keepalive_to_idle_timeout()
                     self.handshake_done.set()
+                    if self._on_handshake_completed is not None:
+                        self._on_handshake_completed()
                     handler.handshake_completed(self)
                 elif isinstance(event, events.ConnectionIdIssued):
                     if self._on_cid_issued is not None:

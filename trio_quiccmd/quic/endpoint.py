@@ -13,30 +13,29 @@ from typing import Callable
 
 import trio
 from aioquic.buffer import Buffer
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import NetworkAddress, QuicConnection
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+from aioquic.quic.connection import TRANSPORT_CLOSE_FRAME_CAPACITY, NetworkAddress, QuicConnection
+from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.packet import (
+    QuicErrorCode,
+    QuicFrameType,
     QuicHeader,
     QuicPacketType,
     encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
+from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.retry import QuicRetryTokenHandler
 
 from ..wire import DEFAULT_MAX_FRAME_SIZE, ProtocolErrorCode
+from .admission import DEFAULT_MAX_HANDSHAKES, Admission, HandshakeAdmission
 from .connection import DatagramSocket, QuicSession, SessionHandler
 
 logger = logging.getLogger("trio_quiccmd.quic")
 
 #: Clients must pad their first datagram to this size (RFC 9000, section 14.1).
 MIN_INITIAL_SIZE = 1200
-#: Handshakes in progress at once, by default; see QuicEndpoint.
-DEFAULT_MAX_HANDSHAKES = 64
-#: A handshake still unfinished after this long (seconds) no longer counts
-#: against the limit: its client is gone or about to give up (agents wait 10 s),
-#: and Initials sent from forged addresses must not hold the door shut.
-HANDSHAKE_SLOT_SECONDS = 5.0
 #: At most one "deferred" warning per this many seconds.
 DEFERRED_LOG_INTERVAL = 10.0
 
@@ -46,24 +45,9 @@ class QuicEndpoint:
 
     ``handler_factory`` makes the protocol handler for each new session.
 
-    At most ``max_handshakes`` handshakes are in progress at once. When thousands
-    of agents dial at once (a server restart), every handshake the server
-    starts costs it a signature and its share of the CPU: started all
-    together they each took longer than their clients' probe timeout, every
-    client repeated its flights, and the work multiplied (3,000 agents, 256
-    dialling at a time: 22 datagrams received and 15 sent per handshake
-    instead of 5 and 3).
-
-    Of these, at most half are for clients whose source address is
-    unproven: one more gets a Retry (RFC 9000, 8.1.2), a few bytes and no
-    handshake work, carrying a token it must bring back from that address.
-    Forged addresses never come back, so they can hold only that half, and
-    real agents (which answer a Retry without being told) keep the rest. A
-    client with a valid token is started if any slot is free; if none is,
-    its Initial is dropped and it sends it again after its probe timeout
-    (about 1 s, then 2, 4 s...). A handshake that makes no progress for
-    ``HANDSHAKE_SLOT_SECONDS`` stops counting (its client gave up, or never
-    existed).
+    At most ``max_handshakes`` handshakes are in progress at once, at most
+    half of them for clients whose address is unproven; beyond that a new
+    connection gets a Retry or waits (see :mod:`.admission`).
     """
 
     def __init__(
@@ -76,16 +60,8 @@ class QuicEndpoint:
     ):
         if configuration.is_client:
             raise ValueError("QuicEndpoint needs a server configuration")
-        if max_handshakes < 1:
-            raise ValueError("max_handshakes must be at least 1")
-        self.max_handshakes = max_handshakes
-        # Sessions whose handshake is under way: when each began (trio clock),
-        # and whether its client proved its address with a Retry token.
-        self._handshakes: dict[QuicSession, tuple[float, bool]] = {}
+        self.admission = HandshakeAdmission(max_handshakes)
         self._retry = QuicRetryTokenHandler()
-        #: New connections not started for want of a handshake slot (answered
-        #: with a Retry, or dropped).
-        self.deferred_handshakes = 0
         self._deferred_logged = 0
         self._deferred_logged_at = -math.inf
         self._configuration = configuration
@@ -178,23 +154,28 @@ class QuicEndpoint:
             or self._nursery is None
         ):
             return
+        now = trio.current_time()
         original_destination_cid = header.destination_cid
         retry_source_cid = None
         if header.token:
             try:
                 original_destination_cid = self._retry.validate_token(
-                    address=addr, destination_cid=header.destination_cid,
-                    token=header.token, now=trio.current_time(),
+                    address=addr, destination_cid=header.destination_cid, token=header.token, now=now,
                 )
             except ValueError:
-                # Not a token of ours, too old, or from another address: the
-                # client's handshake timeout ends it, and it dials afresh.
-                logger.debug("Initial with an invalid token dropped peer=%s", addr)
+                # Not a token of ours (the server restarted since its Retry),
+                # too old, or from another address: say so (RFC 9000, 8.1.3),
+                # so that the client dials afresh instead of waiting out its
+                # handshake timeout.
+                self._send(_invalid_token_close(header), addr)
                 return
             retry_source_cid = header.destination_cid
         proven = retry_source_cid is not None
-        if not self._may_start_handshake(proven):
-            self._defer_handshake(header, addr, proven)
+        decision = self.admission.decide(header.destination_cid, proven, now)
+        if decision is not Admission.START:
+            if decision is Admission.RETRY:
+                self._send(self._retry_for(header, addr, now), addr)
+            self._log_deferred(addr, now)
             return
 
         quic = QuicConnection(
@@ -209,56 +190,43 @@ class QuicEndpoint:
             max_frame_size=self._max_frame_size,
             on_connection_id_issued=lambda cid: self._add_route(cid, session),
             on_connection_id_retired=self._remove_route,
+            on_handshake_completed=lambda: self.admission.finished(session),
         )
         self._session_cids[session] = set()
-        self._handshakes[session] = (trio.current_time(), proven)
+        self.admission.started(session, proven, now)
         self._add_route(header.destination_cid, session)
         self._add_route(quic.host_cid, session)
         self._nursery.start_soon(self._run_session, session)
         session.datagram_received(data, addr)
 
-    def _may_start_handshake(self, proven: bool) -> bool:
-        handshakes = self._handshakes
-        unproven_budget = max(1, self.max_handshakes // 2)
-        if len(handshakes) < (self.max_handshakes if proven else unproven_budget):
-            return True
-        # Looked at only when full: handshakes that ended, or ran out of time, leave.
-        expired = trio.current_time() - HANDSHAKE_SLOT_SECONDS
-        for session, (began, _proven) in list(handshakes.items()):
-            if session.handshake_done.is_set() or session.terminated.is_set() or began <= expired:
-                del handshakes[session]
-        if len(handshakes) >= self.max_handshakes:
-            return False
-        return proven or sum(not p for _began, p in handshakes.values()) < unproven_budget
+    def _send(self, data: bytes, addr: NetworkAddress) -> None:
+        assert self._transport is not None
+        self._transport.try_send(data, addr)
 
-    def _defer_handshake(self, header: QuicHeader, addr: NetworkAddress, proven: bool) -> None:
-        self.deferred_handshakes += 1
-        now = trio.current_time()
-        if not proven:
-            assert self._transport is not None
-            retry_source_cid = os.urandom(self._configuration.connection_id_length)
-            self._transport.try_send(
-                encode_quic_retry(
-                    version=header.version,
-                    source_cid=retry_source_cid,
-                    destination_cid=header.source_cid,
-                    original_destination_cid=header.destination_cid,
-                    retry_token=self._retry.create_token(
-                        address=addr,
-                        original_destination_connection_id=header.destination_cid,
-                        retry_source_connection_id=retry_source_cid,
-                        now=now,
-                    ),
-                ),
-                addr,
-            )
+    def _retry_for(self, header: QuicHeader, addr: NetworkAddress, now: float) -> bytes:
+        retry_source_cid = os.urandom(self._configuration.connection_id_length)
+        return encode_quic_retry(
+            version=header.version,
+            source_cid=retry_source_cid,
+            destination_cid=header.source_cid,
+            original_destination_cid=header.destination_cid,
+            retry_token=self._retry.create_token(
+                address=addr,
+                original_destination_connection_id=header.destination_cid,
+                retry_source_connection_id=retry_source_cid,
+                now=now,
+            ),
+        )
+
+    def _log_deferred(self, addr: NetworkAddress, now: float) -> None:
         if now >= self._deferred_logged_at + DEFERRED_LOG_INTERVAL:
+            deferred = self.admission.deferred
             logger.warning(
                 "New connections deferred: too many handshakes in progress "
                 "max_handshakes=%d deferred=%d last_peer=%s",
-                self.max_handshakes, self.deferred_handshakes - self._deferred_logged, addr,
+                self.admission.max_handshakes, deferred - self._deferred_logged, addr,
             )
-            self._deferred_logged = self.deferred_handshakes
+            self._deferred_logged = deferred
             self._deferred_logged_at = now
 
     def _add_route(self, cid: bytes, session: QuicSession) -> None:
@@ -274,6 +242,27 @@ class QuicEndpoint:
         try:
             await session.run()
         finally:
-            self._handshakes.pop(session, None)
+            self.admission.finished(session)
             for cid in self._session_cids.pop(session, ()):
                 self._routes.pop(cid, None)
+
+
+def _invalid_token_close(header: QuicHeader) -> bytes:
+    """A server Initial closing the connection with INVALID_TOKEN (its keys
+    come from the client's chosen destination connection ID)."""
+    crypto = CryptoPair()
+    crypto.setup_initial(cid=header.destination_cid, is_client=False, version=header.version)
+    builder = QuicPacketBuilder(
+        host_cid=header.destination_cid,
+        is_client=False,
+        max_datagram_size=SMALLEST_MAX_DATAGRAM_SIZE,
+        peer_cid=header.source_cid,
+        version=header.version,
+    )
+    builder.start_packet(QuicPacketType.INITIAL, crypto)
+    buf = builder.start_frame(QuicFrameType.TRANSPORT_CLOSE, capacity=TRANSPORT_CLOSE_FRAME_CAPACITY)
+    buf.push_uint_var(QuicErrorCode.INVALID_TOKEN)
+    buf.push_uint_var(QuicFrameType.PADDING)  # the frame type that caused it: none in particular
+    buf.push_uint_var(0)  # no reason phrase
+    datagrams, _packets = builder.flush()
+    return datagrams[0]

@@ -8,7 +8,8 @@ from pathlib import Path
 import trio
 from aioquic.quic.configuration import QuicConfiguration
 
-from ..quic.endpoint import DEFAULT_MAX_HANDSHAKES, QuicEndpoint
+from ..quic.admission import DEFAULT_MAX_HANDSHAKES
+from ..quic.endpoint import QuicEndpoint
 from ..wire import ALPN, DEFAULT_MAX_FRAME_SIZE, ProtocolErrorCode
 from .manager import CommandManager
 
@@ -41,7 +42,7 @@ class CommandServer:
         #: How often the agent token file is checked for changes (revocations
         #: close connected agents within this).
         self.credential_check_interval = credential_check_interval
-        #: ``max_handshakes``: QUIC handshakes in progress at once (see QuicEndpoint).
+        #: ``max_handshakes``: QUIC handshakes in progress at once (see quic/admission.py).
         self.endpoint = QuicEndpoint(
             quic_configuration, manager.registry.new_link,
             max_frame_size=max_frame_size, max_handshakes=max_handshakes,

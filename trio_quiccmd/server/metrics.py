@@ -41,7 +41,7 @@ class Metrics:
         connected_agents: Callable[[], int] | None = None,
         unfinished_commands: Callable[[], int] | None = None,
         store_unwritten: Callable[[], int] | None = None,
-        connections_deferred: Callable[[], int] | None = None,
+        initials_deferred: Callable[[], int] | None = None,
         registry: CollectorRegistry | None = None,
     ):
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
@@ -77,12 +77,12 @@ class Metrics:
         )
         if store_unwritten is not None:
             self.store_unwritten.set_function(store_unwritten)
-        if connections_deferred is not None:
+        if initials_deferred is not None:
             r.register(_CounterReading(
-                "quic_connections_deferred",
-                "New QUIC connections not started at once: too many handshakes in progress "
-                "(answered with a Retry, or dropped until the agent resends).",
-                connections_deferred,
+                "quic_initials_deferred",
+                "Initial packets of new QUIC connections not started at once, too many "
+                "handshakes being in progress (each answered with a Retry, or dropped).",
+                initials_deferred,
             ))
         if connected_agents is not None:
             self.connected_agents.set_function(connected_agents)

@@ -290,7 +290,7 @@ async def _serve_with(
         connected_agents=lambda: len(manager.registry.links()),
         unfinished_commands=lambda: manager.unfinished_count,
         store_unwritten=lambda: store.unwritten,
-        connections_deferred=lambda: command_server.endpoint.deferred_handshakes,
+        initials_deferred=lambda: command_server.endpoint.admission.deferred,
     )
     manager.add_observer(metrics)
     app = create_app(
