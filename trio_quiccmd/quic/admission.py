@@ -95,6 +95,7 @@ class HandshakeAdmission:
         return decision
 
     def started(self, key: Hashable, proven: bool, now: float) -> None:
+        self.finished(key)  # (a key started twice counts once, at its newer start)
         self._in_progress[key] = (now, proven)
         self._unproven += not proven
 

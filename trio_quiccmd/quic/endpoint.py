@@ -166,7 +166,8 @@ class QuicEndpoint:
                 # Not a token of ours (the server restarted since its Retry),
                 # too old, or from another address: say so (RFC 9000, 8.1.3),
                 # so that the client dials afresh instead of waiting out its
-                # handshake timeout.
+                # handshake timeout. (This server sends no NEW_TOKEN, so every
+                # token it can validate is a Retry's.)
                 self._send(_invalid_token_close(header), addr)
                 return
             retry_source_cid = header.destination_cid
