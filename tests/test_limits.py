@@ -8,6 +8,8 @@ test_manager); the HELLO flood runs over real QUIC.
 from __future__ import annotations
 
 import socket
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
 
 import pytest
 import trio
@@ -343,14 +345,24 @@ class _SilentClients:
         self.sock.close()
 
 
+@asynccontextmanager
+async def _server(dev_cert, **server_options: Any) -> AsyncIterator[tuple[CommandServer, tuple, trio.Nursery]]:
+    """A real server on a loopback port: (server, its address, a nursery for agents)."""
+    cert, key = dev_cert
+    server = CommandServer(CommandManager(), server_quic_configuration(cert, key), **server_options)
+    async with trio.open_nursery() as nursery:
+        address = ("127.0.0.1", (await nursery.start(server.serve, "127.0.0.1", 0))[1])
+        yield server, address, nursery
+        await server.shutdown(grace=0.5)
+        nursery.cancel_scope.cancel()
+
+
 async def test_unproven_connections_beyond_half_the_handshake_limit_get_a_retry(
     dev_cert, autojump_clock
 ):
-    cert, key = dev_cert
-    server = CommandServer(CommandManager(), server_quic_configuration(cert, key), max_handshakes=4)
-    endpoint = server.endpoint
-    async with trio.open_nursery() as nursery:
-        address = ("127.0.0.1", (await nursery.start(server.serve, "127.0.0.1", 0))[1])
+    cert, _key = dev_cert
+    async with _server(dev_cert, max_handshakes=4) as (server, address, _nursery):
+        endpoint = server.endpoint
         with trio.fail_after(30):
             silent = _SilentClients()
             silent.dial(address, cert, 5)
@@ -367,18 +379,15 @@ async def test_unproven_connections_beyond_half_the_handshake_limit_get_a_retry(
             await wait_until(lambda: len(endpoint.sessions) == 3)
             assert endpoint.admission.deferred == 3
         silent.close()
-        nursery.cancel_scope.cancel()
 
 
 async def test_handshakes_from_unproven_addresses_do_not_keep_a_real_agent_out(dev_cert):
     # Initials from forged addresses (here: a socket that never answers) take
     # all the slots they may; a real agent answers the Retry from its own
     # address and gets one of the others at once.
-    cert, key = dev_cert
-    server = CommandServer(CommandManager(), server_quic_configuration(cert, key), max_handshakes=2)
+    cert, _key = dev_cert
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            address = ("127.0.0.1", (await nursery.start(server.serve, "127.0.0.1", 0))[1])
+        async with _server(dev_cert, max_handshakes=2) as (server, address, nursery):
             silent = _SilentClients()
             silent.dial(address, cert, 3)
             await wait_until(lambda: silent.retries() == 2)
@@ -395,19 +404,15 @@ async def test_handshakes_from_unproven_addresses_do_not_keep_a_real_agent_out(d
             assert server.endpoint.admission.deferred >= 3
             assert (await server.manager.send_and_wait("real", "echo", "in")).result == "in"
             silent.close()
-            await server.shutdown(grace=0.5)
-            nursery.cancel_scope.cancel()
 
 
 async def test_agents_dialling_at_once_beyond_the_handshake_limit_all_connect(dev_cert):
     # Real agents whose first packet was dropped send it again (QUIC's probe
     # timeout) and get in as the handshakes before them finish.
-    cert, key = dev_cert
-    server = CommandServer(CommandManager(), server_quic_configuration(cert, key), max_handshakes=1)
+    cert, _key = dev_cert
     with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            address = await nursery.start(server.serve, "127.0.0.1", 0)
-            agents = [Agent(f"a{i}", ("127.0.0.1", address[1]), ca_file=cert) for i in range(3)]
+        async with _server(dev_cert, max_handshakes=1) as (server, address, nursery):
+            agents = [Agent(f"a{i}", address, ca_file=cert) for i in range(3)]
             for agent in agents:
                 nursery.start_soon(agent.run)
             for agent in agents:
@@ -416,19 +421,15 @@ async def test_agents_dialling_at_once_beyond_the_handshake_limit_all_connect(de
             assert all(agent.sessions_established == 1 for agent in agents)
             for i in range(3):
                 assert (await server.manager.send_and_wait(f"a{i}", "echo", i)).result == i
-            await server.shutdown(grace=0.5)
-            nursery.cancel_scope.cancel()
 
 
 async def test_an_initial_with_a_token_the_server_did_not_issue_is_closed_invalid_token(dev_cert):
     # E.g. the server restarted between its Retry and the client's answer:
     # told at once, the agent dials afresh instead of waiting out its
     # handshake timeout.
-    cert, key = dev_cert
-    server = CommandServer(CommandManager(), server_quic_configuration(cert, key))
+    cert, _key = dev_cert
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            address = ("127.0.0.1", (await nursery.start(server.serve, "127.0.0.1", 0))[1])
+        async with _server(dev_cert) as (server, address, _nursery):
             configuration = raw_client_configuration(cert)
             configuration.token = b"not a token of this server"
             client = QuicConnection(configuration=configuration)
@@ -447,4 +448,3 @@ async def test_an_initial_with_a_token_the_server_did_not_issue_is_closed_invali
             ]
             assert server.endpoint.sessions == []
             sock.close()
-            nursery.cancel_scope.cancel()

@@ -136,8 +136,7 @@ class QuicEndpoint:
             and header.version not in self._configuration.supported_versions
         ):
             # Never answer a version negotiation with one (reflection loops).
-            assert self._transport is not None
-            self._transport.try_send(
+            self._send(
                 encode_quic_version_negotiation(
                     source_cid=header.destination_cid,
                     destination_cid=header.source_cid,
