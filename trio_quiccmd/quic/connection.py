@@ -10,8 +10,10 @@ The rules it keeps (see DESIGN.md, "Driving aioquic from trio"):
   long-lived timer task, which drains ``datagrams_to_send`` and re-arms from
   ``get_timer()``. Changes made in the same scheduler batch share one flush,
   so a burst of commands shares packets.
-* The timer task sleeps in a fresh ``CancelScope`` whose deadline is moved; it
-  is never cancelled and restarted from inside itself.
+* The timer task sleeps in a ``CancelScope`` whose deadline is the next
+  timer; it is never cancelled and restarted from inside itself. A wake
+  reschedules it directly rather than cancelling its sleep: a cancellation
+  raises and unwinds an exception, and wakes come several times per command.
 * ``now`` is always ``trio.current_time()``, clamped to the timer's deadline
   when the timer fires, so tests can run on a virtual clock.
 """
@@ -227,7 +229,9 @@ class QuicSession:
         self._on_cid_issued = on_connection_id_issued
         self._on_cid_retired = on_connection_id_retired
         self._on_handshake_completed = on_handshake_completed
-        self._timer_scope: trio.CancelScope | None = None
+        self._timer_task: trio.lowlevel.Task | None = None
+        # The timer task is blocked in _park and may be rescheduled by a wake.
+        self._parked = False
         self._wake_pending = True
         self._quic_timer_at: float | None = None
         self._unflushed_frames = 0
@@ -342,8 +346,9 @@ class QuicSession:
     def _wake(self) -> None:
         if not self._wake_pending:
             self._wake_pending = True
-            if self._timer_scope is not None:
-                self._timer_scope.deadline = -math.inf
+            if self._parked:
+                self._parked = False
+                trio.lowlevel.reschedule(self._timer_task)
 
     # -- the timer task ------------------------------------------------------
 
@@ -353,14 +358,18 @@ class QuicSession:
         If cancelled, the connection is abandoned without a CONNECTION_CLOSE
         (call :meth:`close` and wait for :attr:`terminated` to close politely).
         """
+        self._timer_task = trio.lowlevel.current_task()
         task_status.started()
         try:
             while not self.terminated.is_set():
-                deadline = -math.inf if self._wake_pending else self._next_deadline()
-                with trio.CancelScope(deadline=deadline) as scope:
-                    self._timer_scope = scope
-                    await trio.sleep_forever()
-                self._timer_scope = None
+                if self._wake_pending:
+                    # Woken while busy: let the rest of this scheduler batch
+                    # add its changes first, so that they share the flush.
+                    await trio.lowlevel.checkpoint()
+                else:
+                    with trio.CancelScope(deadline=self._next_deadline()):
+                        self._parked = True
+                        await trio.lowlevel.wait_task_rescheduled(self._abort_park)
                 self._wake_pending = False
                 now = trio.current_time()
                 timer_at = self._quic_timer_at
@@ -376,10 +385,16 @@ class QuicSession:
                     self._unanswered_since = min(self._unanswered_since, now)
                 await self._flush()
         finally:
-            self._timer_scope = None
+            self._parked = False
             if not self.terminated.is_set():
                 self._notify_lost(ProtocolErrorCode.NO_ERROR, "session task stopped")
                 self.terminated.set()
+
+    def _abort_park(self, raise_cancel: object) -> trio.lowlevel.Abort:
+        # The timer is due (the scope's deadline) or the task is cancelled:
+        # from here on a wake must not reschedule the task.
+        self._parked = False
+        return trio.lowlevel.Abort.SUCCEEDED
 
     async def drive_with(self, transport: DatagramSocket) -> None:
         """Run :meth:`run` and feed it from ``transport`` (a client's own socket).
