@@ -230,7 +230,9 @@ class QuicSession:
         self._on_cid_retired = on_connection_id_retired
         self._on_handshake_completed = on_handshake_completed
         self._timer_task: trio.lowlevel.Task | None = None
-        # The timer task is blocked in _park and may be rescheduled by a wake.
+        # The timer task is blocked in its sleep (wait_task_rescheduled in
+        # run) and may be rescheduled by a wake; cleared by that wake, or by
+        # _abort_park when the sleep's deadline or a cancellation comes first.
         self._parked = False
         self._wake_pending = True
         self._quic_timer_at: float | None = None
@@ -348,6 +350,7 @@ class QuicSession:
             self._wake_pending = True
             if self._parked:
                 self._parked = False
+                assert self._timer_task is not None
                 trio.lowlevel.reschedule(self._timer_task)
 
     # -- the timer task ------------------------------------------------------
@@ -368,6 +371,8 @@ class QuicSession:
                     await trio.lowlevel.checkpoint()
                 else:
                     with trio.CancelScope(deadline=self._next_deadline()):
+                        # No await between these two lines: a wake that saw
+                        # _parked must find the task blocked.
                         self._parked = True
                         await trio.lowlevel.wait_task_rescheduled(self._abort_park)
                 self._wake_pending = False
@@ -385,7 +390,7 @@ class QuicSession:
                     self._unanswered_since = min(self._unanswered_since, now)
                 await self._flush()
         finally:
-            self._parked = False
+            self._timer_task = None
             if not self.terminated.is_set():
                 self._notify_lost(ProtocolErrorCode.NO_ERROR, "session task stopped")
                 self.terminated.set()
