@@ -21,13 +21,14 @@ default) are connected; its periodic look is made once more just before the
 fan-out, as a server whose agents have been connected a while has made it.
 
 Each agent process here stands in for thousands of machines, each of which
-would run one agent: it holds the state of all of them (at 10,000 agents,
-1.25 million objects the garbage collector tracks in each of the four
-processes), so a full collection stalls every agent in it for 0.7 s, which
-no real agent would do. Those
-stalls then show up as the server's retransmissions. So the agent processes
-freeze their heaps once all their agents are connected
-(``--no-agent-heap-freeze``: they do not).
+would run one agent: it holds the state of all of them (2,500 agents each
+at 10,000 agents in four processes: 1.25 million objects the garbage
+collector tracks), so a full collection stalls every agent in it for 0.7 s,
+which no real agent would do. Those stalls then show up as the server's
+retransmissions. So each agent process collects and freezes its heap once
+all its agents are first connected, and says so; the fan-out starts once
+every process has (``--no-agent-heap-freeze``: they only say they are
+connected).
 """
 
 from __future__ import annotations
@@ -126,13 +127,15 @@ async def run_server(args: argparse.Namespace) -> None:
         server_cpu_at_start = cpu_seconds(os.getpid())
         for p in range(args.procs):
             count = min(per_proc, args.agents - p * per_proc)
+            if count <= 0:  # fewer agents than processes
+                break
             procs.append(
                 await trio.lowlevel.open_process(
                     [sys.executable, __file__, "agents", "--port", str(address[1]),
                      "--ca-file", str(cert), "--offset", str(p * per_proc), "--count", str(count),
                      "--connect-concurrency", str(args.connect_concurrency),
                      *([] if args.agent_heap_freeze else ["--no-agent-heap-freeze"])],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 )
             )
         first_at = None
@@ -144,6 +147,10 @@ async def run_server(args: argparse.Namespace) -> None:
         all_at = time.perf_counter()
         # The agent processes' CPU until now is their start-up and handshakes.
         connect_cpu = [cpu_seconds(os.getpid()) - server_cpu_at_start, *(cpu_seconds(p.pid) for p in procs)]
+        with trio.fail_after(args.connect_timeout):
+            for proc in procs:  # each has frozen its heap (its full collection is over)
+                if not await proc.stdout.receive_some(64):
+                    raise RuntimeError(f"agent process {proc.pid} exited before all its agents connected")
         await trio.sleep(0.5)
         connected_rss = rss_mib()
 
@@ -172,7 +179,7 @@ async def run_server(args: argparse.Namespace) -> None:
 
         emit({
             "agents": args.agents,
-            "agent_processes": args.procs,
+            "agent_processes": len(procs),
             "connect_seconds": all_at - started,
             "handshakes_per_second": args.agents / (all_at - (first_at or started)),
             # CPU per agent connected (handshake, HELLO, and the keepalives of
@@ -221,9 +228,11 @@ async def run_agents(args: argparse.Namespace) -> None:
         async with limiter:  # bounded connects in flight, so handshakes do not time out
             await nursery.start(agent.run)
         connected += 1
-        if connected == args.count and args.agent_heap_freeze:
-            gc.collect()
-            gc.freeze()
+        if connected == args.count:
+            if args.agent_heap_freeze:
+                gc.collect()
+                gc.freeze()
+            print("ready", flush=True)
 
     async with trio.open_nursery() as nursery:
         for index in range(args.offset, args.offset + args.count):
@@ -252,7 +261,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--no-agent-heap-freeze", dest="agent_heap_freeze", action="store_false",
-        help="agent processes leave their heaps to the collector's own rules (see the module's doc)",
+        help="agent processes leave their heaps to the collector's own rules (see the module's docstring)",
     )
     parser.add_argument("--port", type=int)
     parser.add_argument("--ca-file")
