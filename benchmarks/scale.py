@@ -17,8 +17,9 @@ verified). Measures:
 
 As in the server, agents' state is kept out of full garbage collections
 (``HeapFreezer``) once ``--gc-freeze-agents`` (default 1000, the server's
-default) are connected; its periodic look is made once more just before the
-fan-out, as a server whose agents have been connected a while has made it.
+default) are connected; its periodic look is made twice more just before
+the fan-out, as a server whose agents have been connected a while has made
+it (two looks at the same agents: the fleet has settled).
 
 Each agent process here stands in for thousands of machines, each of which
 would run one agent: it holds the state of all of them (2,500 agents each
@@ -160,6 +161,7 @@ async def run_server(args: argparse.Namespace) -> None:
         # state, not the garbage of the connect phase.
         gc.collect()
         if freezer is not None:
+            freezer.check()
             freezer.check()
         cpu_before = [cpu_seconds(pid) for pid in pids]
         with CollectorClock() as collector:

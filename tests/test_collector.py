@@ -103,6 +103,41 @@ async def test_growth_freezes_again_after_a_short_collection(autojump_clock):
     assert fake.take() == ["collect", "freeze"]
 
 
+async def test_a_fleet_that_stops_growing_short_of_a_quarter_is_frozen_whole(autojump_clock):
+    # A fleet reconnecting after a restart: frozen at 100, then 20 more come
+    # and no more. Without a freeze once it settles, those 20 would be walked
+    # by every full collection for as long as they stay connected.
+    freezer, fleet, fake = frozen_with(100)
+    fleet.connect(20)
+    freezer.check()  # still changing since the last look
+    assert fake.take() == []
+    freezer.check()  # the same 120 agents: settled, a sixth of them not frozen
+    assert fake.take() == ["collect", "freeze"]
+    freezer.check()
+    assert fake.take() == []
+
+
+async def test_a_few_agents_more_do_not_freeze_again(autojump_clock):
+    freezer, fleet, fake = frozen_with(100)
+    fleet.connect(5)  # under 5 % of the 105
+    freezer.check()
+    freezer.check()
+    assert fake.take() == []
+    fleet.connect(1)
+    freezer.check()
+    assert fake.take() == []  # changed since the last look
+    freezer.check()
+    assert fake.take() == ["collect", "freeze"]
+
+
+async def test_a_fleet_that_keeps_changing_is_not_frozen_again_until_it_grows(autojump_clock):
+    freezer, fleet, fake = frozen_with(100)
+    for _ in range(5):
+        fleet.reconnect(10)  # same number of agents, never the same ones
+        freezer.check()
+        assert fake.take() == []
+
+
 async def test_a_quarter_of_the_frozen_agents_leaving_costs_one_full_collection(autojump_clock):
     freezer, fleet, fake = frozen_with(200)
     await wait_out_the_minimum_gap()

@@ -8,8 +8,11 @@ docs/benchmarks.md), long enough for keepalives and loss timers to fire late
 and for a fan-out's replies to pile up.
 
 :class:`HeapFreezer` moves what is alive into the collector's permanent
-generation (``gc.freeze()``) once enough agents are connected, and again as
-their number grows by a quarter; collections then walk only newer objects.
+generation (``gc.freeze()``) once enough agents are connected, again as
+their number grows by a quarter, and once more when the fleet stops
+changing with some of it not yet frozen (a fleet that reconnected after a
+restart would otherwise leave up to a fifth of it out, walked by every full
+collection for good); collections then walk only newer objects.
 The price: an agent's session holds reference cycles, so the state of a
 frozen agent whose session ended stays in memory (~80 KiB) until the heap is
 unfrozen and collected in full. That happens, once each time, when a
@@ -31,8 +34,11 @@ logger = logging.getLogger("trio_quiccmd.server")
 
 #: Seconds between looks at the connected agents.
 CHECK_INTERVAL = 5.0
-#: Freeze again once this many times the agents frozen last time are connected.
+#: Freeze again once this many times the agents frozen last time are connected ...
 GROWTH = 1.25
+#: ... or once the same agents are connected at two looks in a row and at
+#: least this fraction of them is not frozen yet.
+SETTLED_UNFROZEN_FRACTION = 0.05
 #: Collect in full once this fraction of the frozen agents have left ...
 REFRESH_FRACTION = 0.25
 #: ... or once the heap has been frozen this long, seconds ...
@@ -76,6 +82,7 @@ class HeapFreezer:
         # empty while nothing is frozen.
         self._frozen: set[Hashable] = set()
         self._frozen_count = 0  # agents connected at the latest freeze
+        self._last_look: frozenset[Hashable] = frozenset()  # the agents connected at the last check
         self._frozen_since = 0.0
         self._last_full_collection = -MIN_SECONDS_BETWEEN_FULL_COLLECTIONS
 
@@ -104,6 +111,7 @@ class HeapFreezer:
         if not self._gc.isenabled():
             return  # the application manages collections itself
         connected = self._connected()
+        previous_look, self._last_look = self._last_look, frozenset(connected)
         now = trio.current_time()
         collected_in_full = False
         if self._frozen and now - self._last_full_collection >= MIN_SECONDS_BETWEEN_FULL_COLLECTIONS:
@@ -113,10 +121,14 @@ class HeapFreezer:
                 self._frozen.clear()
                 self._collect_in_full(now, f"Heap unfrozen agents_left={left}")
                 collected_in_full = True
-        if len(connected) < self._min_agents or (
-            self._frozen and len(connected) < self._frozen_count * GROWTH
-        ):
+        if len(connected) < self._min_agents:
             return
+        if self._frozen and len(connected) < self._frozen_count * GROWTH:
+            if self._last_look != previous_look:
+                return  # still changing: wait until it has grown, or settled
+            unfrozen = len(self._last_look.difference(self._frozen))
+            if unfrozen < len(connected) * SETTLED_UNFROZEN_FRACTION:
+                return
         if self._frozen:
             # Only what is not frozen is walked, so that no garbage made since
             # the last freeze is frozen with the rest.
