@@ -19,7 +19,8 @@ As in the server, agents' state is kept out of full garbage collections
 (``HeapFreezer``) once ``--gc-freeze-agents`` (default 1000, the server's
 default) are connected; its periodic look is made twice more just before
 the fan-out, as a server whose agents have been connected a while has made
-it (two looks at the same agents: the fleet has settled).
+it (two looks at the same agents: the fleet has settled; a real fleet's
+reconnects may keep it from settling, see HeapFreezer).
 
 Each agent process here stands in for thousands of machines, each of which
 would run one agent: it holds the state of all of them (2,500 agents each
@@ -151,7 +152,7 @@ async def run_server(args: argparse.Namespace) -> None:
         with trio.fail_after(args.connect_timeout):
             for proc in procs:  # each has frozen its heap (its full collection is over)
                 if not await proc.stdout.receive_some(64):
-                    raise RuntimeError(f"agent process {proc.pid} exited before all its agents connected")
+                    raise RuntimeError(f"agent process {proc.pid} exited before it was ready")
         await trio.sleep(0.5)
         connected_rss = rss_mib()
 

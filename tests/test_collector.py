@@ -123,9 +123,30 @@ async def test_a_few_agents_more_do_not_freeze_again(autojump_clock):
     freezer.check()
     freezer.check()
     assert fake.take() == []
+    fleet.connect(1)  # 6 of 106 unfrozen; one session more is still "settled"
+    freezer.check()
+    assert fake.take() == ["collect", "freeze"]
+
+
+async def test_growth_after_a_settled_freeze_counts_from_it(autojump_clock):
+    freezer, fleet, fake = frozen_with(100)
+    fleet.connect(20)
+    freezer.check()
+    freezer.check()
+    assert fake.take() == ["collect", "freeze"]  # settled at 120
+    fleet.connect(29)  # 149: a quarter more than 100, not than 120
+    freezer.check()
+    assert fake.take() == []
     fleet.connect(1)
     freezer.check()
-    assert fake.take() == []  # changed since the last look
+    assert fake.take() == ["collect", "freeze"]
+
+
+async def test_a_reconnect_or_two_in_a_large_fleet_still_counts_as_settled(autojump_clock):
+    freezer, fleet, fake = frozen_with(200)
+    fleet.connect(20)
+    freezer.check()
+    fleet.reconnect(1)  # 2 of 220 sessions changed: under 1 %
     freezer.check()
     assert fake.take() == ["collect", "freeze"]
 
@@ -236,6 +257,28 @@ async def test_with_the_real_collector_frozen_garbage_waits_for_the_unfreeze(aut
         await wait_out_the_minimum_gap()
         fleet.leave(1)
         freezer.check()  # unfrozen and collected
+        assert gone() is None
+    finally:
+        gc.unfreeze()
+
+
+async def test_with_the_real_collector_a_session_seen_at_a_look_does_not_outlive_it(autojump_clock):
+    # The freezer's last look must not keep an ended session's objects
+    # alive through the collection that precedes a freeze, or they would be
+    # frozen with the rest and kept until the next unfreeze.
+    fleet = Fleet()
+    freezer = HeapFreezer(lambda: fleet.links, min_agents=1)
+    try:
+        fleet.connect(8)
+        freezer.check()  # frozen with these 8
+        leaving = _Cycle()  # a session's state: reference cycles
+        fleet.links.append(leaving)
+        freezer.check()  # seen at this look; not frozen (9 is short of a quarter more)
+        gone = weakref.ref(leaving)
+        fleet.links.remove(leaving)
+        del leaving
+        fleet.connect(2)  # 10 agents: grown by a quarter, so collected and frozen again
+        freezer.check()
         assert gone() is None
     finally:
         gc.unfreeze()

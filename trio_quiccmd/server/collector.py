@@ -9,10 +9,11 @@ and for a fan-out's replies to pile up.
 
 :class:`HeapFreezer` moves what is alive into the collector's permanent
 generation (``gc.freeze()``) once enough agents are connected, again as
-their number grows by a quarter, and once more when the fleet stops
-changing with some of it not yet frozen (a fleet that reconnected after a
-restart would otherwise leave up to a fifth of it out, walked by every full
-collection for good); collections then walk only newer objects.
+their number grows by a quarter, and once more when the fleet has settled
+with some of it not yet frozen (a fleet that reconnected after a restart
+would otherwise leave up to a fifth of it out, walked by every full
+collection until the hourly renewal below); collections then walk only
+newer objects.
 The price: an agent's session holds reference cycles, so the state of a
 frozen agent whose session ended stays in memory (~80 KiB) until the heap is
 unfrozen and collected in full. That happens, once each time, when a
@@ -36,8 +37,10 @@ logger = logging.getLogger("trio_quiccmd.server")
 CHECK_INTERVAL = 5.0
 #: Freeze again once this many times the agents frozen last time are connected ...
 GROWTH = 1.25
-#: ... or once the same agents are connected at two looks in a row and at
-#: least this fraction of them is not frozen yet.
+#: ... or once the fleet has settled (at most this fraction of it came or
+#: went since the last look) ...
+SETTLED_CHANGE_FRACTION = 0.01
+#: ... with at least this fraction of it not frozen yet.
 SETTLED_UNFROZEN_FRACTION = 0.05
 #: Collect in full once this fraction of the frozen agents have left ...
 REFRESH_FRACTION = 0.25
@@ -109,9 +112,14 @@ class HeapFreezer:
     def check(self) -> None:
         """Unfreeze and collect in full if due, then freeze if due."""
         if not self._gc.isenabled():
+            self._last_look = frozenset()
             return  # the application manages collections itself
         connected = self._connected()
-        previous_look, self._last_look = self._last_look, frozenset(connected)
+        look = frozenset(connected)
+        changed = len(look.symmetric_difference(self._last_look))
+        # Replaced before anything is collected: the last look may hold the
+        # links of sessions that ended since, which must not outlive them.
+        self._last_look = look
         now = trio.current_time()
         collected_in_full = False
         if self._frozen and now - self._last_full_collection >= MIN_SECONDS_BETWEEN_FULL_COLLECTIONS:
@@ -124,9 +132,9 @@ class HeapFreezer:
         if len(connected) < self._min_agents:
             return
         if self._frozen and len(connected) < self._frozen_count * GROWTH:
-            if self._last_look != previous_look:
+            if changed > len(look) * SETTLED_CHANGE_FRACTION:
                 return  # still changing: wait until it has grown, or settled
-            unfrozen = len(self._last_look.difference(self._frozen))
+            unfrozen = len(look.difference(self._frozen))
             if unfrozen < len(connected) * SETTLED_UNFROZEN_FRACTION:
                 return
         if self._frozen:
