@@ -150,7 +150,7 @@ async def run_server(args: argparse.Namespace) -> None:
         # The agent processes' CPU until now is their start-up and handshakes.
         connect_cpu = [cpu_seconds(os.getpid()) - server_cpu_at_start, *(cpu_seconds(p.pid) for p in procs)]
         with trio.fail_after(args.connect_timeout):
-            for proc in procs:  # each has frozen its heap (its full collection is over)
+            for proc in procs:  # each is ready: its agents connected, its heap frozen (unless told not to)
                 if not await proc.stdout.receive_some(64):
                     raise RuntimeError(f"agent process {proc.pid} exited before it was ready")
         await trio.sleep(0.5)

@@ -1,5 +1,6 @@
 """Server limits: queued commands per agent, unfinished commands, connected
-agents, the HELLO rate and handshakes in progress. Each refuses with a clear error and creates nothing.
+agents, the HELLO rate and handshakes in progress. Each refuses with a
+clear error and creates nothing.
 
 Unit tests drive the manager on a virtual clock with recording sessions (see
 test_manager); the HELLO flood runs over real QUIC.
@@ -341,7 +342,10 @@ class _SilentClients:
             header = pull_quic_header(Buffer(data=data), host_cid_length=8)
             self._retries += header.packet_type == QuicPacketType.RETRY
 
-    def close(self) -> None:
+    def __enter__(self) -> "_SilentClients":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
         self.sock.close()
 
 
@@ -363,8 +367,7 @@ async def test_unproven_connections_beyond_half_the_handshake_limit_get_a_retry(
     cert, _key = dev_cert
     async with _server(dev_cert, max_handshakes=4) as (server, address, _nursery):
         endpoint = server.endpoint
-        with trio.fail_after(30):
-            silent = _SilentClients()
+        with trio.fail_after(30), _SilentClients() as silent:
             silent.dial(address, cert, 5)
             await wait_until(lambda: len(endpoint.sessions) + endpoint.admission.deferred == 5)
             # Two handshakes started (half the limit: their addresses are
@@ -378,7 +381,6 @@ async def test_unproven_connections_beyond_half_the_handshake_limit_get_a_retry(
             silent.dial(address, cert, 1)
             await wait_until(lambda: len(endpoint.sessions) == 3)
             assert endpoint.admission.deferred == 3
-        silent.close()
 
 
 async def test_handshakes_from_unproven_addresses_do_not_keep_a_real_agent_out(dev_cert):
@@ -388,22 +390,21 @@ async def test_handshakes_from_unproven_addresses_do_not_keep_a_real_agent_out(d
     cert, _key = dev_cert
     with trio.fail_after(20):
         async with _server(dev_cert, max_handshakes=2) as (server, address, nursery):
-            silent = _SilentClients()
-            silent.dial(address, cert, 3)
-            await wait_until(lambda: silent.retries() == 2)
-            assert len(server.endpoint.sessions) == 1
-            agent = Agent("real", address, ca_file=cert)
-            dialled_at = trio.current_time()
-            nursery.start_soon(agent.run)
-            await agent.wait_connected()
-            # At once: not after the unproven handshake's slot ran out.
-            assert trio.current_time() - dialled_at < HANDSHAKE_SLOT_SECONDS / 2
-            assert agent.sessions_established == 1
-            # The silent ones' two, and the agent's first Initial (or more,
-            # should it resend before the Retry reaches it).
-            assert server.endpoint.admission.deferred >= 3
-            assert (await server.manager.send_and_wait("real", "echo", "in")).result == "in"
-            silent.close()
+            with _SilentClients() as silent:
+                silent.dial(address, cert, 3)
+                await wait_until(lambda: silent.retries() == 2)
+                assert len(server.endpoint.sessions) == 1
+                agent = Agent("real", address, ca_file=cert)
+                dialled_at = trio.current_time()
+                nursery.start_soon(agent.run)
+                await agent.wait_connected()
+                # At once: not after the unproven handshake's slot ran out.
+                assert trio.current_time() - dialled_at < HANDSHAKE_SLOT_SECONDS / 2
+                assert agent.sessions_established == 1
+                # The silent ones' two, and the agent's first Initial (or more,
+                # should it resend before the Retry reaches it).
+                assert server.endpoint.admission.deferred >= 3
+                assert (await server.manager.send_and_wait("real", "echo", "in")).result == "in"
 
 
 async def test_agents_dialling_at_once_beyond_the_handshake_limit_all_connect(dev_cert):

@@ -27,7 +27,11 @@ def server_quic_configuration(
 
 
 class CommandServer:
-    """Accepts agents over QUIC and serves them commands from ``manager``."""
+    """Accepts agents over QUIC and serves them commands from ``manager``.
+
+    At most ``max_handshakes`` QUIC handshakes are in progress at once (see
+    :mod:`trio_quiccmd.quic.admission`).
+    """
 
     def __init__(
         self,
@@ -42,7 +46,6 @@ class CommandServer:
         #: How often the agent token file is checked for changes (revocations
         #: close connected agents within this).
         self.credential_check_interval = credential_check_interval
-        #: ``max_handshakes``: QUIC handshakes in progress at once (see quic/admission.py).
         self.endpoint = QuicEndpoint(
             quic_configuration, manager.registry.new_link,
             max_frame_size=max_frame_size, max_handshakes=max_handshakes,
