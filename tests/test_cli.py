@@ -1,0 +1,288 @@
+"""The operator CLI, ``python -m trio_quiccmd.cli``, as an operator runs it.
+
+Against a real server and agent (the subprocesses of test_e2e), each CLI call
+is a subprocess too: what counts is what it prints and its exit status. Bad
+usage, which never reaches a server, is checked in-process through ``main``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import trio
+
+from trio_quiccmd import cli
+
+from .processes import clean_env, spawn
+from .test_e2e import CLIENT_ID, TIMEOUT, Stack, running_stack
+
+
+async def run_cli(
+    stack: Stack, *args: str, env: dict[str, str] | None = None, stdin: bytes = b""
+) -> SimpleNamespace:
+    """One ``python -m trio_quiccmd.cli`` run against ``stack``'s API; its exit status and output."""
+    host, port = stack.http_address
+    result = await trio.run_process(
+        [sys.executable, "-m", "trio_quiccmd.cli", *args],
+        cwd=str(stack.directory),
+        env=clean_env({"QUICCMD_API_URL": f"http://{host}:{port}", **(env or {})}),
+        stdin=stdin, capture_stdout=True, capture_stderr=True, check=False,
+    )
+    out = SimpleNamespace(
+        status=result.returncode, stdout=result.stdout.decode(), stderr=result.stderr.decode()
+    )
+    assert "Traceback" not in out.stderr, out.stderr
+    return out
+
+
+async def api_command(stack: Stack, command_id: str) -> dict:
+    return (await stack.request("GET", f"/api/command/{command_id}")).json()
+
+
+async def test_send_and_wait_prints_the_result_or_says_why_not(tmp_path: Path):
+    async with running_stack(tmp_path) as stack:
+        with trio.fail_after(TIMEOUT):
+            done = await run_cli(stack, "send", CLIENT_ID, "echo", '{"text": "héllo", "n": [1, 2]}', "--wait")
+            assert done.status == 0, done
+            assert json.loads(done.stdout) == {"text": "héllo", "n": [1, 2]}
+            assert done.stderr.startswith("Waiting for command "), done.stderr
+
+            # The executor raised: exit 1, and the reason on stderr.
+            failed = await run_cli(stack, "send", CLIENT_ID, "fail", '{"message": "disk full"}', "--wait")
+            assert failed.status == cli.EXIT_COMMAND_NOT_COMPLETED, failed
+            assert failed.stdout == ""
+            assert "Command failed command_id=" in failed.stderr
+            assert "error_code=executor_error error='disk full'" in failed.stderr
+
+            # The deadline passed first.
+            late = await run_cli(stack, "send", CLIENT_ID, "sleep", '{"seconds": 5}', "--timeout", "0.3", "--wait")
+            assert late.status == cli.EXIT_COMMAND_NOT_COMPLETED, late
+            assert "Command timeout " in late.stderr and "error_code=execution_timeout" in late.stderr
+
+            # No such agent: the command exists, failed at once (409), with or without --wait.
+            offline = await run_cli(stack, "send", "nobody", "echo", "--json")
+            assert offline.status == cli.EXIT_COMMAND_NOT_COMPLETED, offline
+            command = json.loads(offline.stdout)
+            assert (command["status"], command["error_code"]) == ("failed", "agent_offline")
+            assert f"command_id={command['command_id']} client_id=nobody error_code=agent_offline" in offline.stderr
+
+            # --json with --wait: the whole command, whatever its end.
+            whole = await run_cli(stack, "send", CLIENT_ID, "echo", "--payload-file", "-", "--wait", "--json",
+                                  stdin=b'{"from": "stdin"}')
+            assert whole.status == 0, whole
+            command = json.loads(whole.stdout)
+            assert command["status"] == "completed" and command["result"] == {"from": "stdin"}
+            assert command == await api_command(stack, command["command_id"])
+
+
+async def test_send_get_list_cancel_and_clients(tmp_path: Path):
+    async with running_stack(tmp_path) as stack:
+        with trio.fail_after(TIMEOUT):
+            sent = await run_cli(stack, "send", CLIENT_ID, "sleep", '{"seconds": 30}', "--priority", "3")
+            assert sent.status == 0, sent
+            command_id = sent.stdout.strip()  # just the id: id=$(... send ...) works
+            assert (await api_command(stack, command_id))["status"] == "executing"
+
+            shown = await run_cli(stack, "get", command_id)
+            assert shown.status == 0, shown
+            block = dict(line.split(None, 1) for line in shown.stdout.splitlines())
+            assert block["command_id"] == command_id
+            assert (block["client_id"], block["command_type"], block["status"]) == (CLIENT_ID, "sleep", "executing")
+            assert (block["priority"], block["payload"]) == ("3", '{"seconds": 30}')
+            assert block["completed_at"] == "-"
+
+            # A long poll that ends before the command does shows it as it is.
+            polled = await run_cli(stack, "get", command_id, "--wait", "0.2", "--json")
+            assert json.loads(polled.stdout)["status"] == "executing"
+
+            quick = await run_cli(stack, "send", CLIENT_ID, "echo")
+            listed = await run_cli(stack, "list", "--client", CLIENT_ID)
+            assert listed.status == 0, listed
+            lines = listed.stdout.splitlines()
+            assert lines[0].split() == ["COMMAND_ID", "CLIENT_ID", "TYPE", "STATUS", "CREATED_AT", "ERROR_CODE"]
+            assert [line.split()[0] for line in lines[1:]] == [quick.stdout.strip(), command_id]  # newest first
+
+            page = await run_cli(stack, "list", "--status", "executing", "--json")
+            assert [c["command_id"] for c in json.loads(page.stdout)["commands"]] == [command_id]
+            first = await run_cli(stack, "list", "--limit", "1")
+            assert f"(more: add --cursor {quick.stdout.strip()})" in first.stderr
+            second = await run_cli(stack, "list", "--limit", "1", "--cursor", quick.stdout.strip(), "--json")
+            assert [c["command_id"] for c in json.loads(second.stdout)["commands"]] == [command_id]
+
+            cancelled = await run_cli(stack, "cancel", command_id, "--reason", "wrong host")
+            assert cancelled.status == 0, cancelled
+            assert "status        cancelled" in cancelled.stdout
+            assert "error         cancelled: wrong host" in cancelled.stdout
+            assert (await api_command(stack, command_id))["status"] == "cancelled"
+            again = await run_cli(stack, "cancel", command_id)
+            assert again.status == cli.EXIT_REFUSED, again
+            assert "already_finished: command " in again.stderr and "(HTTP 409)" in again.stderr
+
+            clients = await run_cli(stack, "clients")
+            rows = [line.split() for line in clients.stdout.splitlines()]
+            assert rows[0] == ["CLIENT_ID", "REMOTE_ADDRESS", "CONNECTED_AT", "IN_FLIGHT", "QUEUED", "LABELS"]
+            assert [(r[0], r[-1]) for r in rows[1:]] == [(CLIENT_ID, "env=test")]
+
+            audit = await run_cli(stack, "audit", "--action", "cancel", "--json")
+            entries = json.loads(audit.stdout)["entries"]
+            assert [(e["command_id"], e["outcome"]) for e in entries] == [
+                (command_id, "refused"), (command_id, "accepted"),
+            ]
+
+
+async def test_bad_input_gets_a_clear_error_and_sends_nothing(tmp_path: Path):
+    async with running_stack(tmp_path) as stack:
+        with trio.fail_after(TIMEOUT):
+            # Refused by the CLI itself (exit 2): nothing reaches the server.
+            for args, message in [
+                (("send", CLIENT_ID, "echo", "{not json"), "the payload is not valid JSON"),
+                (("send", CLIENT_ID, "echo", '{"x": NaN}'), "NaN is not JSON"),
+                (("send", CLIENT_ID, "echo", "{}", "--payload-file", "p.json"), "not both"),
+                (("send", CLIENT_ID, "echo", "--payload-file", "missing.json"), "cannot read it"),
+                (("send", CLIENT_ID, "echo", "--timeout", "inf"), "not a finite number of seconds"),
+                (("send", CLIENT_ID, "echo", "--priority", "high"), "invalid int value"),
+                (("list", "--status", "done"), "invalid choice: 'done'"),
+                (("clients", "--api-url", "ftp://localhost"), "the scheme must be http or https"),
+            ]:
+                result = await run_cli(stack, *args)
+                assert result.status == cli.EXIT_USAGE, (args, result)
+                assert message in result.stderr, (args, result.stderr)
+            # Refused by the server (exit 3), with its code and message.
+            negative = await run_cli(stack, "send", CLIENT_ID, "echo", "--timeout", "-1")
+            assert negative.status == cli.EXIT_REFUSED, negative
+            assert "invalid_command: timeout must be greater than 0 seconds (HTTP 400)" in negative.stderr
+            unknown = await run_cli(stack, "get", "no-such-id")
+            assert unknown.status == cli.EXIT_REFUSED
+            assert "not_found: no command with id 'no-such-id' (HTTP 404)" in unknown.stderr
+            limit = await run_cli(stack, "list", "--limit", "5000")
+            assert limit.status == cli.EXIT_REFUSED and "invalid_request: limit must be" in limit.stderr
+
+            assert (await stack.request("GET", "/api/commands")).json()["commands"] == []
+
+
+async def test_an_interrupted_wait_names_the_command_which_goes_on(tmp_path: Path):
+    async with running_stack(tmp_path) as stack:
+        host, port = stack.http_address
+        async with spawn(
+            [sys.executable, "-m", "trio_quiccmd.cli", "--api-url", f"{host}:{port}",
+             "send", CLIENT_ID, "sleep", '{"seconds": 30}', "--wait"],
+            cwd=stack.directory, name="cli",
+        ) as waiting:
+            with trio.fail_after(TIMEOUT):
+                line = await waiting.stderr.wait_for("Waiting for command ")
+                command_id = line.split()[3]
+                waiting.process.send_signal(signal.SIGINT)
+                assert await waiting.process.wait() == cli.EXIT_INTERRUPTED
+                await waiting.stderr.closed.wait()
+        assert (
+            f"interrupted; command {command_id} was accepted and goes on: see it with "
+            f"'python -m trio_quiccmd.cli get {command_id} --wait 60'"
+        ) in str(waiting.stderr)
+        assert "Traceback" not in str(waiting.stderr)
+        with trio.fail_after(TIMEOUT):
+            assert (await api_command(stack, command_id))["status"] == "executing"
+            stopped = await run_cli(stack, "cancel", command_id)
+            assert stopped.status == 0, stopped
+
+
+async def test_api_tokens_from_a_file_or_the_environment(tmp_path: Path):
+    def create(name: str, role: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "trio_quiccmd.server", "api-token", "create", name, "--role", role],
+            cwd=tmp_path, env=clean_env(), capture_output=True, text=True, check=True,
+        ).stdout.strip()
+
+    (tmp_path / "alice.token").write_text(create("alice", "operate") + "\n")
+    reader = create("grafana", "read")
+    async with running_stack(tmp_path) as stack:
+        with trio.fail_after(TIMEOUT):
+            # A token that is sent is checked, on loopback too.
+            bogus = await run_cli(stack, "clients", env={"QUICCMD_API_TOKEN": "not-a-token"})
+            assert bogus.status == cli.EXIT_REFUSED, bogus
+            assert "unauthorized: " in bogus.stderr and "(HTTP 401)" in bogus.stderr
+            assert "the API token comes from --token-file FILE, QUICCMD_API_TOKEN" in bogus.stderr
+
+            alice = await run_cli(stack, "send", CLIENT_ID, "echo", "--wait", "--token-file", "alice.token")
+            assert alice.status == 0, alice
+            by_env = await run_cli(stack, "send", CLIENT_ID, "echo", "--wait",
+                                   env={"QUICCMD_API_TOKEN_FILE": str(tmp_path / "alice.token")})
+            assert by_env.status == 0, by_env
+
+            readonly = await run_cli(stack, "send", CLIENT_ID, "echo", env={"QUICCMD_API_TOKEN": reader})
+            assert readonly.status == cli.EXIT_REFUSED, readonly
+            assert "forbidden: " in readonly.stderr and "(HTTP 403)" in readonly.stderr
+            listed = await run_cli(stack, "audit", "--outcome", "refused", "--json",
+                                   env={"QUICCMD_API_TOKEN": reader})
+            assert [(e["actor"], e["error_code"]) for e in json.loads(listed.stdout)["entries"]] == [
+                ("grafana", "forbidden"),
+            ]
+
+
+# -- without a server -------------------------------------------------------------------
+
+
+def run_main(*argv: str, environ: dict[str, str] | None = None, stdin: str = "") -> SimpleNamespace:
+    streams = cli.Io(io.StringIO(), io.StringIO(), io.StringIO(stdin))
+    status = cli.main(list(argv), environ=environ or {}, io=streams)
+    return SimpleNamespace(status=status, stdout=streams.stdout.getvalue(), stderr=streams.stderr.getvalue())
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_server_that_does_not_answer_is_exit_4_and_says_where():
+    port = closed_port()
+    result = run_main("--api-url", f"127.0.0.1:{port}", "clients")
+    assert result.status == cli.EXIT_UNREACHABLE
+    assert f"cannot reach http://127.0.0.1:{port}/api/clients: connection refused" in result.stderr
+    # Refused before anything was sent: a send says so plainly, without a "may have been accepted".
+    result = run_main("send", "a", "echo", environ={"QUICCMD_API_URL": f"http://127.0.0.1:{port}"})
+    assert result.status == cli.EXIT_UNREACHABLE
+    assert "may have been accepted" not in result.stderr
+
+
+@pytest.mark.parametrize("url, message", [
+    ("http://", "has no host"),
+    ("http://host:99999", "the port is not a number"),
+    ("http://host:8080/?x=1", "without ? or #"),
+    ("gopher://host", "the scheme must be http or https"),
+])
+def test_a_bad_api_url_is_a_usage_error(url: str, message: str):
+    result = run_main("--api-url", url, "clients")
+    assert result.status == cli.EXIT_USAGE
+    assert message in result.stderr
+
+
+def test_token_sources_in_order(tmp_path: Path):
+    empty = tmp_path / "empty.token"
+    empty.write_text("\n")
+    result = run_main("--token-file", str(empty), "clients")
+    assert (result.status, result.stderr.strip()) == (
+        cli.EXIT_USAGE, f"python -m trio_quiccmd.cli: error: --token-file {empty} is empty",
+    )
+    missing = run_main("clients", environ={"QUICCMD_API_TOKEN_FILE": str(tmp_path / "nope")})
+    assert missing.status == cli.EXIT_USAGE
+    assert "QUICCMD_API_TOKEN_FILE" in missing.stderr and "cannot read the token" in missing.stderr
+    # --ca-file only means something for https.
+    result = run_main("--ca-file", "ca.pem", "clients")
+    assert result.status == cli.EXIT_USAGE and "--ca-file is for an https:// API URL" in result.stderr
+
+
+def test_connection_options_go_before_or_after_the_subcommand():
+    parser = cli.build_parser()
+    before = parser.parse_args(["--api-url", "h:1", "--json", "clients"])
+    after = parser.parse_args(["clients", "--api-url", "h:1", "--json"])
+    neither = parser.parse_args(["clients"])
+    assert (before.api_url, before.json) == (after.api_url, after.json) == ("h:1", True)
+    assert (neither.api_url, neither.json) == (None, False)

@@ -1,0 +1,603 @@
+"""``python -m trio_quiccmd.cli``: the operator's command line, a client of the HTTP API.
+
+::
+
+    python -m trio_quiccmd.cli send CLIENT_ID COMMAND_TYPE [PAYLOAD_JSON] [--wait] ...
+    python -m trio_quiccmd.cli get COMMAND_ID [--wait SECONDS]
+    python -m trio_quiccmd.cli list [--client ID] [--status S] [--type T] ...
+    python -m trio_quiccmd.cli cancel COMMAND_ID [--reason TEXT]
+    python -m trio_quiccmd.cli clients
+    python -m trio_quiccmd.cli audit [--actor NAME] [--outcome refused] ...
+
+It speaks to the server's HTTP API (``--api-url``, ``QUICCMD_API_URL``, default
+``http://127.0.0.1:8080``) with the API token from ``--token-file``,
+``QUICCMD_API_TOKEN`` or ``QUICCMD_API_TOKEN_FILE``, if any. It does one
+request at a time and nothing concurrently, so it needs no event loop.
+
+Output is for people by default and JSON with ``--json``, except where a
+script is the likely reader: ``send`` prints the command id, and ``send
+--wait`` prints the command's result (JSON), so ``... send --wait | jq`` works.
+
+Exit status: 0 done (for ``send --wait``: the command completed); 1 the
+command ended but did not complete (failed, timeout or cancelled, including
+an agent that was offline); 2 bad usage (a flag, the payload); 3 the server
+refused the request (its error code and message are printed); 4 the server
+could not be reached or did not answer; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import math
+import os
+import shlex
+import socket
+import ssl
+import sys
+import urllib.parse
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Sequence, TextIO
+
+import attrs
+
+from .model import TERMINAL_STATUSES, CommandStatus
+
+PROG = "python -m trio_quiccmd.cli"
+DEFAULT_API_URL = "http://127.0.0.1:8080"
+
+EXIT_OK = 0
+EXIT_COMMAND_NOT_COMPLETED = 1
+EXIT_USAGE = 2
+EXIT_REFUSED = 3
+EXIT_UNREACHABLE = 4
+EXIT_INTERRUPTED = 130
+
+#: How long one request may take beyond the wait it asked the server for.
+ANSWER_MARGIN = 30.0
+#: The longest single long poll while ``send --wait`` follows a command: the
+#: loop asks again, so this bounds only how long a dead link goes unnoticed.
+LONG_POLL = 60.0
+
+TERMINAL = {status.value for status in TERMINAL_STATUSES}
+
+
+class UsageError(Exception):
+    """Bad input on the command line: nothing was sent."""
+
+
+class ApiError(Exception):
+    """The server answered with a 4xx/5xx ``{"error": {"code", "message"}}``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message} (HTTP {status})")
+        self.status = status
+        self.code = code
+
+
+class Unreachable(Exception):
+    """No answer from the server: refused, timed out, TLS failed or the link broke.
+
+    ``maybe_delivered``: the request may have reached the server (the link
+    broke after it was sent), so a POST may have taken effect.
+    """
+
+    def __init__(self, message: str, *, maybe_delivered: bool) -> None:
+        super().__init__(message)
+        self.maybe_delivered = maybe_delivered
+
+
+class Stopped(Exception):
+    """The CLI stopped before it knew how a request it made ended."""
+
+    def __init__(self, message: str, exit_status: int) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+@attrs.frozen
+class ApiClient:
+    """One HTTP/1.1 request per call, on a fresh connection."""
+
+    base_url: urllib.parse.SplitResult
+    token: str | None = None
+    tls: ssl.SSLContext | None = None
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, Any] | None = None,
+        body: Any = None,
+        answer_within: float = ANSWER_MARGIN,
+        accept: Sequence[int] = (200,),
+    ) -> tuple[int, Any]:
+        """``(status, JSON body)`` for a status in ``accept``; else :class:`ApiError`."""
+        target = self.base_url.path.rstrip("/") + path
+        params = {k: v for k, v in (query or {}).items() if v is not None}
+        if params:
+            target += "?" + urllib.parse.urlencode(params)
+        headers = {"Accept": "application/json", "Connection": "close"}
+        if self.token is not None:
+            headers["Authorization"] = f"Bearer {self.token}"
+        encoded = None
+        if body is not None:
+            encoded = json.dumps(body, allow_nan=False).encode()
+            headers["Content-Type"] = "application/json"
+        host, port = self.base_url.hostname, self.base_url.port
+        connection: http.client.HTTPConnection
+        if self.base_url.scheme == "https":
+            connection = http.client.HTTPSConnection(host, port, timeout=answer_within, context=self.tls)
+        else:
+            connection = http.client.HTTPConnection(host, port, timeout=answer_within)
+        where = urllib.parse.urlunsplit(self.base_url._replace(path=target, query=""))
+        try:
+            try:
+                connection.connect()
+            except OSError as exc:
+                raise Unreachable(f"cannot reach {where}: {_describe(exc)}", maybe_delivered=False) from None
+            try:
+                connection.request(method, target, body=encoded, headers=headers)
+                response = connection.getresponse()
+                raw = response.read()
+            except (OSError, http.client.HTTPException) as exc:
+                raise Unreachable(f"no answer from {where}: {_describe(exc)}", maybe_delivered=True) from None
+        finally:
+            connection.close()
+        document: Any = None
+        if response.headers.get_content_type() == "application/json":
+            try:
+                document = json.loads(raw)
+            except ValueError:
+                document = None
+        if response.status in accept and document is not None:
+            return response.status, document
+        error = document.get("error") if isinstance(document, dict) else None
+        if isinstance(error, dict) and {"code", "message"} <= error.keys():
+            raise ApiError(response.status, str(error["code"]), str(error["message"]))
+        raise ApiError(
+            response.status, "unexpected_answer",
+            f"{where} answered {response.status} {response.reason} without a quiccmd "
+            "JSON body: is this the quiccmd HTTP API?",
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the server running, and is this its --http address?)"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted: {exc.verify_message} (--ca-file?)"
+    return str(exc) or type(exc).__name__
+
+
+# -- reading the command line -------------------------------------------------------------
+
+
+def _parse_api_url(text: str) -> urllib.parse.SplitResult:
+    url = urllib.parse.urlsplit(text if "://" in text else f"http://{text}")
+    if url.scheme not in ("http", "https"):
+        raise UsageError(f"API URL {text!r}: the scheme must be http or https")
+    try:
+        port = url.port
+    except ValueError:
+        raise UsageError(f"API URL {text!r}: the port is not a number from 0 to 65535") from None
+    if not url.hostname:
+        raise UsageError(f"API URL {text!r} has no host")
+    if url.query or url.fragment:
+        raise UsageError(f"API URL {text!r}: give the server's base URL, without ? or #")
+    if port is None:
+        url = url._replace(netloc=f"{url.netloc}:{443 if url.scheme == 'https' else 80}")
+    return url
+
+
+def _read_token(args: argparse.Namespace, environ: dict[str, str]) -> str | None:
+    if args.token_file:
+        source, path = "--token-file", args.token_file
+    elif environ.get("QUICCMD_API_TOKEN"):
+        return environ["QUICCMD_API_TOKEN"].strip()
+    elif environ.get("QUICCMD_API_TOKEN_FILE"):
+        source, path = "QUICCMD_API_TOKEN_FILE", environ["QUICCMD_API_TOKEN_FILE"]
+    else:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{source} {path}: cannot read the token: {exc}") from None
+    if not token:
+        raise UsageError(f"{source} {path} is empty")
+    return token
+
+
+def _client(args: argparse.Namespace, environ: dict[str, str]) -> ApiClient:
+    url = _parse_api_url(args.api_url or environ.get("QUICCMD_API_URL") or DEFAULT_API_URL)
+    tls = None
+    if url.scheme == "https":
+        try:
+            tls = ssl.create_default_context(cafile=args.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"--ca-file {args.ca_file}: {exc}") from None
+    elif args.ca_file:
+        raise UsageError("--ca-file is for an https:// API URL")
+    return ApiClient(url, _read_token(args, environ), tls)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds")
+    return value
+
+
+def _payload(args: argparse.Namespace, stdin: TextIO) -> Any:
+    if args.payload is not None and args.payload_file is not None:
+        raise UsageError("give the payload either as an argument or with --payload-file, not both")
+    if args.payload_file == "-":
+        source, text = "standard input", stdin.read()
+    elif args.payload_file is not None:
+        source = f"--payload-file {args.payload_file}"
+        try:
+            text = Path(args.payload_file).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{source}: cannot read it: {exc}") from None
+    elif args.payload is not None:
+        source, text = "the payload", args.payload
+    else:
+        return {}
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as exc:
+        raise UsageError(f"{source} is not valid JSON: {exc}") from None
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+# -- what is printed ----------------------------------------------------------------------
+
+
+def _dump(document: Any) -> str:
+    return json.dumps(document, indent=2, ensure_ascii=False)
+
+
+def _compact(document: Any) -> str:
+    return json.dumps(document, ensure_ascii=False)
+
+
+def _command_block(command: dict[str, Any]) -> str:
+    rows = [
+        ("command_id", command["command_id"]),
+        ("client_id", command["client_id"]),
+        ("command_type", command["command_type"]),
+        ("status", command["status"]),
+        ("priority", command["priority"]),
+        ("timeout", f"{command['timeout']:g} s (connect_timeout {command['connect_timeout']:g} s)"),
+        ("created_at", command["created_at"]),
+        ("sent_at", command["sent_at"] or "-"),
+        ("completed_at", command["completed_at"] or "-"),
+        ("payload", _compact(command["payload"])),
+    ]
+    if command["status"] == CommandStatus.COMPLETED.value:
+        rows.append(("result", _compact(command["result"])))
+    if command["error_code"] is not None:
+        rows.append(("error", f"{command['error_code']}: {command['error']}"))
+    return "\n".join(f"{name:<13} {value}" for name, value in rows)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [list(header)] + [["-" if v is None or v == "" else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells
+    )
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def _not_completed(command: dict[str, Any]) -> str:
+    return (
+        f"Command {command['status']} command_id={command['command_id']} "
+        f"client_id={command['client_id']} error_code={command['error_code']} "
+        f"error={command['error']!r}"
+    )
+
+
+# -- the subcommands ----------------------------------------------------------------------
+
+
+@attrs.define
+class Io:
+    stdout: TextIO
+    stderr: TextIO
+    stdin: TextIO
+
+
+def cmd_send(args: argparse.Namespace, api: ApiClient, io: Io) -> int:
+    body: dict[str, Any] = {
+        "client_id": args.client_id,
+        "command_type": args.command_type,
+        "payload": _payload(args, io.stdin),
+    }
+    for field in ("timeout", "connect_timeout", "priority"):
+        if getattr(args, field) is not None:
+            body[field] = getattr(args, field)
+    # Sent without the API's own wait, then followed by long polls: the id is
+    # known at once, so an interrupted or broken wait can say which command
+    # it was (the command itself goes on).
+    try:
+        status, command = api.call("POST", "/api/command", body=body, accept=(202, 409))
+    except (Unreachable, KeyboardInterrupt) as exc:
+        if isinstance(exc, Unreachable) and not exc.maybe_delivered:
+            raise
+        why, exit_status = (
+            ("interrupted", EXIT_INTERRUPTED) if isinstance(exc, KeyboardInterrupt)
+            else (str(exc), EXIT_UNREACHABLE)
+        )
+        raise Stopped(
+            f"{why}; the command may have been accepted: look for it with "
+            f"'{PROG} list --client {shlex.quote(args.client_id)} --limit 5'", exit_status,
+        ) from None
+    if status == 409:  # the agent is offline: the command is final already, failed
+        if args.json:
+            print(_dump(command), file=io.stdout)
+        print(_not_completed(command), file=io.stderr)
+        return EXIT_COMMAND_NOT_COMPLETED
+    if args.wait:
+        command = _follow(api, command, io)
+    if args.json:
+        print(_dump(command), file=io.stdout)
+    elif not args.wait:
+        print(command["command_id"], file=io.stdout)
+    elif command["status"] == CommandStatus.COMPLETED.value:
+        print(_dump(command["result"]), file=io.stdout)
+    if args.wait and command["status"] != CommandStatus.COMPLETED.value:
+        print(_not_completed(command), file=io.stderr)
+        return EXIT_COMMAND_NOT_COMPLETED
+    return EXIT_OK
+
+
+def _follow(api: ApiClient, command: dict[str, Any], io: Io) -> dict[str, Any]:
+    command_id = command["command_id"]
+    # A poll never asks for more than the command's longest limit, which the
+    # server accepted, so it is within the server's max_timeout.
+    poll = min(LONG_POLL, max(command["timeout"], command["connect_timeout"]))
+    try:
+        # Said first thing inside the try: from here on, an interrupt names the command.
+        print(f"Waiting for command {command_id} (Ctrl-C stops waiting, not the command)", file=io.stderr)
+        while command["status"] not in TERMINAL:
+            _, command = api.call(
+                "GET", f"/api/command/{urllib.parse.quote(command_id, safe='')}",
+                query={"wait": f"{poll:g}"}, answer_within=poll + ANSWER_MARGIN,
+            )
+    except (KeyboardInterrupt, Unreachable, ApiError) as exc:
+        why, exit_status = {
+            KeyboardInterrupt: ("interrupted", EXIT_INTERRUPTED),
+            Unreachable: (str(exc), EXIT_UNREACHABLE),
+            ApiError: (f"the server refused to say more: {exc}", EXIT_REFUSED),
+        }[type(exc)]
+        raise Stopped(
+            f"{why}; command {command_id} was accepted and goes on: see it with "
+            f"'{PROG} get {shlex.quote(command_id)} --wait 60', "
+            f"stop it with '{PROG} cancel {shlex.quote(command_id)}'",
+            exit_status,
+        ) from None
+    return command
+
+
+def cmd_get(args: argparse.Namespace, api: ApiClient, io: Io) -> int:
+    wait = args.wait or 0.0
+    _, command = api.call(
+        "GET", f"/api/command/{urllib.parse.quote(args.command_id, safe='')}",
+        query={"wait": f"{wait:g}" if wait else None}, answer_within=wait + ANSWER_MARGIN,
+    )
+    print(_dump(command) if args.json else _command_block(command), file=io.stdout)
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace, api: ApiClient, io: Io) -> int:
+    _, page = api.call("GET", "/api/commands", query={
+        "client_id": args.client, "status": args.status, "command_type": args.type,
+        "created_after": args.created_after, "created_before": args.created_before,
+        "limit": args.limit, "cursor": args.cursor,
+    })
+    if args.json:
+        print(_dump(page), file=io.stdout)
+        return EXIT_OK
+    rows = [
+        (c["command_id"], c["client_id"], c["command_type"], c["status"], c["created_at"], c["error_code"])
+        for c in page["commands"]
+    ]
+    print(_table(("COMMAND_ID", "CLIENT_ID", "TYPE", "STATUS", "CREATED_AT", "ERROR_CODE"), rows), file=io.stdout)
+    _more(page, io)
+    return EXIT_OK
+
+
+def _more(page: dict[str, Any], io: Io) -> None:
+    if page.get("next_cursor"):
+        print(f"(more: add --cursor {page['next_cursor']})", file=io.stderr)
+
+
+def cmd_cancel(args: argparse.Namespace, api: ApiClient, io: Io) -> int:
+    body = {"reason": args.reason} if args.reason is not None else None
+    _, command = api.call(
+        "POST", f"/api/command/{urllib.parse.quote(args.command_id, safe='')}/cancel", body=body,
+    )
+    print(_dump(command) if args.json else _command_block(command), file=io.stdout)
+    return EXIT_OK
+
+
+def cmd_clients(args: argparse.Namespace, api: ApiClient, io: Io) -> int:
+    _, document = api.call("GET", "/api/clients")
+    if args.json:
+        print(_dump(document), file=io.stdout)
+        return EXIT_OK
+    rows = [
+        (c["client_id"], c["remote_address"], c["connected_at"], c["in_flight"], c["queued"], _labels(c["labels"]))
+        for c in document["clients"]
+    ]
+    print(_table(("CLIENT_ID", "REMOTE_ADDRESS", "CONNECTED_AT", "IN_FLIGHT", "QUEUED", "LABELS"), rows),
+          file=io.stdout)
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace, api: ApiClient, io: Io) -> int:
+    _, page = api.call("GET", "/api/audit", query={
+        "actor": args.actor, "action": args.action, "client_id": args.client,
+        "command_id": args.command_id, "outcome": args.outcome, "limit": args.limit,
+        "cursor": args.cursor,
+    })
+    if args.json:
+        print(_dump(page), file=io.stdout)
+        return EXIT_OK
+    rows = [
+        (e["at"], e["actor"], e["action"], e["client_id"], e["command_type"], e["command_id"],
+         e["outcome"], e["error_code"], e["remote"])
+        for e in page["entries"]
+    ]
+    print(_table(("AT", "ACTOR", "ACTION", "CLIENT_ID", "TYPE", "COMMAND_ID", "OUTCOME", "ERROR_CODE",
+                  "REMOTE"), rows), file=io.stdout)
+    _more(page, io)
+    return EXIT_OK
+
+
+# -- the parser ---------------------------------------------------------------------------
+
+
+def _connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    # The same options before or after the subcommand: the subcommand's copy
+    # has no default, so it only overrides what was given before it.
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--api-url", metavar="URL", default=default(None),
+        help=f"the server's HTTP API (also QUICCMD_API_URL; default {DEFAULT_API_URL})",
+    )
+    parser.add_argument(
+        "--token-file", metavar="FILE", default=default(None),
+        help="a file holding the API token (also QUICCMD_API_TOKEN, QUICCMD_API_TOKEN_FILE)",
+    )
+    parser.add_argument(
+        "--ca-file", metavar="PEM", default=default(None),
+        help="CA certificates for an https:// API URL (default: the system's)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", default=default(False),
+        help="print the API's JSON answer instead of text for people",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Send commands to agents, follow them and look up the history, "
+        "through the server's HTTP API.",
+        epilog="Exit status: 0 done; 1 the command failed, timed out or was cancelled; "
+        "2 bad usage; 3 the server refused the request; 4 the server did not answer; "
+        "130 interrupted.",
+    )
+    _connection_options(parser, defaults=True)
+    commands = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    _connection_options(common, defaults=False)
+
+    def add(name: str, handler: Callable[..., int], help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    send = add("send", cmd_send, "send a command to an agent; prints its id, or with --wait its result")
+    send.add_argument("client_id", metavar="CLIENT_ID")
+    send.add_argument("command_type", metavar="COMMAND_TYPE")
+    send.add_argument("payload", metavar="PAYLOAD_JSON", nargs="?", help="the payload, JSON (default {})")
+    send.add_argument("--payload-file", metavar="FILE", help="read the payload (JSON) from FILE, - for stdin")
+    send.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                      help="the command's deadline once sent (default: the server's, 30)")
+    send.add_argument("--connect-timeout", type=_seconds, metavar="SECONDS",
+                      help="how long to wait for an offline agent (default 0: fail at once)")
+    send.add_argument("--priority", type=int, metavar="N", help="higher goes first when the agent is busy")
+    send.add_argument("--wait", action="store_true",
+                      help="wait for the command to finish; print its result, exit 1 unless it completed")
+
+    get = add("get", cmd_get, "show one command")
+    get.add_argument("command_id", metavar="COMMAND_ID")
+    get.add_argument("--wait", type=_seconds, metavar="SECONDS",
+                     help="wait up to SECONDS for the command to finish first")
+
+    list_ = add("list", cmd_list, "list commands, newest first")
+    list_.add_argument("--client", metavar="CLIENT_ID")
+    list_.add_argument("--status", choices=[s.value for s in CommandStatus])
+    list_.add_argument("--type", metavar="COMMAND_TYPE")
+    list_.add_argument("--created-after", metavar="TIME", help="RFC 3339, e.g. 2026-11-28T10:00:00Z")
+    list_.add_argument("--created-before", metavar="TIME")
+    list_.add_argument("--limit", type=int, metavar="N", help="at most N (1-1000, default 100)")
+    list_.add_argument("--cursor", metavar="CURSOR", help="the page after this one (printed with the list)")
+
+    cancel = add("cancel", cmd_cancel, "cancel a pending or executing command")
+    cancel.add_argument("command_id", metavar="COMMAND_ID")
+    cancel.add_argument("--reason", metavar="TEXT", help="kept as the command's error")
+
+    add("clients", cmd_clients, "list the connected agents")
+
+    audit = add("audit", cmd_audit, "the audit log of sends and cancels, newest first")
+    audit.add_argument("--actor", metavar="NAME", help="an API token's name, or anonymous")
+    audit.add_argument("--action", choices=["send", "cancel"])
+    audit.add_argument("--client", metavar="CLIENT_ID")
+    audit.add_argument("--command-id", metavar="COMMAND_ID")
+    audit.add_argument("--outcome", choices=["accepted", "refused"])
+    audit.add_argument("--limit", type=int, metavar="N")
+    audit.add_argument("--cursor", metavar="CURSOR")
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    environ: dict[str, str] | None = None,
+    io: Io | None = None,
+) -> int:
+    """Run one subcommand; returns the exit status (see the module docstring)."""
+    io = io or Io(sys.stdout, sys.stderr, sys.stdin)
+    environ = dict(os.environ if environ is None else environ)
+    args = build_parser().parse_args(argv)
+    try:
+        api = _client(args, environ)
+        return args.handler(args, api, io)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=io.stderr)
+        return EXIT_USAGE
+    except ApiError as exc:
+        print(f"{PROG}: error: {exc}", file=io.stderr)
+        if exc.status == 401:
+            print("(the API token comes from --token-file FILE, QUICCMD_API_TOKEN or QUICCMD_API_TOKEN_FILE)", file=io.stderr)
+        return EXIT_REFUSED
+    except Unreachable as exc:
+        print(f"{PROG}: error: {exc}", file=io.stderr)
+        return EXIT_UNREACHABLE
+    except Stopped as exc:
+        print(f"{PROG}: {exc}", file=io.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=io.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (``| head``): not an error of ours. Point
+        # stdout at /dev/null so the interpreter's final flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = EXIT_OK
+    sys.exit(status)
