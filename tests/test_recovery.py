@@ -77,8 +77,10 @@ async def test_pending_and_executing_commands_are_taken_up_after_a_restart(db):
             assert sent_ids(session) == [running.command_id]
             assert session.commands()[0].timeout == pytest.approx(30, abs=2)
             answer(link, session, running.command_id, "slept")
-            # The offline agent connects: its queued command goes out.
+            # The offline agent connects: its queued command goes out, once
+            # stored as executing on this agent process.
             link2, session2 = connect(manager, "c2", instance="j1")
+            await wait_all_stored(manager)
             assert sent_ids(session2) == [queued.command_id]
             answer(link2, session2, queued.command_id, "q")
             final = {
@@ -233,6 +235,31 @@ async def test_a_command_is_sent_to_its_agent_only_once_it_is_stored(db, monkeyp
             assert (row["status"], row["sent_to"]) == ("executing", "i1")
 
 
+async def test_a_command_taken_from_the_queue_is_sent_only_once_stored_as_executing(db, monkeypatch):
+    # Found in review: a queued command went out when a slot freed, and its
+    # "executing" was committed only later; a crash in between left it
+    # pending, and the restarted server sent it again (to whichever process
+    # of the agent connected next).
+    with trio.fail_after(10):
+        async with server_run(db, max_in_flight_per_agent=1) as manager:
+            link, session = connect(manager, "c1", instance="i1")
+            first = await manager.send_command("c1", "echo", 1, timeout=30)
+            queued = await manager.send_command("c1", "echo", 2, timeout=30)
+            assert queued.status is CommandStatus.PENDING
+            async with held_commits(monkeypatch) as held:
+                answer(link, session, first.command_id)
+                await trio.testing.wait_all_tasks_blocked()
+                assert sent_ids(session) == [first.command_id]  # its slot is free, but not stored yet
+                held.release.set()
+                await wait_all_stored(manager)
+            assert sent_ids(session) == [first.command_id, queued.command_id]
+            columns = sqlite_store._COLUMNS.split(", ")
+            rows = [dict(zip(columns, row)) for row in held.rows if row[0] == queued.command_id]
+            assert [(row["status"], row["sent_to"]) for row in rows] == [("executing", "i1")]
+            answer(link, session, queued.command_id, "two")
+            assert (await manager.get_command(queued.command_id)).result == "two"
+
+
 async def test_the_agents_window_holds_with_commands_being_stored(db):
     with trio.fail_after(10):
         async with server_run(db, max_in_flight_per_agent=2) as manager:
@@ -342,6 +369,7 @@ async def test_a_queued_command_the_new_policy_forbids_is_not_sent_after_a_resta
         tightened = CommandPolicy(rules=(AllowRule(labels={}, command_types=frozenset({"echo"})),))
         async with server_run(db, policy=tightened) as manager:
             link, session = connect(manager, "c1", instance="i1")
+            await wait_all_stored(manager)
             assert sent_ids(session) == [also_queued.command_id]
             refused = await manager.get_command(allowed.command_id)
             assert (refused.status, refused.error_code) == (CommandStatus.FAILED, "policy_denied")

@@ -1041,6 +1041,7 @@ class CommandManager:
         # Commands stored as executing but not sent yet hold their places.
         window = self.settings.max_in_flight_per_agent - len(self._unsent.get(client_id, ()))
         now = trio.current_time()
+        durable = self.store.durable
         if resend:
             while resend and link.in_flight < window and link.can_send:
                 command_id = next(iter(resend))
@@ -1076,9 +1077,20 @@ class CommandManager:
             if self._policy_recheck and command_id in self._policy_recheck:
                 if not self._allowed_now(command, link):
                     continue
-            link.send_command(command, command.timeout)
             self._unqueued(client_id)
-            self._announce_sent(self._start(command, link, now))
+            command = self._start(command, link, now)
+            if durable:
+                # Sent once stored as executing on this agent process, as a
+                # command sent at once is: a crash right after it went out
+                # must not find it pending, which would send it again (to
+                # another process of the agent, too).
+                self._staged_sends.append((client_id, command_id))
+                self._unsent.setdefault(client_id, set()).add(command_id)
+                self._staging_wake.set()
+                window -= 1
+            else:
+                link.send_command(command, command.timeout)
+                self._announce_sent(command)
         if not queue:
             # (A refused recovered command may have pruned it already.)
             self._queues.pop(client_id, None)
