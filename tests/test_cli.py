@@ -13,8 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable, Iterator
 
 import pytest
 import trio
@@ -41,6 +45,12 @@ async def run_cli(
     )
     assert "Traceback" not in out.stderr, out.stderr
     return out
+
+
+RUN_WITH_SIGINT = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'trio_quiccmd.cli'; runpy.run_module('trio_quiccmd.cli', run_name='__main__')"
+)
 
 
 async def api_command(stack: Stack, command_id: str) -> dict:
@@ -73,6 +83,16 @@ async def test_send_and_wait_prints_the_result_or_says_why_not(tmp_path: Path):
             command = json.loads(offline.stdout)
             assert (command["status"], command["error_code"]) == ("failed", "agent_offline")
             assert f"command_id={command['command_id']} client_id=nobody error_code=agent_offline" in offline.stderr
+
+            offline_waited = await run_cli(stack, "send", "nobody", "echo", "--wait")
+            assert offline_waited.status == cli.EXIT_COMMAND_NOT_COMPLETED, offline_waited
+            assert (offline_waited.stdout, offline_waited.stderr.count("error_code=agent_offline")) == ("", 1)
+
+            # The payload may follow the options, or be given as one (for a payload that starts with -).
+            after = await run_cli(stack, "send", CLIENT_ID, "echo", "--wait", '{"a": 1}')
+            assert (after.status, json.loads(after.stdout)) == (0, {"a": 1}), after
+            negative = await run_cli(stack, "send", CLIENT_ID, "echo", "--payload=-1", "--wait")
+            assert (negative.status, json.loads(negative.stdout)) == (0, -1), negative
 
             # --json with --wait: the whole command, whatever its end.
             whole = await run_cli(stack, "send", CLIENT_ID, "echo", "--payload-file", "-", "--wait", "--json",
@@ -145,9 +165,16 @@ async def test_bad_input_gets_a_clear_error_and_sends_nothing(tmp_path: Path):
             for args, message in [
                 (("send", CLIENT_ID, "echo", "{not json"), "the payload is not valid JSON"),
                 (("send", CLIENT_ID, "echo", '{"x": NaN}'), "NaN is not JSON"),
-                (("send", CLIENT_ID, "echo", "{}", "--payload-file", "p.json"), "not both"),
+                (("send", CLIENT_ID, "echo", "{}", "--payload-file", "p.json"), "give the payload once"),
                 (("send", CLIENT_ID, "echo", "--payload-file", "missing.json"), "cannot read it"),
                 (("send", CLIENT_ID, "echo", "--timeout", "inf"), "not a finite number of seconds"),
+                (("send", CLIENT_ID, "echo", "--timeout", "-1"), "-1 seconds: must be greater than 0"),
+                (("send", CLIENT_ID, "echo", "--connect-timeout", "-1"), "must be at least 0"),
+                (("get", "x", "--wait", "-5"), "-5 seconds: must be at least 0"),
+                (("send", CLIENT_ID, "echo", '{"x": 1e999}'), "1e999 is out of range for a number"),
+                (("send", CLIENT_ID, "echo", "[" * 100_000), "is nested too deeply"),
+                (("send", CLIENT_ID, "echo", "{}", "--payload", "{}"), "give the payload once"),
+                (("send", CLIENT_ID, "echo", "{}", "extra"), "unrecognized arguments: extra"),
                 (("send", CLIENT_ID, "echo", "--priority", "high"), "invalid int value"),
                 (("list", "--status", "done"), "invalid choice: 'done'"),
                 (("clients", "--api-url", "ftp://localhost"), "the scheme must be http or https"),
@@ -155,10 +182,17 @@ async def test_bad_input_gets_a_clear_error_and_sends_nothing(tmp_path: Path):
                 result = await run_cli(stack, *args)
                 assert result.status == cli.EXIT_USAGE, (args, result)
                 assert message in result.stderr, (args, result.stderr)
+            not_utf8 = await run_cli(stack, "send", CLIENT_ID, "echo", "--payload-file", "-", stdin=b'"\xff"')
+            assert not_utf8.status == cli.EXIT_USAGE and "is not UTF-8" in not_utf8.stderr, not_utf8
+            # A token with a line break would be sent as a broken header: refused, and not echoed.
+            two_lines = await run_cli(stack, "clients", env={"QUICCMD_API_TOKEN": "secret-one\nsecret-two"})
+            assert two_lines.status == cli.EXIT_USAGE, two_lines
+            assert "QUICCMD_API_TOKEN is not one API token" in two_lines.stderr
+            assert "secret" not in two_lines.stderr
             # Refused by the server (exit 3), with its code and message.
-            negative = await run_cli(stack, "send", CLIENT_ID, "echo", "--timeout", "-1")
-            assert negative.status == cli.EXIT_REFUSED, negative
-            assert "invalid_command: timeout must be greater than 0 seconds (HTTP 400)" in negative.stderr
+            too_long = await run_cli(stack, "send", CLIENT_ID, "echo", "--timeout", "100000")
+            assert too_long.status == cli.EXIT_REFUSED, too_long
+            assert "invalid_command: timeout must be at most" in too_long.stderr and "(HTTP 400)" in too_long.stderr
             unknown = await run_cli(stack, "get", "no-such-id")
             assert unknown.status == cli.EXIT_REFUSED
             assert "not_found: no command with id 'no-such-id' (HTTP 404)" in unknown.stderr
@@ -171,8 +205,10 @@ async def test_bad_input_gets_a_clear_error_and_sends_nothing(tmp_path: Path):
 async def test_an_interrupted_wait_names_the_command_which_goes_on(tmp_path: Path):
     async with running_stack(tmp_path) as stack:
         host, port = stack.http_address
+        # SIGINT's default action restored first: a test run started in the
+        # background inherits it ignored, and so would the CLI.
         async with spawn(
-            [sys.executable, "-m", "trio_quiccmd.cli", "--api-url", f"{host}:{port}",
+            [sys.executable, "-c", RUN_WITH_SIGINT, "--api-url", f"{host}:{port}",
              "send", CLIENT_ID, "sleep", '{"seconds": 30}', "--wait"],
             cwd=stack.directory, name="cli",
         ) as waiting:
@@ -182,15 +218,43 @@ async def test_an_interrupted_wait_names_the_command_which_goes_on(tmp_path: Pat
                 waiting.process.send_signal(signal.SIGINT)
                 assert await waiting.process.wait() == cli.EXIT_INTERRUPTED
                 await waiting.stderr.closed.wait()
+        # What to run next, against the same server.
         assert (
             f"interrupted; command {command_id} was accepted and goes on: see it with "
-            f"'python -m trio_quiccmd.cli get {command_id} --wait 60'"
+            f"'python -m trio_quiccmd.cli --api-url {host}:{port} get {command_id} --wait 60', "
+            f"stop it with 'python -m trio_quiccmd.cli --api-url {host}:{port} cancel {command_id}'"
         ) in str(waiting.stderr)
         assert "Traceback" not in str(waiting.stderr)
         with trio.fail_after(TIMEOUT):
             assert (await api_command(stack, command_id))["status"] == "executing"
             stopped = await run_cli(stack, "cancel", command_id)
             assert stopped.status == 0, stopped
+
+
+async def test_what_people_read_is_escaped_and_a_closed_pipe_keeps_the_verdict(tmp_path: Path):
+    async with running_stack(tmp_path) as stack:
+        with trio.fail_after(TIMEOUT):
+            command_id = (await run_cli(stack, "send", CLIENT_ID, "sleep", '{"seconds": 30}')).stdout.strip()
+            forged = "line1\nstatus        completed\x1b[31m"
+            cancelled = await run_cli(stack, "cancel", command_id, "--reason", forged)
+            assert cancelled.status == 0, cancelled
+            shown = (await run_cli(stack, "get", command_id)).stdout
+            assert "error         cancelled: line1\\x0astatus        completed\\x1b[31m" in shown
+            assert "\x1b" not in shown
+            assert [line for line in shown.splitlines() if line.startswith("status")] == ["status        cancelled"]
+
+            # stdout's reader is gone before anything is written: the failed
+            # command is still told on stderr, and the status is SIGPIPE's.
+            host, port = stack.http_address
+            process = subprocess.Popen(
+                [sys.executable, "-m", "trio_quiccmd.cli", "--api-url", f"{host}:{port}",
+                 "send", CLIENT_ID, "fail", "--wait", "--json"],
+                cwd=stack.directory, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )
+            process.stdout.close()
+            _, stderr = await trio.to_thread.run_sync(process.communicate)
+            assert process.returncode == 141, stderr
+            assert b"Command failed command_id=" in stderr and b"Traceback" not in stderr
 
 
 async def test_api_tokens_from_a_file_or_the_environment(tmp_path: Path):
@@ -241,6 +305,95 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextmanager
+def fake_server(answer: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A TCP server on loopback that reads one request and lets ``answer`` respond; its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    requests: list[bytes] = []
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            requests.append(connection.recv(65536))
+            answer(connection)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+        thread.join(5)
+
+
+def proxy_error_page(connection: socket.socket) -> None:
+    body = b"<html><body>502 Bad Gateway</body></html>"
+    connection.sendall(
+        b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(body), body)
+    )
+
+
+def cut_short(connection: socket.socket) -> None:
+    connection.sendall(
+        b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+        b'{"command_id": "01a2'
+    )
+
+
+def hang_up(connection: socket.socket) -> None:
+    pass
+
+
+@pytest.mark.parametrize("answer, why", [
+    (proxy_error_page, "answered 502 Bad Gateway without a quiccmd JSON answer"),
+    (cut_short, "no answer from"),
+    (hang_up, "no answer from"),
+])
+def test_a_send_without_a_clear_answer_may_have_been_accepted(answer, why):
+    with fake_server(answer) as port:
+        result = run_main("--api-url", f"127.0.0.1:{port}", "send", "web 1", "echo")
+    assert result.status == cli.EXIT_UNREACHABLE, result
+    assert why in result.stderr
+    # Where to look, against the same server, the id quoted for the shell.
+    assert (
+        f"the command may have been accepted: look for it with 'python -m trio_quiccmd.cli "
+        f"--api-url 127.0.0.1:{port} list --client 'web 1' --limit 5'"
+    ) in result.stderr
+
+
+def test_an_answer_that_trickles_is_cut_at_the_deadline():
+    def trickle(connection: socket.socket) -> None:
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n")
+        for _ in range(200):
+            try:
+                connection.sendall(b" ")
+            except OSError:
+                return
+            time.sleep(0.02)
+
+    with fake_server(trickle) as port:
+        api = cli.ApiClient(cli._parse_api_url(f"127.0.0.1:{port}"))
+        started = time.monotonic()
+        with pytest.raises(cli.Unreachable, match="timed out"):
+            api.call("GET", "/api/clients", answer_within=0.5)
+        assert time.monotonic() - started < 2
+
+
+def test_an_answer_of_a_shape_it_does_not_know_is_an_internal_error_not_a_failed_command():
+    def odd(connection: socket.socket) -> None:
+        body = b'{"clients": [{"name": "x"}]}'
+        connection.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+
+    with fake_server(odd) as port:
+        result = run_main("--api-url", f"127.0.0.1:{port}", "clients")
+    assert result.status == cli.EXIT_INTERNAL
+    assert "internal error (please report it)" in result.stderr and "KeyError" in result.stderr
+
+
 def test_a_server_that_does_not_answer_is_exit_4_and_says_where():
     port = closed_port()
     result = run_main("--api-url", f"127.0.0.1:{port}", "clients")
@@ -257,11 +410,13 @@ def test_a_server_that_does_not_answer_is_exit_4_and_says_where():
     ("http://host:99999", "the port is not a number"),
     ("http://host:8080/?x=1", "without ? or #"),
     ("gopher://host", "the scheme must be http or https"),
+    ("http://admin:hunter2@host", "holds a user name or password"),
 ])
 def test_a_bad_api_url_is_a_usage_error(url: str, message: str):
     result = run_main("--api-url", url, "clients")
     assert result.status == cli.EXIT_USAGE
     assert message in result.stderr
+    assert "hunter2" not in result.stderr
 
 
 def test_token_sources_in_order(tmp_path: Path):

@@ -22,7 +22,8 @@ Exit status: 0 done (for ``send --wait``: the command completed); 1 the
 command ended but did not complete (failed, timeout or cancelled, including
 an agent that was offline); 2 bad usage (a flag, the payload); 3 the server
 refused the request (its error code and message are printed); 4 the server
-could not be reached or did not answer; 130 interrupted.
+could not be reached or gave no answer of the API; 5 an error of this program;
+130 interrupted; 141 stdout's reader went away (as for SIGPIPE).
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ import json
 import math
 import os
 import shlex
+import signal
 import socket
 import ssl
 import sys
+import time
+import traceback
 import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence, TextIO
@@ -52,10 +56,14 @@ EXIT_COMMAND_NOT_COMPLETED = 1
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
 EXIT_UNREACHABLE = 4
+EXIT_INTERNAL = 5
 EXIT_INTERRUPTED = 130
 
-#: How long one request may take beyond the wait it asked the server for.
+#: How long one request may take, beyond the wait it asked the server for.
 ANSWER_MARGIN = 30.0
+#: The largest answer read: a page of 1,000 commands with large payloads and
+#: results fits; a server that sends without end does not.
+MAX_ANSWER_BYTES = 1 << 30
 #: The longest single long poll while ``send --wait`` follows a command: the
 #: loop asks again, so this bounds only how long a dead link goes unnoticed.
 LONG_POLL = 60.0
@@ -133,6 +141,7 @@ class ApiClient:
         else:
             connection = http.client.HTTPConnection(host, port, timeout=answer_within)
         where = urllib.parse.urlunsplit(self.base_url._replace(path=target, query=""))
+        deadline = time.monotonic() + answer_within
         try:
             try:
                 connection.connect()
@@ -141,7 +150,7 @@ class ApiClient:
             try:
                 connection.request(method, target, body=encoded, headers=headers)
                 response = connection.getresponse()
-                raw = response.read()
+                raw = _read_body(response, connection, deadline)
             except (OSError, http.client.HTTPException) as exc:
                 raise Unreachable(f"no answer from {where}: {_describe(exc)}", maybe_delivered=True) from None
         finally:
@@ -150,18 +159,46 @@ class ApiClient:
         if response.headers.get_content_type() == "application/json":
             try:
                 document = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 document = None
-        if response.status in accept and document is not None:
+        if response.status in accept and isinstance(document, dict):
             return response.status, document
         error = document.get("error") if isinstance(document, dict) else None
         if isinstance(error, dict) and {"code", "message"} <= error.keys():
             raise ApiError(response.status, str(error["code"]), str(error["message"]))
-        raise ApiError(
-            response.status, "unexpected_answer",
-            f"{where} answered {response.status} {response.reason} without a quiccmd "
-            "JSON body: is this the quiccmd HTTP API?",
+        # Not an answer of the API (a proxy's error page, a body cut short):
+        # whether a POST took effect is unknown.
+        raise Unreachable(
+            f"{where} answered {response.status} {response.reason} without a quiccmd JSON "
+            "answer (a proxy in between, or not the quiccmd HTTP API?)",
+            maybe_delivered=True,
         )
+
+
+def _read_body(response: http.client.HTTPResponse, connection: http.client.HTTPConnection, deadline: float) -> bytes:
+    """The whole body, within ``deadline`` and :data:`MAX_ANSWER_BYTES`.
+
+    The socket's timeout bounds each read only: a server that trickles a
+    byte at a time would otherwise hold the CLI for ever.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError()
+        if connection.sock is not None:
+            connection.sock.settimeout(left)
+        chunk = response.read1(65536)
+        if not chunk:
+            body = b"".join(chunks)
+            if response.length:  # the connection ended before the Content-Length did
+                raise http.client.IncompleteRead(body, response.length)
+            return body
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise http.client.HTTPException(f"the answer is over {MAX_ANSWER_BYTES // 2**20} MiB")
+        chunks.append(chunk)
 
 
 def _describe(exc: BaseException) -> str:
@@ -170,7 +207,7 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused (is the server running, and is this its --http address?)"
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate not trusted: {exc.verify_message} (--ca-file?)"
+        return f"TLS certificate not accepted: {exc.verify_message}"
     return str(exc) or type(exc).__name__
 
 
@@ -189,6 +226,9 @@ def _parse_api_url(text: str) -> urllib.parse.SplitResult:
         raise UsageError(f"API URL {text!r} has no host")
     if url.query or url.fragment:
         raise UsageError(f"API URL {text!r}: give the server's base URL, without ? or #")
+    if url.username is not None or url.password is not None:
+        # Not echoed: it may hold a password.
+        raise UsageError("the API URL holds a user name or password: give the API token with --token-file")
     if port is None:
         url = url._replace(netloc=f"{url.netloc}:{443 if url.scheme == 'https' else 80}")
     return url
@@ -197,70 +237,100 @@ def _parse_api_url(text: str) -> urllib.parse.SplitResult:
 def _read_token(args: argparse.Namespace, environ: dict[str, str]) -> str | None:
     if args.token_file:
         source, path = "--token-file", args.token_file
-    elif environ.get("QUICCMD_API_TOKEN"):
-        return environ["QUICCMD_API_TOKEN"].strip()
+    elif "QUICCMD_API_TOKEN" in environ:
+        return _checked_token(environ["QUICCMD_API_TOKEN"], "QUICCMD_API_TOKEN")
     elif environ.get("QUICCMD_API_TOKEN_FILE"):
         source, path = "QUICCMD_API_TOKEN_FILE", environ["QUICCMD_API_TOKEN_FILE"]
     else:
         return None
     try:
-        token = Path(path).read_text().strip()
+        text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{source} {path}: cannot read the token: {exc}") from None
+    return _checked_token(text, f"{source} {path}")
+
+
+def _checked_token(text: str, source: str) -> str:
+    """The token, without the line end a file or ``$(...)`` leaves; never echoed in an error."""
+    token = text.strip()
     if not token:
-        raise UsageError(f"{source} {path} is empty")
+        raise UsageError(f"{source} is empty")
+    if any(ch.isspace() or not ch.isprintable() or not ch.isascii() for ch in token):
+        raise UsageError(
+            f"{source} is not one API token: it holds spaces, line breaks or other "
+            "characters a token does not have"
+        )
     return token
 
 
 def _client(args: argparse.Namespace, environ: dict[str, str]) -> ApiClient:
     url = _parse_api_url(args.api_url or environ.get("QUICCMD_API_URL") or DEFAULT_API_URL)
+    ca_source, ca_file = (
+        ("--ca-file", args.ca_file) if args.ca_file
+        else ("QUICCMD_API_CA_FILE", environ.get("QUICCMD_API_CA_FILE") or None)
+    )
     tls = None
     if url.scheme == "https":
         try:
-            tls = ssl.create_default_context(cafile=args.ca_file)
+            tls = ssl.create_default_context(cafile=ca_file)
         except (OSError, ssl.SSLError) as exc:
-            raise UsageError(f"--ca-file {args.ca_file}: {exc}") from None
+            raise UsageError(f"{ca_source} {ca_file}: {exc}") from None
     elif args.ca_file:
         raise UsageError("--ca-file is for an https:// API URL")
     return ApiClient(url, _read_token(args, environ), tls)
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds")
-    return value
-
-
 def _payload(args: argparse.Namespace, stdin: TextIO) -> Any:
-    if args.payload is not None and args.payload_file is not None:
-        raise UsageError("give the payload either as an argument or with --payload-file, not both")
+    given = [x for x in (args.payload, args.payload_option, args.payload_file) if x is not None]
+    if len(given) > 1:
+        raise UsageError("give the payload once: as an argument, with --payload or with --payload-file")
     if args.payload_file == "-":
-        source, text = "standard input", stdin.read()
+        source = "the payload on standard input"
+        try:
+            # As bytes where there are any: the text layer may be lenient
+            # (surrogateescape in a C locale) and let bad bytes through.
+            raw = getattr(stdin, "buffer", None)
+            text = raw.read().decode("utf-8") if raw is not None else stdin.read()
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{source} is not UTF-8: {exc}") from None
     elif args.payload_file is not None:
         source = f"--payload-file {args.payload_file}"
         try:
             text = Path(args.payload_file).read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"{source}: cannot read it: {exc}") from None
-    elif args.payload is not None:
-        source, text = "the payload", args.payload
+    elif given:
+        source, text = "the payload", given[0]
     else:
         return {}
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except ValueError as exc:
         raise UsageError(f"{source} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"{source} is nested too deeply") from None
 
 
 def _refuse_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a number")
+    return value
+
+
 # -- what is printed ----------------------------------------------------------------------
+
+#: Control characters shown escaped in text for people: a stored error text or
+#: label must not be able to move the cursor or forge a line of output.
+_VISIBLE = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]}
+
+
+def _visible(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value).translate(_VISIBLE)
 
 
 def _dump(document: Any) -> str:
@@ -280,19 +350,19 @@ def _command_block(command: dict[str, Any]) -> str:
         ("priority", command["priority"]),
         ("timeout", f"{command['timeout']:g} s (connect_timeout {command['connect_timeout']:g} s)"),
         ("created_at", command["created_at"]),
-        ("sent_at", command["sent_at"] or "-"),
-        ("completed_at", command["completed_at"] or "-"),
+        ("sent_at", command["sent_at"]),
+        ("completed_at", command["completed_at"]),
         ("payload", _compact(command["payload"])),
     ]
     if command["status"] == CommandStatus.COMPLETED.value:
         rows.append(("result", _compact(command["result"])))
     if command["error_code"] is not None:
         rows.append(("error", f"{command['error_code']}: {command['error']}"))
-    return "\n".join(f"{name:<13} {value}" for name, value in rows)
+    return "\n".join(f"{name:<13} {_visible(value)}" for name, value in rows)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [list(header)] + [["-" if v is None or v == "" else str(v) for v in row] for row in rows]
+    cells = [list(header)] + [[_visible(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells
@@ -303,11 +373,18 @@ def _labels(labels: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
+#: An error longer than this is cut in the one-line verdict (``get`` shows it whole).
+VERDICT_ERROR_CHARS = 500
+
+
 def _not_completed(command: dict[str, Any]) -> str:
+    error = command["error"]
+    if isinstance(error, str) and len(error) > VERDICT_ERROR_CHARS:
+        error = error[:VERDICT_ERROR_CHARS] + "…"
     return (
         f"Command {command['status']} command_id={command['command_id']} "
-        f"client_id={command['client_id']} error_code={command['error_code']} "
-        f"error={command['error']!r}"
+        f"client_id={_visible(command['client_id'])} error_code={_visible(command['error_code'])} "
+        f"error={error!r}"
     )
 
 
@@ -319,6 +396,16 @@ class Io:
     stdout: TextIO
     stderr: TextIO
     stdin: TextIO
+
+
+def _again(args: argparse.Namespace, *words: str) -> str:
+    """The command line that runs ``words`` against the same server as this one."""
+    options = []
+    for flag, value in (("--api-url", args.api_url), ("--token-file", args.token_file),
+                        ("--ca-file", args.ca_file)):
+        if value:
+            options += [flag, value]
+    return " ".join([PROG, *map(shlex.quote, [*options, *words])])
 
 
 def cmd_send(args: argparse.Namespace, api: ApiClient, io: Io) -> int:
@@ -344,28 +431,26 @@ def cmd_send(args: argparse.Namespace, api: ApiClient, io: Io) -> int:
         )
         raise Stopped(
             f"{why}; the command may have been accepted: look for it with "
-            f"'{PROG} list --client {shlex.quote(args.client_id)} --limit 5'", exit_status,
+            f"'{_again(args, 'list', '--client', args.client_id, '--limit', '5')}'", exit_status,
         ) from None
-    if status == 409:  # the agent is offline: the command is final already, failed
-        if args.json:
-            print(_dump(command), file=io.stdout)
+    if status == 202 and args.wait:
+        command = _follow(args, api, command, io)
+    completed = command["status"] == CommandStatus.COMPLETED.value
+    # An offline agent (409) fails the command at once, waited for or not.
+    failed = status == 409 or (args.wait and not completed)
+    # The verdict first: if stdout's reader goes away, stderr has said it.
+    if failed:
         print(_not_completed(command), file=io.stderr)
-        return EXIT_COMMAND_NOT_COMPLETED
-    if args.wait:
-        command = _follow(api, command, io)
     if args.json:
         print(_dump(command), file=io.stdout)
-    elif not args.wait:
+    elif not args.wait and not failed:
         print(command["command_id"], file=io.stdout)
-    elif command["status"] == CommandStatus.COMPLETED.value:
+    elif completed:
         print(_dump(command["result"]), file=io.stdout)
-    if args.wait and command["status"] != CommandStatus.COMPLETED.value:
-        print(_not_completed(command), file=io.stderr)
-        return EXIT_COMMAND_NOT_COMPLETED
-    return EXIT_OK
+    return EXIT_COMMAND_NOT_COMPLETED if failed else EXIT_OK
 
 
-def _follow(api: ApiClient, command: dict[str, Any], io: Io) -> dict[str, Any]:
+def _follow(args: argparse.Namespace, api: ApiClient, command: dict[str, Any], io: Io) -> dict[str, Any]:
     command_id = command["command_id"]
     # A poll never asks for more than the command's longest limit, which the
     # server accepted, so it is within the server's max_timeout.
@@ -379,15 +464,16 @@ def _follow(api: ApiClient, command: dict[str, Any], io: Io) -> dict[str, Any]:
                 query={"wait": f"{poll:g}"}, answer_within=poll + ANSWER_MARGIN,
             )
     except (KeyboardInterrupt, Unreachable, ApiError) as exc:
-        why, exit_status = {
-            KeyboardInterrupt: ("interrupted", EXIT_INTERRUPTED),
-            Unreachable: (str(exc), EXIT_UNREACHABLE),
-            ApiError: (f"the server refused to say more: {exc}", EXIT_REFUSED),
-        }[type(exc)]
+        if isinstance(exc, KeyboardInterrupt):
+            why, exit_status = "interrupted", EXIT_INTERRUPTED
+        elif isinstance(exc, Unreachable):
+            why, exit_status = str(exc), EXIT_UNREACHABLE
+        else:
+            why, exit_status = f"the server refused to say more: {exc}", EXIT_REFUSED
         raise Stopped(
             f"{why}; command {command_id} was accepted and goes on: see it with "
-            f"'{PROG} get {shlex.quote(command_id)} --wait 60', "
-            f"stop it with '{PROG} cancel {shlex.quote(command_id)}'",
+            f"'{_again(args, 'get', command_id, '--wait', '60')}', "
+            f"stop it with '{_again(args, 'cancel', command_id)}'",
             exit_status,
         ) from None
     return command
@@ -423,14 +509,26 @@ def cmd_list(args: argparse.Namespace, api: ApiClient, io: Io) -> int:
 
 def _more(page: dict[str, Any], io: Io) -> None:
     if page.get("next_cursor"):
-        print(f"(more: add --cursor {page['next_cursor']})", file=io.stderr)
+        print(f"(more: add --cursor {_visible(page['next_cursor'])})", file=io.stderr)
 
 
 def cmd_cancel(args: argparse.Namespace, api: ApiClient, io: Io) -> int:
     body = {"reason": args.reason} if args.reason is not None else None
-    _, command = api.call(
-        "POST", f"/api/command/{urllib.parse.quote(args.command_id, safe='')}/cancel", body=body,
-    )
+    try:
+        _, command = api.call(
+            "POST", f"/api/command/{urllib.parse.quote(args.command_id, safe='')}/cancel", body=body,
+        )
+    except (Unreachable, KeyboardInterrupt) as exc:
+        if isinstance(exc, Unreachable) and not exc.maybe_delivered:
+            raise
+        why, exit_status = (
+            ("interrupted", EXIT_INTERRUPTED) if isinstance(exc, KeyboardInterrupt)
+            else (str(exc), EXIT_UNREACHABLE)
+        )
+        raise Stopped(
+            f"{why}; the cancel may have been taken: see with '{_again(args, 'get', args.command_id)}'",
+            exit_status,
+        ) from None
     print(_dump(command) if args.json else _command_block(command), file=io.stdout)
     return EXIT_OK
 
@@ -472,6 +570,24 @@ def cmd_audit(args: argparse.Namespace, api: ApiClient, io: Io) -> int:
 # -- the parser ---------------------------------------------------------------------------
 
 
+def _seconds(minimum: float, *, inclusive: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds, at least (or above) ``minimum``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds")
+        if value < minimum or (value == minimum and not inclusive):
+            bound = "at least" if inclusive else "greater than"
+            raise argparse.ArgumentTypeError(f"{text} seconds: must be {bound} {minimum:g}")
+        return value
+
+    return parse
+
+
 def _connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     # The same options before or after the subcommand: the subcommand's copy
     # has no default, so it only overrides what was given before it.
@@ -488,7 +604,7 @@ def _connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
     )
     parser.add_argument(
         "--ca-file", metavar="PEM", default=default(None),
-        help="CA certificates for an https:// API URL (default: the system's)",
+        help="CA certificates for an https:// API URL (also QUICCMD_API_CA_FILE; default: the system's)",
     )
     parser.add_argument(
         "--json", action="store_true", default=default(False),
@@ -503,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
         "through the server's HTTP API.",
         epilog="Exit status: 0 done; 1 the command failed, timed out or was cancelled; "
         "2 bad usage; 3 the server refused the request; 4 the server did not answer; "
-        "130 interrupted.",
+        "5 an error of this program; 130 interrupted.",
     )
     _connection_options(parser, defaults=True)
     commands = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
@@ -518,11 +634,14 @@ def build_parser() -> argparse.ArgumentParser:
     send = add("send", cmd_send, "send a command to an agent; prints its id, or with --wait its result")
     send.add_argument("client_id", metavar="CLIENT_ID")
     send.add_argument("command_type", metavar="COMMAND_TYPE")
-    send.add_argument("payload", metavar="PAYLOAD_JSON", nargs="?", help="the payload, JSON (default {})")
+    send.add_argument("payload", metavar="PAYLOAD_JSON", nargs="?",
+                      help="the payload, JSON (default {}); may also come after the options")
+    send.add_argument("--payload", dest="payload_option", metavar="JSON",
+                      help="the payload as an option (for one that starts with -: --payload=-1)")
     send.add_argument("--payload-file", metavar="FILE", help="read the payload (JSON) from FILE, - for stdin")
-    send.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+    send.add_argument("--timeout", type=_seconds(0, inclusive=False), metavar="SECONDS",
                       help="the command's deadline once sent (default: the server's, 30)")
-    send.add_argument("--connect-timeout", type=_seconds, metavar="SECONDS",
+    send.add_argument("--connect-timeout", type=_seconds(0, inclusive=True), metavar="SECONDS",
                       help="how long to wait for an offline agent (default 0: fail at once)")
     send.add_argument("--priority", type=int, metavar="N", help="higher goes first when the agent is busy")
     send.add_argument("--wait", action="store_true",
@@ -530,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     get = add("get", cmd_get, "show one command")
     get.add_argument("command_id", metavar="COMMAND_ID")
-    get.add_argument("--wait", type=_seconds, metavar="SECONDS",
+    get.add_argument("--wait", type=_seconds(0, inclusive=True), metavar="SECONDS",
                      help="wait up to SECONDS for the command to finish first")
 
     list_ = add("list", cmd_list, "list commands, newest first")
@@ -559,6 +678,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line; exits 2 (argparse's way) for bad usage.
+
+    argparse takes positionals only before the options that follow them, so
+    ``send ID TYPE --wait '{...}'`` leaves the payload over: it is taken as
+    the payload here, as an operator means it.
+    """
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        if args.subcommand == "send" and args.payload is None and len(extras) == 1 \
+                and not extras[0].startswith("-"):
+            args.payload = extras[0]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -568,7 +705,7 @@ def main(
     """Run one subcommand; returns the exit status (see the module docstring)."""
     io = io or Io(sys.stdout, sys.stderr, sys.stdin)
     environ = dict(os.environ if environ is None else environ)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         api = _client(args, environ)
         return args.handler(args, api, io)
@@ -578,7 +715,8 @@ def main(
     except ApiError as exc:
         print(f"{PROG}: error: {exc}", file=io.stderr)
         if exc.status == 401:
-            print("(the API token comes from --token-file FILE, QUICCMD_API_TOKEN or QUICCMD_API_TOKEN_FILE)", file=io.stderr)
+            print("(the API token comes from --token-file FILE, QUICCMD_API_TOKEN or QUICCMD_API_TOKEN_FILE)",
+                  file=io.stderr)
         return EXIT_REFUSED
     except Unreachable as exc:
         print(f"{PROG}: error: {exc}", file=io.stderr)
@@ -589,6 +727,14 @@ def main(
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=io.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        raise  # stdout's reader left: see below
+    except Exception:
+        # A bug, or an answer of a shape this CLI does not know: its own
+        # status, so that no script reads it as the command's failure.
+        print(f"{PROG}: internal error (please report it):", file=io.stderr)
+        traceback.print_exc(file=io.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":
@@ -596,8 +742,10 @@ if __name__ == "__main__":
         status = main()
         sys.stdout.flush()
     except BrokenPipeError:
-        # The reader went away (``| head``): not an error of ours. Point
-        # stdout at /dev/null so the interpreter's final flush stays quiet.
+        # The reader of stdout went away (``| head``). Point stdout at
+        # /dev/null so that the interpreter's last flush stays quiet, and say
+        # so as a program killed by SIGPIPE would: what mattered (a failed
+        # command) was said on stderr first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        status = EXIT_OK
+        status = 128 + signal.SIGPIPE
     sys.exit(status)
