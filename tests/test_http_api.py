@@ -62,6 +62,10 @@ class Gates:
                 raise
             return {"opened": name}
 
+        @registry.register("lone_surrogate")
+        async def lone_surrogate(payload: Any) -> Any:
+            return {"text": "x\ud800"}
+
         @registry.register("not_a_number")
         async def not_a_number(payload: Any) -> Any:
             return {"value": float("nan"), "big": float("inf"), "ok": 1.5}
@@ -323,6 +327,13 @@ BAD_SEND_BODIES: list[tuple[str, bytes, str]] = [
     ("huge priority", b'{"client_id": "a", "command_type": "echo", "priority": 99999999999999999999}', "invalid_command"),
     ("wait as string", b'{"client_id": "a", "command_type": "echo", "wait": "yes"}', "invalid_command"),
     ("misspelt field", b'{"client_id": "a", "command_type": "echo", "timout": 5}', "invalid_command"),
+    # Found in review: the command ran, then its answer (and every later
+    # listing that held it) was a 500, for a string UTF-8 cannot encode.
+    ("lone surrogate in payload", b'{"client_id": "a", "command_type": "echo", "payload": "\\ud800"}', "invalid_json"),
+    ("lone surrogate in a key", b'{"client_id": "a", "command_type": "echo", "payload": {"\\udc00": 1}}', "invalid_json"),
+    ("lone surrogate in client_id", b'{"client_id": "a\\udfff", "command_type": "echo"}', "invalid_json"),
+    ("repeated key", b'{"client_id": "a", "command_type": "echo", "client_id": "b"}', "invalid_json"),
+    ("repeated key in payload", b'{"client_id": "a", "command_type": "echo", "payload": {"x": 1, "x": 2}}', "invalid_json"),
 ]
 
 
@@ -364,6 +375,18 @@ async def test_bad_query_parameters_are_400(tmp_path):
                 (url + "?wait=nan", "/api/command/{command_id}", "wait"),
                 (url + "?wait=1e12", "/api/command/{command_id}", "wait"),
                 (url + "?wiat=1", "/api/command/{command_id}", "unknown query parameter"),
+                ("/api/commands?limit=" + "9" * 5000, "/api/commands", "limit"),
+                ("/api/audit?limit=" + "9" * 5000, "/api/audit", "limit"),
+                ("/api/audit?cursor=" + "9" * 5000, "/api/audit", "cursor"),
+                ("/api/commands?cursor=bogus", "/api/commands", "cursor"),
+                ("/api/commands?cursor=%00", "/api/commands", "cursor"),
+                ("/api/clients?x=1", "/api/clients", "unknown query parameter"),
+            ] + [
+                (f"/api/commands?created_after={when}", "/api/commands", "RFC 3339")
+                for when in [
+                    "2026-W48-1T09:00:00Z", "20261128T090000Z", "2026-11-28T09:00:00,5Z",
+                    "2026-11-28T09:00:00.Z", "2026-11-31T09:00:00Z",
+                ]
             ]
             for target, path, fragment in cases:
                 response = await h.request("GET", target)
@@ -371,6 +394,45 @@ async def test_bad_query_parameters_are_400(tmp_path):
                 assert response.json()["error"]["code"] == "invalid_request", target
                 assert fragment in response.json()["error"]["message"], (target, response.body)
                 check_openapi(h.document, "GET", path, response)
+
+
+async def test_rfc3339_times_in_every_spelling_the_rfc_allows(tmp_path):
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            for when in ["2026-11-28T09:00:00Z", "2026-11-28t09:00:00z", "2026-11-28T09:00:00.123456789+05:30",
+                         "2026-11-28T09:00:00." + "1" * 100 + "Z"]:
+                response = await h.request("GET", "/api/commands?created_after=" + when.replace("+", "%2B"))
+                assert response.status == 200, (when, response.body)
+
+
+async def test_unknown_query_parameters_on_a_post_are_refused_not_ignored(tmp_path):
+    # ``POST /api/command?wait=true`` did not wait: the flag belongs in the body.
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            await h.start_agent("a")
+            for target in ["/api/command?wait=true", "/api/command/x/cancel?force=1"]:
+                response = await h.request("POST", target, {"client_id": "a", "command_type": "echo"})
+                assert response.status == 400, (target, response.body)
+                assert "unknown query parameter" in response.json()["error"]["message"]
+            assert (await h.request("GET", "/api/commands")).json()["commands"] == []
+
+
+async def test_an_agents_result_that_is_not_text_is_still_answered_as_json(tmp_path):
+    # An agent may send what a request may not (a lone surrogate escape):
+    # its command and every listing that shows it still answer, escaped.
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            await h.start_agent("a")
+            response = await h.request(
+                "POST", "/api/command", {"client_id": "a", "command_type": "lone_surrogate", "wait": True}
+            )
+            assert response.status == 200, response.body
+            command = response.json()
+            assert command["status"] == "completed" and command["result"] == {"text": "x\ud800"}
+            assert b"\\ud800" in response.body
+            for target in [f"/api/command/{command['command_id']}", "/api/commands"]:
+                again = await h.request("GET", target)
+                assert again.status == 200 and b"\\ud800" in again.body, (target, again.body)
 
 
 async def test_unknown_ids_are_404_and_unknown_routes_are_json(tmp_path):

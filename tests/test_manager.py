@@ -286,8 +286,8 @@ def _deep(levels: int):
 
 @pytest.mark.parametrize(
     "payload",
-    [object(), {"x": float("nan")}, {"x": float("inf")}, _deep(5000), {1j: 2}],
-    ids=["object", "nan", "inf", "deep", "complex-key"],
+    [object(), {"x": float("nan")}, {"x": float("inf")}, _deep(5000), {1j: 2}, ["\ud800"], {"\udfff": 1}],
+    ids=["object", "nan", "inf", "deep", "complex-key", "lone-surrogate", "lone-surrogate-key"],
 )
 async def test_payload_that_is_not_json_is_refused(manager, payload, autojump_clock):
     connect_agent(manager, "c1")

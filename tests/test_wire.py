@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_quiccmd.wire import (
+    check_unicode,
     DEFAULT_MAX_FRAME_SIZE,
     FRAME_TYPES,
     CancelFrame,
@@ -592,3 +593,21 @@ def test_arbitrary_framed_bodies_only_raise_protocol_error(bodies, cuts):
     # Correct length prefixes, so the bodies reach the JSON and frame checks.
     data = b"".join(struct.pack("!I", len(b)) + b for b in bodies)
     _feed_expecting_only_protocol_errors(FrameDecoder(), data, cuts)
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('"plain"', True),
+    ('"\\ud83d\\ude00"', True),  # a surrogate pair: one emoji
+    ('"\\\\ud800"', True),  # an escaped backslash, then letters
+    ('"\\ud800"', False),
+    ('["x", {"k": "\\udc00"}]', False),
+    ('{"\\ud800": 1}', False),
+    ('"\\ude00\\ud83d"', False),  # a pair the wrong way round
+])
+def test_text_with_a_lone_surrogate_is_refused(text, ok):
+    value = json.loads(text)
+    if ok:
+        check_unicode(text, value)
+    else:
+        with pytest.raises(ValueError, match="lone surrogate"):
+            check_unicode(text, value)

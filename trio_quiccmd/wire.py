@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import struct
 from typing import Any, ClassVar, Union
 
@@ -192,6 +193,28 @@ def _reject_constant(name: str) -> Any:
 #: Bytes a COMMAND frame adds around its payload and command type, with room
 #: for a long command id.
 COMMAND_FRAME_OVERHEAD = 160
+
+
+#: Where a JSON text may carry a surrogate: only as an escape (UTF-8 cannot).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def check_unicode(json_text: str, value: Any) -> None:
+    """Raise ValueError if ``value``, decoded from ``json_text``, holds a
+    string with a lone surrogate: valid JSON, but not text (UTF-8 cannot
+    encode it), so nothing downstream could show or store it as text.
+
+    Surrogate pairs (an emoji as ``\\ud83d\\ude00``) are fine. Costs a
+    search of the text, and a walk only when it holds a surrogate escape.
+    """
+    if _SURROGATE_ESCAPE.search(json_text) is None:
+        return
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            "a string holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not text"
+        ) from None
 
 
 def json_dumps(value: Any) -> str:

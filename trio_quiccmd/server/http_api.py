@@ -17,6 +17,7 @@ import json
 import logging
 import ipaddress
 import math
+import re
 from typing import Any, Iterable, Mapping, NoReturn
 from urllib.parse import urlsplit
 
@@ -39,6 +40,7 @@ from ..errors import (
     Unauthorized,
 )
 from ..model import PRIORITY_RANGE, Command, CommandStatus, ErrorCode
+from ..wire import check_unicode
 from .audit import ACTIONS, OUTCOMES, AuditEntry, AuditLog
 from .auth import ANONYMOUS, ApiAuthenticator
 from .manager import CommandManager
@@ -187,9 +189,14 @@ def _dumps(body: Any) -> str:
 
 
 def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    return Response(
-        _dumps(body), status=status, headers=dict(headers or {}), content_type="application/json"
-    )
+    text = _dumps(body)
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate, which only an agent's result or error can carry
+        # (requests are checked on the way in): escaped, the answer is still JSON.
+        data = json.dumps(json.loads(text), ensure_ascii=True).encode("ascii")
+    return Response(data, status=status, headers=dict(headers or {}), content_type="application/json")
 
 
 def error_response(
@@ -209,12 +216,27 @@ def _parse_float(text: str) -> float:
     return value
 
 
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # JSON leaves a repeated key to the reader; taking the last would let
+    # ``{"client_id": "web-07", ..., "client_id": "db-1"}`` pass a glance.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"the key {duplicate!r} appears more than once in an object")
+    return obj
+
+
 def parse_json(data: bytes) -> Any:
     """Strict JSON: UTF-8, no NaN/Infinity, no float overflow. Raises ApiError(400)."""
     try:
-        return json.loads(
-            data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_parse_float
+        text = data.decode("utf-8")
+        value = json.loads(
+            text, parse_constant=_reject_constant, parse_float=_parse_float,
+            object_pairs_hook=_object_without_duplicates,
         )
+        check_unicode(text, value)
+        return value
     except UnicodeDecodeError:
         raise ApiError(400, "invalid_json", "the request body is not UTF-8") from None
     except RecursionError:
@@ -469,9 +491,18 @@ def _query_int(params: Mapping[str, str], name: str, default: int, low: int, hig
     text = params.get(name)
     if text is None:
         return default
-    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
+    # (The length first: int() of thousands of digits is refused, and slow.)
+    if not (text.isascii() and text.isdigit() and len(text) <= 12) or not low <= int(text) <= high:
         raise _invalid(f"{name} must be an integer from {low} to {high}, not {text!r}", "invalid_request")
     return int(text)
+
+
+#: RFC 3339's date-time (any number of fraction digits: fromisoformat keeps six).
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
+)
+#: What new_command_id makes: a list cursor is one of them.
+_COMMAND_ID = re.compile(r"[0-9a-f]{12}-[0-9a-f]{8}-[0-9a-f]{8}", re.ASCII)
 
 
 def _query_time(params: Mapping[str, str], name: str) -> float | None:
@@ -479,13 +510,15 @@ def _query_time(params: Mapping[str, str], name: str) -> float | None:
     text = params.get(name)
     if text is None:
         return None
-    try:
-        # fromisoformat also takes forms RFC 3339 does not (week dates, no
-        # "T"); the checks below keep to what a client of this API sends.
-        moment = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        moment = None
-    if moment is None or "T" not in text.upper() or moment.tzinfo is None:
+    moment = None
+    # fromisoformat also takes forms RFC 3339 does not (week dates, basic
+    # format, a comma): only RFC 3339's own shape is handed to it.
+    if _RFC3339.fullmatch(text):
+        try:
+            moment = datetime.datetime.fromisoformat(text.upper())  # RFC 3339 allows "t" and "z"
+        except ValueError:  # a month 13, a day 31 in November
+            pass
+    if moment is None:
         raise _invalid(
             f"{name} must be an RFC 3339 time with an offset, e.g. 2026-11-28T10:00:00Z, not {text!r}",
             "invalid_request",
@@ -592,6 +625,8 @@ def create_app(
     @app.post("/api/command")
     async def send_command() -> Response:
         refuse_if_shutting_down()
+        # (``?wait=true`` is a field of the body here: refused, not ignored.)
+        _query(frozenset())
         body = await _read_json_object(required=True)
         _check_unknown(body.keys(), _SEND_FIELDS, "field", "invalid_command")
         client_id = _string_field(body, "client_id")
@@ -659,6 +694,9 @@ def create_app(
         limit = _query_int(
             params, "limit", limits.default_list_limit, 1, limits.max_list_limit
         )
+        cursor = params.get("cursor")
+        if cursor is not None and not _COMMAND_ID.fullmatch(cursor):
+            raise _invalid(f"cursor must be a next_cursor from an earlier page, not {cursor!r}", "invalid_request")
         page = await manager.list_commands(
             client_id=params.get("client_id"),
             status=status,
@@ -666,7 +704,7 @@ def create_app(
             created_after=_query_time(params, "created_after"),
             created_before=_query_time(params, "created_before"),
             limit=limit,
-            cursor=params.get("cursor"),
+            cursor=cursor,
         )
         return json_response(
             {"commands": [command_json(c) for c in page.commands], "next_cursor": page.next_cursor}
@@ -674,6 +712,7 @@ def create_app(
 
     @app.post("/api/command/<command_id>/cancel")
     async def cancel_command(command_id: str) -> Response:
+        _query(frozenset())
         body = await _read_json_object(required=False)
         _check_unknown(body.keys(), frozenset({"reason"}), "field", "invalid_request")
         reason = body.get("reason", "cancelled by operator")
@@ -705,7 +744,7 @@ def create_app(
             if name in params and params[name] not in allowed:
                 raise _invalid(f"unknown {name} {params[name]!r}; one of {', '.join(allowed)}", "invalid_request")
         cursor = params.get("cursor")
-        if cursor is not None and not (cursor.isascii() and cursor.isdigit()):
+        if cursor is not None and not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 18):
             raise _invalid(f"cursor must be a next_cursor from an earlier page, not {cursor!r}", "invalid_request")
         limit = _query_int(params, "limit", limits.default_list_limit, 1, limits.max_list_limit)
         entries, next_cursor = audit.query(
@@ -726,6 +765,7 @@ def create_app(
 
     @app.get("/api/clients")
     async def list_clients() -> Response:
+        _query(frozenset())
         clients = sorted(manager.clients(), key=lambda c: c.client_id)
         return json_response({"clients": [client_json(c) for c in clients]})
 

@@ -42,6 +42,7 @@ from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
     ProgressFrame,
     ResultFrame,
+    check_unicode,
     json_dumps,
 )
 from .auth import AgentAuthenticator
@@ -981,6 +982,10 @@ class CommandManager:
             encoded = json_dumps(payload)
         except ValueError as exc:
             raise InvalidCommand(f"payload is {exc}") from None
+        try:
+            check_unicode(encoded, payload)
+        except ValueError as exc:
+            raise InvalidCommand(f"payload is not valid: {exc}") from None
         size = len(encoded.encode()) + len(command_type.encode()) + COMMAND_FRAME_OVERHEAD
         if size > self.settings.max_frame_size:
             raise PayloadTooLarge(

@@ -366,7 +366,7 @@ def openapi_document(
                     {
                         "name": "cursor",
                         "in": "query",
-                        "schema": {"type": "string"},
+                        "schema": {"type": "string", "pattern": "^([0-9a-f]{12}-[0-9a-f]{8}-[0-9a-f]{8})?$"},
                         "description": "next_cursor of the previous page",
                     },
                 ],
@@ -385,6 +385,7 @@ def openapi_document(
                 "summary": "Connected agents",
                 "responses": {
                     "200": _json(_ref("ClientList"), "The connected agents"),
+                    "400": bad_request,
                     "401": unauthorized,
                     "403": forbidden_anonymous,
                 },
@@ -411,7 +412,7 @@ def openapi_document(
                     {
                         "name": "cursor",
                         "in": "query",
-                        "schema": {"type": "string", "pattern": "^[0-9]*$"},
+                        "schema": {"type": "string", "pattern": "^[0-9]{0,18}$"},
                         "description": "next_cursor of the previous page",
                     },
                 ],
