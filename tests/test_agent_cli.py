@@ -274,6 +274,9 @@ async def test_signal_while_still_connecting_exits_zero(tmp_path):
         ([], {}, "--id is required (or set QUICCMD_AGENT_ID)"),
         (["--id", "a", "--label", "rack"], {}, "--label: bad label 'rack': expected KEY=VALUE"),
         (["--id", "a", "--label", "=x"], {}, "bad label '=x'"),
+        # Found in review: these retried for ever, refused by the server at every HELLO.
+        (["--id", "a\nb"], {}, "--id 'a\\nb': control characters (a line break?) in it"),
+        (["--id", "a", "--label", "k=v\x1bX"], {}, "bad label 'k=v\\x1bX': control characters"),
         (["--id", "a", "--server", "127.0.0.1:99999"], {}, "--server: bad port in '127.0.0.1:99999'"),
         (["--id", "a", "--server", "localhost:quic"], {}, "bad port in 'localhost:quic'"),
         (["--id", "a", "--server", ":8474"], {}, "no host"),
@@ -560,3 +563,12 @@ async def test_server_example_and_client_example_run_together(tmp_path):
                 client_run.process.send_signal(signal.SIGINT)
                 assert await client_run.process.wait() == 0, str(client_run.stderr)
                 assert not client_run.stderr.matching("Traceback"), str(client_run.stderr)
+
+
+def test_the_agent_class_refuses_an_id_or_labels_the_server_would_refuse_at_every_hello():
+    with pytest.raises(ValueError, match="printable"):
+        Agent("a\nb", ("127.0.0.1", 8474))
+    with pytest.raises(ValueError, match="printable"):
+        Agent("x" * 257, ("127.0.0.1", 8474))
+    with pytest.raises(ValueError, match="labels must be printable"):
+        Agent("a", ("127.0.0.1", 8474), labels={"role": "web\r\nforged"})

@@ -162,6 +162,14 @@ def test_bad_settings_are_one_line_errors(tmp_path, argv, env, toml, fragment):
     assert "\n" not in message
 
 
+def test_a_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_bytes(b'http = "127.0.0.1:8080"\n# caf\xe9\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(["--config", str(path)], {})
+    assert str(info.value) == f"config file {str(path)!r}: not UTF-8 text (invalid continuation byte at byte 29)"
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file"):
         load_settings(["--config", str(tmp_path / "absent.toml")], {})

@@ -22,7 +22,7 @@ from trio_quiccmd import Agent
 from trio_quiccmd.config import ServerSettings
 from trio_quiccmd.quic.connection import ConnectionFailed
 from trio_quiccmd.quic.tls import fingerprint_of_pem_file
-from trio_quiccmd.server.service import serve
+from trio_quiccmd.server.service import StartupError, serve
 from trio_quiccmd.tokens import issue_agent_token
 
 TIMEOUT = 20
@@ -123,3 +123,20 @@ async def test_agents_trust_the_issuing_ca_and_check_the_name(real_cert_server, 
         await refused(address, ca_file=cert, server_name="cmd.example.test", token=token)
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith(f"Using TLS certificate path={cert} fingerprint=sha256:") for m in messages)
+
+
+async def test_a_key_that_does_not_belong_to_the_certificate_stops_the_start(tmp_path: Path):
+    # Found in review: the server started, and every agent's handshake then
+    # failed as "no answer", with nothing in the server's log.
+    _, cert, _ = make_ca_and_server_certificate(tmp_path / "one")
+    _, _, other_key = make_ca_and_server_certificate(tmp_path / "two")
+    settings = ServerSettings(
+        http_host="127.0.0.1", http_port=0, quic_host="127.0.0.1", quic_port=0,
+        data_dir=tmp_path / "data", cert_file=cert, key_file=other_key,
+    )
+    with trio.fail_after(TIMEOUT), pytest.raises(StartupError) as info:
+        await serve(settings)
+    assert str(info.value) == (
+        f"cannot load the TLS certificate {cert} / key {other_key}: "
+        "the private key does not belong to the certificate"
+    )

@@ -136,10 +136,12 @@ def parse_address(text: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, 
 
 def parse_label(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
-    key = key.strip()
+    key, value = key.strip(), value.strip()
     if not sep or not key:
         raise ValueError(f"bad label {text!r}: expected KEY=VALUE")
-    return key, value.strip()
+    if not (key.isprintable() and value.isprintable()):
+        raise ValueError(f"bad label {text!r}: control characters (a line break?) in it")
+    return key, value
 
 
 def _check_ca_file(path: Path, source: str) -> Path:
@@ -225,6 +227,8 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Ag
         raise UsageError("--id is required (or set QUICCMD_AGENT_ID)")
     if len(client_id) > 256:
         raise UsageError("--id must be at most 256 characters")
+    if not client_id.isprintable():
+        raise UsageError(f"--id {client_id!r}: control characters (a line break?) in it")
 
     server_text, source = pick("--server", args.server, DEFAULT_SERVER)
     try:

@@ -298,6 +298,13 @@ class Agent:
     ):
         if not client_id:
             raise ValueError("client_id must not be empty")
+        # What the server refuses in a HELLO: refused here once, rather than
+        # by the server on every reconnect for ever.
+        if len(client_id) > 256 or not client_id.isprintable():
+            raise ValueError(f"client_id must be 1 to 256 printable characters, not {client_id!r}")
+        for key, value in (labels or {}).items():
+            if not (key.isprintable() and value.isprintable()):
+                raise ValueError(f"label {key!r}={value!r}: labels must be printable text")
         self._server_fingerprint = (
             parse_fingerprint(server_fingerprint) if server_fingerprint is not None else None
         )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import trio
 from aioquic.quic.configuration import QuicConfiguration
+from cryptography.hazmat.primitives import serialization
 
 from ..quic.admission import DEFAULT_MAX_HANDSHAKES
 from ..quic.endpoint import QuicEndpoint
@@ -23,6 +24,13 @@ def server_quic_configuration(
         is_client=False, alpn_protocols=[ALPN], idle_timeout=idle_timeout
     )
     configuration.load_cert_chain(str(cert_file), str(key_file))
+    # aioquic takes any key with any certificate; the mismatch would show only
+    # as every agent's handshake failing, with nothing in the server's log.
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert configuration.certificate is not None and configuration.private_key is not None
+    if configuration.certificate.public_key().public_bytes(*spki) != \
+            configuration.private_key.public_key().public_bytes(*spki):
+        raise ValueError("the private key does not belong to the certificate")
     return configuration
 
 
