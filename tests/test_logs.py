@@ -35,14 +35,39 @@ def test_a_forged_value_yields_one_log_line():
     assert len(lines) >= 3
     first = lines[0]
     assert first.endswith(
-        "Agent rejected client_id=x\\n2026-11-28T10:00:00.000Z INFO trio_quiccmd.audit Audit "
-        "action=send actor=admin reason=a\\rb\\x1b[2J\\x85\\u2028c\\x7f"
+        "Agent rejected client_id='x\\n2026-11-28T10:00:00.000Z INFO trio_quiccmd.audit Audit "
+        "action=send actor=admin' reason='a\\rb\\x1b[2J\\x85\\u2028c\\x7f'"
     )
-    assert lines[1].endswith("Failed code=y\\r\\nINFO fake")
+    assert lines[1].endswith("Failed code='y\\r\\nINFO fake'")
     # The traceback is still there, below, every line of it indented.
     assert all(line.startswith("    ") for line in lines[2:])
     assert any("ValueError: boom" in line for line in lines[2:])
     assert escape_controls("plain é text") == "plain é text"
+
+
+def test_a_value_with_a_space_is_quoted_so_it_cannot_pass_for_more_fields():
+    # Found in review: a client_id "x error_code=forged" made the line read
+    # as if it had two error codes.
+    record = logging.LogRecord(
+        "trio_quiccmd.command", logging.ERROR, __file__, 1,
+        "Command execution failed command_id=%s client_id=%s labels=%s error_code=%s error=%r",
+        ("c1", "x error_code=forged", "role=web,env=prod", "executor_error", "disk full"), None,
+    )
+    line = KeyValueFormatter().format(record)
+    assert line.endswith(
+        "Command execution failed command_id=c1 client_id='x error_code=forged' "
+        "labels=role=web,env=prod error_code=executor_error error='disk full'"
+    )
+    # The record is left as it was, for other handlers.
+    assert record.args[1] == "x error_code=forged" and type(record.args[1]) is str
+    # Only values are quoted (key=%s): not the words a message is made of.
+    phrase = logging.LogRecord(
+        "trio_quiccmd.server", logging.INFO, __file__, 1, "%s TLS certificate path=%s%s 100%% done",
+        ("Created development", "/tmp/my certs/c.pem", " credential=token"), None,
+    )
+    assert KeyValueFormatter().format(phrase).endswith(
+        "Created development TLS certificate path='/tmp/my certs/c.pem' credential=token 100% done"
+    )
 
 
 async def test_a_newline_in_a_url_path_stays_in_its_log_line(tmp_path, caplog):
@@ -56,5 +81,5 @@ async def test_a_newline_in_a_url_path_stays_in_its_log_line(tmp_path, caplog):
     text = "\n".join(formatter.format(r) for r in caplog.records)
     lines = text.splitlines()
     rejected = [line for line in lines if "Operator rejected" in line]
-    assert len(rejected) == 1 and "path=/api/command/x\\n2026" in rejected[0]
+    assert len(rejected) == 1 and "path='/api/command/x\\n2026" in rejected[0]
     assert not any(line.startswith("2026-11-28T10:00:00.000Z") for line in lines)

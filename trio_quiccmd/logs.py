@@ -10,7 +10,9 @@ that way); this module only frames them. Shared by the server and agent CLIs.
 
 from __future__ import annotations
 
+import copy
 import datetime
+import functools
 import logging
 import re
 import sys
@@ -35,6 +37,36 @@ def escape_controls(text: str) -> str:
     return _CONTROL.sub(_escape, text)
 
 
+class _Quoted(str):
+    """A str that ``%s`` writes as ``%r`` does."""
+
+    def __str__(self) -> str:
+        return repr(self)
+
+
+_SPACE = re.compile(r"\s")
+#: A %-conversion (or an escaped %).
+_CONVERSION = re.compile(r"%(?:\(\w+\))?[-#0 +]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[a-zA-Z%]")
+
+
+@functools.lru_cache(maxsize=512)
+def _value_slots(msg: str) -> frozenset[int]:
+    """Which positional args of ``msg`` are written by a ``key=%s``."""
+    slots, index = set(), 0
+    for match in _CONVERSION.finditer(msg):
+        spec = match.group()
+        if spec == "%%":
+            continue
+        if spec.endswith("s") and match.start() > 0 and msg[match.start() - 1] == "=":
+            slots.add(index)
+        index += 1
+    return frozenset(slots)
+
+
+def _needs_quotes(value: object) -> bool:
+    return type(value) is str and _SPACE.search(value) is not None
+
+
 class KeyValueFormatter(logging.Formatter):
     """One line per record, RFC 3339 UTC timestamp first; tracebacks indented below.
 
@@ -45,6 +77,22 @@ class KeyValueFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        # A value with a space, written as it is, could pass for more
+        # key=value pairs (a client_id "x error_code=forged"): a ``key=%s``
+        # value with a space is quoted, as ``%r`` writes it. The record
+        # itself belongs to the other handlers too.
+        args = record.args
+        if isinstance(args, tuple) and isinstance(record.msg, str):
+            value_slots = _value_slots(record.msg)
+            if any(i < len(args) and _needs_quotes(args[i]) for i in value_slots):
+                record = copy.copy(record)
+                record.args = tuple(
+                    _Quoted(arg) if i in value_slots and _needs_quotes(arg) else arg
+                    for i, arg in enumerate(args)
+                )
+        return super().format(record)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         # Only the message line; exc_info and stack_info are added (indented) after.
