@@ -332,6 +332,8 @@ BAD_SEND_BODIES: list[tuple[str, bytes, str]] = [
     ("lone surrogate in payload", b'{"client_id": "a", "command_type": "echo", "payload": "\\ud800"}', "invalid_json"),
     ("lone surrogate in a key", b'{"client_id": "a", "command_type": "echo", "payload": {"\\udc00": 1}}', "invalid_json"),
     ("lone surrogate in client_id", b'{"client_id": "a\\udfff", "command_type": "echo"}', "invalid_json"),
+    ("number of 5000 digits", b'{"client_id": "a", "command_type": "echo", "payload": ' + b"9" * 5000 + b"}", "invalid_json"),
+    ("byte order mark", b'\xef\xbb\xbf{"client_id": "a", "command_type": "echo"}', "invalid_json"),
     ("repeated key", b'{"client_id": "a", "command_type": "echo", "client_id": "b"}', "invalid_json"),
     ("repeated key in payload", b'{"client_id": "a", "command_type": "echo", "payload": {"x": 1, "x": 2}}', "invalid_json"),
 ]
@@ -347,6 +349,7 @@ async def test_bad_send_bodies_are_400_with_a_json_error(tmp_path):
                 error = response.json()["error"]
                 assert error["code"] == code, (name, error)
                 assert error["message"] and "\n" not in error["message"], name
+                assert "sys." not in error["message"] and "utf-8-sig" not in error["message"], error
                 check_openapi(h.document, "POST", "/api/command", response)
             # Nothing was created by any of them.
             listing = (await h.request("GET", "/api/commands")).json()

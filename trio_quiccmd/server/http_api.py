@@ -242,7 +242,14 @@ def parse_json(data: bytes) -> Any:
     except RecursionError:
         raise ApiError(400, "invalid_json", "the request body is nested too deeply") from None
     except ValueError as exc:
-        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+        # Python's own advice in two of its messages is not for the client.
+        if "int_max_str_digits" in str(exc):
+            detail = "a number has more than 4300 digits"
+        elif "BOM" in str(exc):
+            detail = "it starts with a byte order mark (BOM)"
+        else:
+            detail = str(exc)
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {detail}") from None
 
 
 def _is_json_media_type(content_type: str | None) -> bool:
@@ -399,7 +406,8 @@ def _string_field(body: Mapping[str, Any], name: str) -> str:
     if name not in body:
         raise _invalid(f"{name} is required")
     if not isinstance(value, str) or not value:
-        raise _invalid(f"{name} must be a non-empty string, not {_json_type(value)}")
+        got = "an empty string" if value == "" else _json_type(value)
+        raise _invalid(f"{name} must be a non-empty string, not {got}")
     if len(value) > MAX_ID_LENGTH:
         raise _invalid(f"{name} must be at most {MAX_ID_LENGTH} characters")
     if not value.isprintable():
