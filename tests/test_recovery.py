@@ -260,6 +260,30 @@ async def test_a_command_taken_from_the_queue_is_sent_only_once_stored_as_execut
             assert (await manager.get_command(queued.command_id)).result == "two"
 
 
+async def test_a_staged_command_that_ends_before_it_goes_out_frees_its_slot_for_the_queue(db, monkeypatch):
+    # Found in review of the fix above: B, taken from the queue, was cancelled
+    # while its move to executing was being stored; its place in the window
+    # was released only when that commit ended, and then nothing moved the
+    # queue: C waited for its delivery deadline while the agent was idle.
+    with trio.fail_after(10):
+        async with server_run(db, max_in_flight_per_agent=1) as manager:
+            link, session = connect(manager, "c1", instance="i1")
+            first = await manager.send_command("c1", "echo", 1, timeout=30)
+            b = await manager.send_command("c1", "echo", 2, timeout=30)
+            c = await manager.send_command("c1", "echo", 3, timeout=30)
+            async with held_commits(monkeypatch) as held:
+                answer(link, session, first.command_id)  # B is staged
+                await trio.testing.wait_all_tasks_blocked()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(manager.cancel, b.command_id)
+                    await trio.testing.wait_all_tasks_blocked()
+                    held.release.set()
+            await wait_all_stored(manager)
+            await wait_all_stored(manager)
+            assert sent_ids(session) == [first.command_id, c.command_id]
+            assert (await manager.get_command(b.command_id)).status is CommandStatus.CANCELLED
+
+
 async def test_the_agents_window_holds_with_commands_being_stored(db):
     with trio.fail_after(10):
         async with server_run(db, max_in_flight_per_agent=2) as manager:

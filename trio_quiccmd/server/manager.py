@@ -614,13 +614,19 @@ class CommandManager:
     def _send_stored(self, sends: list[tuple[str, str]], staging: _StagingRound) -> None:
         """Send commands stored as executing when accepted (see _create)."""
         live, now = self._live, trio.current_time()
+        # Agents one of whose staged commands ended before it could go out:
+        # its place in the window was held until now, so the queue behind it
+        # moves now (nothing else would move it until the next result).
+        freed: dict[str, None] = {}
         for client_id, command_id in sends:
             _discard(self._unsent, client_id, command_id)
             command = live.get(command_id)
             if command is None:
+                freed[client_id] = None
                 continue  # finished while being stored
             staging.states[command_id] = command
             if command.status is not CommandStatus.EXECUTING:
+                freed[client_id] = None
                 continue  # cancelled or timed out while being stored
             link = self.registry.get(client_id)
             if link is None or link.hello is None:
@@ -639,6 +645,8 @@ class CommandManager:
             else:
                 link.send_command(command, max(self._deadline_of[command_id] - now, 0.001))
                 self._announce_sent(command)
+        for client_id in freed:
+            self._dispatch(client_id)
 
     def _restage(self, command: Command, link: AgentLink) -> None:
         """Send ``command``, which no agent process has seen, to ``link``'s
