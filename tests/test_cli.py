@@ -380,6 +380,31 @@ def test_an_answer_that_trickles_is_cut_at_the_deadline():
         assert time.monotonic() - started < 2
 
 
+def test_a_result_that_is_not_text_is_printed_escaped():
+    # An agent may answer a lone surrogate (the server passes it on escaped):
+    # printing it must not fail the CLI.
+    command = {
+        "command_id": "01a2-1", "client_id": "a", "command_type": "echo", "payload": {},
+        "status": "completed", "result": {"text": "x\ud800"}, "error": None, "error_code": None,
+        "priority": 0, "timeout": 30.0, "connect_timeout": 0.0, "created_at": "t", "sent_at": "t",
+        "completed_at": "t",
+    }
+
+    def answer(connection: socket.socket) -> None:
+        body = json.dumps(command).encode()
+        connection.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+
+    for json_flag in ([], ["--json"]):
+        with fake_server(answer) as port:
+            result = run_main("--api-url", f"127.0.0.1:{port}", "get", "01a2-1", *json_flag)
+        assert result.status == 0, result.stderr
+        assert "\\ud800" in result.stdout
+        result.stdout.encode("utf-8")  # printable as it is
+
+
 def test_an_answer_of_a_shape_it_does_not_know_is_an_internal_error_not_a_failed_command():
     def odd(connection: socket.socket) -> None:
         body = b'{"clients": [{"name": "x"}]}'

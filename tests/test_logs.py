@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 
 import trio
 
@@ -63,11 +64,17 @@ def test_a_value_with_a_space_is_quoted_so_it_cannot_pass_for_more_fields():
     # Only values are quoted (key=%s): not the words a message is made of.
     phrase = logging.LogRecord(
         "trio_quiccmd.server", logging.INFO, __file__, 1, "%s TLS certificate path=%s%s 100%% done",
-        ("Created development", "/tmp/my certs/c.pem", " credential=token"), None,
+        ("Created development", Path("/tmp/my certs/c.pem"), " credential=token"), None,
     )
     assert KeyValueFormatter().format(phrase).endswith(
         "Created development TLS certificate path='/tmp/my certs/c.pem' credential=token 100% done"
     )
+    # Any value, not only a str (an exception's text); a width from the args counts as one.
+    other = logging.LogRecord(
+        "trio_quiccmd.agent", logging.WARNING, __file__, 1, "n=%*d failed error=%s",
+        (3, 7, ValueError("no answer x=1")), None,
+    )
+    assert KeyValueFormatter().format(other).endswith("n=  7 failed error='no answer x=1'")
 
 
 async def test_a_newline_in_a_url_path_stays_in_its_log_line(tmp_path, caplog):

@@ -330,15 +330,24 @@ _VISIBLE = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)
 
 
 def _visible(value: Any) -> str:
-    return "-" if value is None or value == "" else str(value).translate(_VISIBLE)
+    if value is None or value == "":
+        return "-"
+    # (A lone surrogate, which an agent's text may hold, written as an escape.)
+    return str(value).translate(_VISIBLE).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _dump(document: Any) -> str:
-    return json.dumps(document, indent=2, ensure_ascii=False)
+def _dump(document: Any, indent: int | None = 2) -> str:
+    text = json.dumps(document, indent=indent, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # An agent's result may hold a lone surrogate: escaped, it is still JSON.
+        text = json.dumps(document, indent=indent, ensure_ascii=True)
+    return text
 
 
 def _compact(document: Any) -> str:
-    return json.dumps(document, ensure_ascii=False)
+    return _dump(document, indent=None)
 
 
 def _command_block(command: dict[str, Any]) -> str:

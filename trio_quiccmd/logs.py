@@ -57,6 +57,7 @@ def _value_slots(msg: str) -> frozenset[int]:
         spec = match.group()
         if spec == "%%":
             continue
+        index += spec.count("*")  # a width or precision taken from the args
         if spec.endswith("s") and match.start() > 0 and msg[match.start() - 1] == "=":
             slots.add(index)
         index += 1
@@ -64,7 +65,8 @@ def _value_slots(msg: str) -> frozenset[int]:
 
 
 def _needs_quotes(value: object) -> bool:
-    return type(value) is str and _SPACE.search(value) is not None
+    # Not only strings: a path, or an exception whose text a peer chose.
+    return not isinstance(value, (int, float)) and _SPACE.search(str(value)) is not None
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -89,7 +91,7 @@ class KeyValueFormatter(logging.Formatter):
             if any(i < len(args) and _needs_quotes(args[i]) for i in value_slots):
                 record = copy.copy(record)
                 record.args = tuple(
-                    _Quoted(arg) if i in value_slots and _needs_quotes(arg) else arg
+                    _Quoted(str(arg)) if i in value_slots and _needs_quotes(arg) else arg
                     for i, arg in enumerate(args)
                 )
         return super().format(record)
