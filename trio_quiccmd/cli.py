@@ -42,11 +42,12 @@ import time
 import traceback
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 import attrs
 
 from .model import TERMINAL_STATUSES, CommandStatus
+from .wire import finite_float, reject_constant
 
 PROG = "python -m trio_quiccmd.cli"
 DEFAULT_API_URL = "http://127.0.0.1:8080"
@@ -304,22 +305,11 @@ def _payload(args: argparse.Namespace, stdin: TextIO) -> Any:
     else:
         return {}
     try:
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        return json.loads(text, parse_constant=reject_constant, parse_float=finite_float)
     except ValueError as exc:
         raise UsageError(f"{source} is not valid JSON: {exc}") from None
     except RecursionError:
         raise UsageError(f"{source} is nested too deeply") from None
-
-
-def _refuse_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is out of range for a number")
-    return value
 
 
 # -- what is printed ----------------------------------------------------------------------
@@ -417,6 +407,23 @@ def _again(args: argparse.Namespace, *words: str) -> str:
     return " ".join([PROG, *map(shlex.quote, [*options, *words])])
 
 
+def _post(
+    api: ApiClient, path: str, body: Any, *, unsure: str, accept: Sequence[int] = (200,)
+) -> tuple[int, Any]:
+    """POST once. If it may have taken effect unseen (interrupted, or the link
+    broke after it was sent), stop, saying ``unsure``: never send it again."""
+    try:
+        return api.call("POST", path, body=body, accept=accept)
+    except (Unreachable, KeyboardInterrupt) as exc:
+        if isinstance(exc, Unreachable) and not exc.maybe_delivered:
+            raise
+        why, exit_status = (
+            ("interrupted", EXIT_INTERRUPTED) if isinstance(exc, KeyboardInterrupt)
+            else (str(exc), EXIT_UNREACHABLE)
+        )
+        raise Stopped(f"{why}; {unsure}", exit_status) from None
+
+
 def cmd_send(args: argparse.Namespace, api: ApiClient, io: Io) -> int:
     body: dict[str, Any] = {
         "client_id": args.client_id,
@@ -429,19 +436,11 @@ def cmd_send(args: argparse.Namespace, api: ApiClient, io: Io) -> int:
     # Sent without the API's own wait, then followed by long polls: the id is
     # known at once, so an interrupted or broken wait can say which command
     # it was (the command itself goes on).
-    try:
-        status, command = api.call("POST", "/api/command", body=body, accept=(202, 409))
-    except (Unreachable, KeyboardInterrupt) as exc:
-        if isinstance(exc, Unreachable) and not exc.maybe_delivered:
-            raise
-        why, exit_status = (
-            ("interrupted", EXIT_INTERRUPTED) if isinstance(exc, KeyboardInterrupt)
-            else (str(exc), EXIT_UNREACHABLE)
-        )
-        raise Stopped(
-            f"{why}; the command may have been accepted: look for it with "
-            f"'{_again(args, 'list', '--client', args.client_id, '--limit', '5')}'", exit_status,
-        ) from None
+    status, command = _post(
+        api, "/api/command", body, accept=(202, 409),
+        unsure="the command may have been accepted: look for it with "
+        f"'{_again(args, 'list', '--client', args.client_id, '--limit', '5')}'",
+    )
     if status == 202 and args.wait:
         command = _follow(args, api, command, io)
     completed = command["status"] == CommandStatus.COMPLETED.value
@@ -523,21 +522,10 @@ def _more(page: dict[str, Any], io: Io) -> None:
 
 def cmd_cancel(args: argparse.Namespace, api: ApiClient, io: Io) -> int:
     body = {"reason": args.reason} if args.reason is not None else None
-    try:
-        _, command = api.call(
-            "POST", f"/api/command/{urllib.parse.quote(args.command_id, safe='')}/cancel", body=body,
-        )
-    except (Unreachable, KeyboardInterrupt) as exc:
-        if isinstance(exc, Unreachable) and not exc.maybe_delivered:
-            raise
-        why, exit_status = (
-            ("interrupted", EXIT_INTERRUPTED) if isinstance(exc, KeyboardInterrupt)
-            else (str(exc), EXIT_UNREACHABLE)
-        )
-        raise Stopped(
-            f"{why}; the cancel may have been taken: see with '{_again(args, 'get', args.command_id)}'",
-            exit_status,
-        ) from None
+    _, command = _post(
+        api, f"/api/command/{urllib.parse.quote(args.command_id, safe='')}/cancel", body,
+        unsure=f"the cancel may have been taken: see with '{_again(args, 'get', args.command_id)}'",
+    )
     print(_dump(command) if args.json else _command_block(command), file=io.stdout)
     return EXIT_OK
 

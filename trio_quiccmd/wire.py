@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 import struct
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, NoReturn, Union
 
 import attrs
 import cattrs
@@ -187,8 +188,17 @@ _converter.register_structure_hook_func(
 _json_encoder = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 
 
-def _reject_constant(name: str) -> Any:
+def reject_constant(name: str) -> NoReturn:
+    """``json.loads(parse_constant=...)``: NaN and Infinity are not JSON."""
     raise ValueError(f"{name} is not JSON")
+
+
+def finite_float(text: str) -> float:
+    """``json.loads(parse_float=...)``: a number too large for a float is refused, not infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of range for a number")
+    return value
 
 #: Bytes a COMMAND frame adds around its payload and command type, with room
 #: for a long command id.
@@ -242,7 +252,7 @@ def decode_body(data: bytes) -> Frame:
     try:
         # Decode explicitly: json.loads(bytes) would also accept UTF-16/32 and a BOM.
         # Deep nesting overflows the parser's recursion: a bad frame, not a crash.
-        obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        obj = json.loads(data.decode("utf-8"), parse_constant=reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(ProtocolErrorCode.INVALID_JSON, str(exc)) from None
     if not isinstance(obj, dict):

@@ -18,7 +18,7 @@ import logging
 import ipaddress
 import math
 import re
-from typing import Any, Iterable, Mapping, NoReturn
+from typing import Any, Iterable, Mapping
 from urllib.parse import urlsplit
 
 import attrs
@@ -40,7 +40,7 @@ from ..errors import (
     Unauthorized,
 )
 from ..model import PRIORITY_RANGE, Command, CommandStatus, ErrorCode
-from ..wire import check_unicode
+from ..wire import check_unicode, finite_float, reject_constant
 from .audit import ACTIONS, OUTCOMES, AuditEntry, AuditLog
 from .auth import ANONYMOUS, ApiAuthenticator
 from .manager import CommandManager
@@ -205,17 +205,6 @@ def error_response(
     return json_response({"error": {"code": code, "message": message}, **extra}, status, headers)
 
 
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _parse_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:40]} is out of range")
-    return value
-
-
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # JSON leaves a repeated key to the reader; taking the last would let
     # ``{"client_id": "web-07", ..., "client_id": "db-1"}`` pass a glance.
@@ -232,7 +221,7 @@ def parse_json(data: bytes) -> Any:
     try:
         text = data.decode("utf-8")
         value = json.loads(
-            text, parse_constant=_reject_constant, parse_float=_parse_float,
+            text, parse_constant=reject_constant, parse_float=finite_float,
             object_pairs_hook=_object_without_duplicates,
         )
         check_unicode(text, value)
