@@ -612,7 +612,7 @@ class CommandManager:
             staging.done.set()
 
     def _send_stored(self, sends: list[tuple[str, str]], staging: _StagingRound) -> None:
-        """Send commands stored as executing when accepted (see _create)."""
+        """Send the commands stored as executing to go out (see _create and _dispatch)."""
         live, now = self._live, trio.current_time()
         # Agents one of whose staged commands ended before it could go out:
         # its place in the window was held until now, so the queue behind it
