@@ -116,7 +116,8 @@ class Fleet:
                 )
 
 
-def sent_ids(fleet: Fleet, sessions: list[RecordingSession]) -> set[str]:
+def sent_ids(sessions: list[RecordingSession]) -> set[str]:
+    """Every command any of the agent's connections was sent."""
     return {
         frames[0].command_id
         for session in sessions for frames in session.streams.values()
@@ -180,7 +181,7 @@ async def run_scenario(steps, durable: bool) -> None:
             await trio.testing.wait_all_tasks_blocked()
             if durable:
                 # Nothing reached the agent that a crash now would leave pending.
-                unstored = sent_ids(fleet, sessions) - store.committed_executing
+                unstored = sent_ids(sessions) - store.committed_executing
                 assert not unstored, unstored
             if action == "sleep" or not durable:
                 # Nothing waits in the queue while the agent has room for it.

@@ -230,8 +230,7 @@ async def test_a_command_is_sent_to_its_agent_only_once_it_is_stored(db, monkeyp
             assert sent[0].status is CommandStatus.EXECUTING
             # Its one row write already said "executing, sent to agent process
             # i1": a crash after it went out cannot make it look unsent.
-            columns = sqlite_store._COLUMNS.split(", ")
-            (row,) = [dict(zip(columns, row)) for row in held.rows if row[0] == sent[0].command_id]
+            (row,) = held.rows_of(sent[0].command_id)
             assert (row["status"], row["sent_to"]) == ("executing", "i1")
 
 
@@ -253,9 +252,9 @@ async def test_a_command_taken_from_the_queue_is_sent_only_once_stored_as_execut
                 held.release.set()
                 await wait_all_stored(manager)
             assert sent_ids(session) == [first.command_id, queued.command_id]
-            columns = sqlite_store._COLUMNS.split(", ")
-            rows = [dict(zip(columns, row)) for row in held.rows if row[0] == queued.command_id]
-            assert [(row["status"], row["sent_to"]) for row in rows] == [("executing", "i1")]
+            assert [(row["status"], row["sent_to"]) for row in held.rows_of(queued.command_id)] == [
+                ("executing", "i1"),
+            ]
             answer(link, session, queued.command_id, "two")
             assert (await manager.get_command(queued.command_id)).result == "two"
 
@@ -407,6 +406,11 @@ async def test_a_queued_command_the_new_policy_forbids_is_not_sent_after_a_resta
 class HeldCommits:
     release: threading.Event
     rows: list = attrs.Factory(list)  # every row a commit was given
+
+    def rows_of(self, command_id: str) -> list[dict]:
+        """The rows written for ``command_id``, by column name, in order."""
+        columns = sqlite_store._COLUMNS.split(", ")
+        return [dict(zip(columns, row)) for row in self.rows if row[0] == command_id]
 
 
 @asynccontextmanager

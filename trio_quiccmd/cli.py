@@ -407,6 +407,21 @@ def _again(args: argparse.Namespace, *words: str) -> str:
     return " ".join([PROG, *map(shlex.quote, [*options, *words])])
 
 
+def _command_path(command_id: str, action: str = "") -> str:
+    return f"/api/command/{urllib.parse.quote(command_id, safe='')}{action}"
+
+
+def _stopped(exc: BaseException, then: str) -> Stopped:
+    """Why the CLI stopped before it knew how a request ended, and what to do ``then``."""
+    if isinstance(exc, KeyboardInterrupt):
+        why, exit_status = "interrupted", EXIT_INTERRUPTED
+    elif isinstance(exc, ApiError):
+        why, exit_status = f"the server refused to say more: {exc}", EXIT_REFUSED
+    else:
+        why, exit_status = str(exc), EXIT_UNREACHABLE
+    return Stopped(f"{why}; {then}", exit_status)
+
+
 def _post(
     api: ApiClient, path: str, body: Any, *, unsure: str, accept: Sequence[int] = (200,)
 ) -> tuple[int, Any]:
@@ -417,11 +432,7 @@ def _post(
     except (Unreachable, KeyboardInterrupt) as exc:
         if isinstance(exc, Unreachable) and not exc.maybe_delivered:
             raise
-        why, exit_status = (
-            ("interrupted", EXIT_INTERRUPTED) if isinstance(exc, KeyboardInterrupt)
-            else (str(exc), EXIT_UNREACHABLE)
-        )
-        raise Stopped(f"{why}; {unsure}", exit_status) from None
+        raise _stopped(exc, unsure) from None
 
 
 def cmd_send(args: argparse.Namespace, api: ApiClient, io: Io) -> int:
@@ -468,21 +479,15 @@ def _follow(args: argparse.Namespace, api: ApiClient, command: dict[str, Any], i
         print(f"Waiting for command {command_id} (Ctrl-C stops waiting, not the command)", file=io.stderr)
         while command["status"] not in TERMINAL:
             _, command = api.call(
-                "GET", f"/api/command/{urllib.parse.quote(command_id, safe='')}",
+                "GET", _command_path(command_id),
                 query={"wait": f"{poll:g}"}, answer_within=poll + ANSWER_MARGIN,
             )
     except (KeyboardInterrupt, Unreachable, ApiError) as exc:
-        if isinstance(exc, KeyboardInterrupt):
-            why, exit_status = "interrupted", EXIT_INTERRUPTED
-        elif isinstance(exc, Unreachable):
-            why, exit_status = str(exc), EXIT_UNREACHABLE
-        else:
-            why, exit_status = f"the server refused to say more: {exc}", EXIT_REFUSED
-        raise Stopped(
-            f"{why}; command {command_id} was accepted and goes on: see it with "
+        raise _stopped(
+            exc,
+            f"command {command_id} was accepted and goes on: see it with "
             f"'{_again(args, 'get', command_id, '--wait', '60')}', "
             f"stop it with '{_again(args, 'cancel', command_id)}'",
-            exit_status,
         ) from None
     return command
 
@@ -490,7 +495,7 @@ def _follow(args: argparse.Namespace, api: ApiClient, command: dict[str, Any], i
 def cmd_get(args: argparse.Namespace, api: ApiClient, io: Io) -> int:
     wait = args.wait or 0.0
     _, command = api.call(
-        "GET", f"/api/command/{urllib.parse.quote(args.command_id, safe='')}",
+        "GET", _command_path(args.command_id),
         query={"wait": f"{wait:g}" if wait else None}, answer_within=wait + ANSWER_MARGIN,
     )
     print(_dump(command) if args.json else _command_block(command), file=io.stdout)
@@ -523,7 +528,7 @@ def _more(page: dict[str, Any], io: Io) -> None:
 def cmd_cancel(args: argparse.Namespace, api: ApiClient, io: Io) -> int:
     body = {"reason": args.reason} if args.reason is not None else None
     _, command = _post(
-        api, f"/api/command/{urllib.parse.quote(args.command_id, safe='')}/cancel", body,
+        api, _command_path(args.command_id, "/cancel"), body,
         unsure=f"the cancel may have been taken: see with '{_again(args, 'get', args.command_id)}'",
     )
     print(_dump(command) if args.json else _command_block(command), file=io.stdout)
