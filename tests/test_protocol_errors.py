@@ -10,6 +10,7 @@ import struct
 import pytest
 import trio
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.packet import QuicErrorCode
 
 from trio_quiccmd import CommandStatus
 from trio_quiccmd.quic.connection import SessionHandler, connect
@@ -105,3 +106,45 @@ async def test_agent_refuses_a_server_it_cannot_verify(cluster, tmp_path):
             await agent.run()
     assert agent.sessions_established == 0
     assert cluster.manager.registry.get("suspicious") is None
+
+
+async def test_before_hello_a_peer_may_leave_only_one_frame_unfinished(cluster):
+    """Unauthenticated, a peer could park a frame one byte short of complete
+    on each of 256 streams: a quarter of a GiB per connection. Until its
+    HELLO is accepted it may hold one frame's worth (the HELLO's), and the
+    server closes it beyond that."""
+    with trio.fail_after(15):
+        await cluster.start_agent("good")
+        async with trio.open_nursery() as nursery:
+            session = await connect(
+                nursery, cluster.address, raw_client_configuration(cluster.cert), SessionHandler()
+            )
+            for _ in range(2):
+                stream_id = session.quic.get_next_available_stream_id()
+                session.quic.send_stream_data(stream_id, struct.pack("!I", 1 << 20) + b"x" * 600_000)
+            session._wake()
+            await session.terminated.wait()
+        assert session.close_error_code == ProtocolErrorCode.BUFFER_EXCEEDED
+        command = await cluster.manager.send_and_wait("good", "echo", "still here")
+    assert command.status is CommandStatus.COMPLETED
+
+
+async def test_a_unidirectional_stream_closes_the_connection(cluster):
+    """The protocol has no unidirectional streams; the server grants none, so
+    a peer that opens one breaks QUIC's stream limit and is closed, instead
+    of being read (and buffered) on a stream nobody looks at."""
+    with trio.fail_after(15):
+        await cluster.start_agent("good")
+        async with trio.open_nursery() as nursery:
+            session = await connect(
+                nursery, cluster.address, raw_client_configuration(cluster.cert), SessionHandler()
+            )
+            assert session.quic._remote_max_streams_uni == 0  # granted none...
+            session.quic._remote_max_streams_uni = 1  # ...and a hostile peer ignores that
+            stream_id = session.quic.get_next_available_stream_id(is_unidirectional=True)
+            session.quic.send_stream_data(stream_id, b"x" * 1000)
+            session._wake()
+            await session.terminated.wait()
+        assert session.close_error_code == QuicErrorCode.STREAM_LIMIT_ERROR
+        command = await cluster.manager.send_and_wait("good", "echo", "still here")
+    assert command.status is CommandStatus.COMPLETED

@@ -8,16 +8,19 @@ each side sends is counted, and time is trio's autojump clock.
 from __future__ import annotations
 
 import math
+import struct
 
 import trio
+import trio.testing
 from aioquic.buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import pull_quic_header
 
 from trio_quiccmd.quic.connection import QuicSession, SessionHandler
+from trio_quiccmd.quic.flow_control import WindowedQuicConnection
 from trio_quiccmd.server.core import server_quic_configuration
-from trio_quiccmd.wire import ALPN, CommandFrame, Frame, ResultFrame
+from trio_quiccmd.wire import ALPN, CommandFrame, Frame, ProtocolErrorCode, ResultFrame, encode_frame
 
 SERVER_ADDRESS = ("127.0.0.1", 4433)
 CLIENT_ADDRESS = ("127.0.0.1", 50000)
@@ -65,9 +68,16 @@ class _Collect(SessionHandler):
         self.received.set()
 
 
-async def _joined_sessions(nursery: trio.Nursery, dev_cert) -> tuple[QuicSession, _Wire, _Wire, _Collect]:
+async def _joined_sessions(
+    nursery: trio.Nursery,
+    dev_cert,
+    server_handler: SessionHandler | None = None,
+    servers: list[QuicSession] | None = None,
+) -> tuple[QuicSession, _Wire, _Wire, _Collect]:
     """A connected (client, server) pair; returns the client session, both
-    wires (to the server, to the client) and the client's handler."""
+    wires (to the server, to the client) and the client's handler. The
+    server session (an echoing agent unless ``server_handler`` is given, on
+    the connection class the endpoint uses) is added to ``servers``."""
     cert, key = dev_cert
     to_server, to_client = _Wire(), _Wire()
     client_configuration = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name="localhost")
@@ -83,11 +93,13 @@ async def _joined_sessions(nursery: trio.Nursery, dev_cert) -> tuple[QuicSession
                 header = pull_quic_header(
                     Buffer(data=data), host_cid_length=server_configuration.connection_id_length
                 )
-                quic = QuicConnection(
+                quic = WindowedQuicConnection(
                     configuration=server_configuration,
                     original_destination_connection_id=header.destination_cid,
                 )
-                server = QuicSession(quic, to_client, _Echo())
+                server = QuicSession(quic, to_client, server_handler or _Echo())
+                if servers is not None:
+                    servers.append(server)
                 nursery.start_soon(server.run)
             server.datagram_received(data, CLIENT_ADDRESS)
 
@@ -171,4 +183,161 @@ async def test_a_burst_held_back_by_pacing_does_not_spin_the_timer(dev_cert, aut
             while len(collect.results) < count:
                 collect.received = trio.Event()
                 await collect.received.wait()
+        nursery.cancel_scope.cancel()
+
+
+class _Frames(SessionHandler):
+    """Records every frame, and raises from connection_lost if told to."""
+
+    def __init__(self, fail_when_lost: bool = False) -> None:
+        self.frames: list[tuple[int, Frame]] = []
+        self.fail_when_lost = fail_when_lost
+        self.lost = False
+
+    def frame_received(self, session: QuicSession, stream_id: int, frame: Frame) -> None:
+        self.frames.append((stream_id, frame))
+
+    def connection_lost(self, session: QuicSession, error_code: int, reason: str) -> None:
+        self.lost = True
+        if self.fail_when_lost:
+            raise RuntimeError("a bug in connection_lost")
+
+
+async def test_a_peer_naming_far_offsets_cannot_grow_the_receivers_buffers(dev_cert, autojump_clock):
+    """aioquic grows a receive window by the highest offset the peer names,
+    and fills the gap below it: one byte sent just below the limit, again
+    and again, doubled the receiver's buffer each round trip (8 rounds: 1 MiB
+    to 128 MiB, before any HELLO). The window now moves only with the data
+    handed to the application, so the buffer stays at one window."""
+    servers: list[QuicSession] = []
+    async with trio.open_nursery() as nursery:
+        client, to_server, to_client, collect = await _joined_sessions(nursery, dev_cert, _Frames(), servers)
+        quic = client.quic
+        stream_id = quic.get_next_available_stream_id()
+        quic.send_stream_data(stream_id, b"")
+        sender = quic._streams[stream_id].sender
+        for _ in range(8):
+            limit = min(quic._streams[stream_id].max_stream_data_remote, quic._remote_max_data)
+            # Skip the sender to the byte below the limit (as a hostile peer would).
+            sender._buffer_start = sender._buffer_stop = sender.highest_offset = limit - 1
+            sender._buffer = bytearray()
+            quic._remote_max_data_used = limit - 1
+            quic.send_stream_data(stream_id, b"x")
+            client._wake()
+            await trio.sleep(1)  # delivered, acknowledged, any new limit sent back
+        window = 1 << 20  # aioquic's default max_stream_data and max_data
+        received = servers[0].quic._streams[stream_id].receiver
+        assert received.highest_offset == window  # the peer did reach the limit...
+        assert len(received._buffer) <= window  # ...and never beyond it
+        assert quic._streams[stream_id].max_stream_data_remote == window
+        assert quic._remote_max_data == window
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_windowed_connection_keeps_granting_credit_as_data_is_read(dev_cert, autojump_clock):
+    """The windows do move with the data read: 8 MiB through one stream and
+    over several streams, far beyond the first 1 MiB of credit."""
+    servers: list[QuicSession] = []
+    handler = _Frames()
+    async with trio.open_nursery() as nursery:
+        client, to_server, to_client, collect = await _joined_sessions(nursery, dev_cert, handler, servers)
+        result = ResultFrame(command_id="r", status="completed", result="x" * 500_000)
+        stream_id = client.open_stream(result)
+        for _ in range(15):
+            client.send_frame(stream_id, result)
+        for _ in range(4):
+            client.open_stream(result, end_stream=True)
+        with trio.fail_after(60):
+            while len(handler.frames) < 20:
+                await trio.sleep(0.1)
+        assert all(frame == result for _, frame in handler.frames)
+        nursery.cancel_scope.cancel()
+
+
+async def test_unfinished_frames_beyond_the_sessions_budget_close_it(dev_cert, autojump_clock):
+    """A peer that parks a frame one byte short of complete on stream after
+    stream held a megabyte per stream in the decoders, within flow control.
+    A session holds at most its budget of unfinished frames, across streams."""
+    servers: list[QuicSession] = []
+    async with trio.open_nursery() as nursery:
+        client, to_server, to_client, collect = await _joined_sessions(nursery, dev_cert, _Frames(), servers)
+        server = servers[0]
+        server._max_buffered = 100_000
+        for _ in range(3):
+            stream_id = client.quic.get_next_available_stream_id()
+            client.quic.send_stream_data(stream_id, struct.pack("!I", 60_000) + b"x" * 40_000)
+        client._wake()
+        with trio.fail_after(10):
+            await client.terminated.wait()
+        assert client.close_error_code == ProtocolErrorCode.BUFFER_EXCEEDED
+        nursery.cancel_scope.cancel()
+
+
+async def test_stop_sending_does_not_lose_what_the_peer_already_sent(dev_cert, autojump_clock):
+    """STOP_SENDING concerns our direction of a stream only. The half of a
+    frame already received must still join the rest: dropping it made the
+    rest read as a new frame (a spurious FRAME_TOO_LARGE close)."""
+    servers: list[QuicSession] = []
+    handler = _Frames()
+    async with trio.open_nursery() as nursery:
+        client, to_server, to_client, collect = await _joined_sessions(nursery, dev_cert, handler, servers)
+        data = encode_frame(ResultFrame(command_id="r", status="completed", result="y" * 1000))
+        stream_id = client.quic.get_next_available_stream_id()
+        client.quic.send_stream_data(stream_id, data[:500])
+        client._wake()
+        await trio.sleep(1)
+        client.quic.stop_stream(stream_id, 7)
+        client._wake()
+        await trio.sleep(1)
+        client.quic.send_stream_data(stream_id, data[500:], end_stream=True)
+        client._wake()
+        await trio.sleep(1)
+        assert not client.terminated.is_set()
+        assert [frame.command_id for _, frame in handler.frames] == ["r"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_error_in_connection_lost_ends_only_that_session(dev_cert, autojump_clock):
+    """A handler that raises while told its connection is gone must not take
+    the caller (the endpoint's receive loop, serving every connection) down
+    with it, and the session's task still ends."""
+    servers: list[QuicSession] = []
+    handler = _Frames(fail_when_lost=True)
+    async with trio.open_nursery() as nursery:
+        client, to_server, to_client, collect = await _joined_sessions(nursery, dev_cert, handler, servers)
+        await client.aclose(reason="bye")
+        with trio.fail_after(10):
+            await servers[0].terminated.wait()
+        assert handler.lost
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_ack_read_as_the_loss_timer_expires_cancels_the_probe(dev_cert, autojump_clock):
+    """The RESULT (and its ACK of the COMMAND) is read in the same instant
+    the COMMAND's loss timer would fire. The timer task must go by aioquic's
+    timer as it is now, not as it was at the last flush: acting on the stale
+    one ran a loss probe for data already acknowledged (a needless packet,
+    and a doubled probe timeout until the next ACK)."""
+    async with trio.open_nursery() as nursery:
+        client, to_server, to_client, collect = await _joined_sessions(nursery, dev_cert)
+        held: list[bytes] = []
+
+        def hold(data: bytes, addr: tuple) -> bool:
+            held.append(data)
+            return True
+
+        to_client.try_send = hold  # the server's answers wait here
+        autojump_clock.autojump_threshold = math.inf  # time moves only when told
+        client.open_stream(CommandFrame(command_id="c", command_type="echo", timeout=30.0), end_stream=True)
+        await trio.testing.wait_all_tasks_blocked()
+        assert held, "the server answered"
+        loss_timer_at = client._quic_timer_at
+        sent = to_server.sent
+        autojump_clock.jump(loss_timer_at - trio.current_time())
+        for data in held:
+            client.datagram_received(data, SERVER_ADDRESS)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [result.command_id for result in collect.results] == ["c"]
+        assert client.quic._loss._pto_count == 0
+        assert to_server.sent == sent  # no probe (the ACK of the RESULT waits its delay)
         nursery.cancel_scope.cancel()

@@ -27,6 +27,8 @@ PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME_SIZE = 1 << 20
 
 _LENGTH = struct.Struct("!I")
+#: Bytes before each frame's body: its length.
+FRAME_HEADER_SIZE = _LENGTH.size
 
 
 class ProtocolErrorCode(enum.IntEnum):
@@ -44,6 +46,9 @@ class ProtocolErrorCode(enum.IntEnum):
     UNEXPECTED_FRAME = 0x105
     HELLO_TIMEOUT = 0x106
     UNSUPPORTED_VERSION = 0x107
+    #: More bytes of unfinished frames, across the connection's streams,
+    #: than the receiver holds for one peer (before HELLO: one frame's worth).
+    BUFFER_EXCEEDED = 0x108
     REPLACED = 0x201
     SHUTTING_DOWN = 0x202
     TOO_MANY_AGENTS = 0x203
@@ -298,6 +303,11 @@ class FrameDecoder:
     def has_partial_frame(self) -> bool:
         """True if bytes of an unfinished frame are buffered (for end-of-stream checks)."""
         return bool(self._buffer)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held of the unfinished frame."""
+        return len(self._buffer)
 
     def feed(self, data: bytes) -> list[Frame]:
         if self._error is not None:

@@ -34,12 +34,14 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection
 
 from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
+    FRAME_HEADER_SIZE,
     Frame,
     FrameDecoder,
     ProtocolError,
     ProtocolErrorCode,
     encode_frame,
 )
+from .flow_control import WindowedQuicConnection
 
 logger = logging.getLogger("trio_quiccmd.quic")
 
@@ -48,6 +50,13 @@ logger = logging.getLogger("trio_quiccmd.quic")
 #: data for each packet it builds, so one flush of n frames costs O(n^2):
 #: coalescing pays up to about two packets' worth, then costs more than it saves.
 FLUSH_BATCH_FRAMES = 16
+
+#: Most unfinished frames' worth of bytes a session holds by default, across
+#: all its streams. Flow control bounds what aioquic buffers, not the frames
+#: our decoders assemble: without this a peer could park a frame one byte
+#: short of complete on every stream it may open. A sender that finishes one
+#: stream's frame before starting the next (aioquic's does) holds one or two.
+DEFAULT_BUFFERED_FRAMES = 16
 
 #: Socket buffer size asked for; bursts of thousands of commands overflow the
 #: kernel's small default and every dropped datagram costs a loss-recovery RTT.
@@ -208,6 +217,7 @@ class QuicSession:
         handler: SessionHandler,
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_buffered_bytes: int | None = None,
         keepalive_interval: float | None = None,
         on_connection_id_issued: Callable[[bytes], None] | None = None,
         on_connection_id_retired: Callable[[bytes], None] | None = None,
@@ -218,6 +228,11 @@ class QuicSession:
         self._transport = transport
         self._max_frame_size = max_frame_size
         self._decoders: dict[int, FrameDecoder] = {}
+        # Most bytes of unfinished frames held across all streams; more is a
+        # BUFFER_EXCEEDED protocol error (see allow_default_buffering).
+        self._default_max_buffered = DEFAULT_BUFFERED_FRAMES * (max_frame_size + FRAME_HEADER_SIZE)
+        self._max_buffered = self._default_max_buffered if max_buffered_bytes is None else max_buffered_bytes
+        self._buffered = 0
         self._keepalive_interval = keepalive_interval
         self._ping_at = (
             trio.current_time() + keepalive_interval if keepalive_interval else math.inf
@@ -274,6 +289,12 @@ class QuicSession:
         self._waiting_for_streams = True
         return False
 
+    def allow_default_buffering(self) -> None:
+        """Hold up to :data:`DEFAULT_BUFFERED_FRAMES` unfinished frames from
+        now on: for a server, once it knows who the peer is (its sessions
+        start with room for one frame, the HELLO)."""
+        self._max_buffered = self._default_max_buffered
+
     # -- input ---------------------------------------------------------------
 
     def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
@@ -289,7 +310,10 @@ class QuicSession:
             self._notify_lost(close.error_code, close.reason_phrase)
         elif self._waiting_for_streams and self.can_open_stream:
             self._waiting_for_streams = False
-            self.handler.streams_available(self)
+            try:
+                self.handler.streams_available(self)
+            except Exception as exc:
+                self._failed(exc)
         self._wake()
 
     # -- output (each ends in a wake; the timer task flushes) ------------------
@@ -378,6 +402,10 @@ class QuicSession:
                 self._wake_pending = False
                 now = trio.current_time()
                 timer_at = self._quic_timer_at
+                if timer_at is not None and now >= timer_at:
+                    # Read when last flushed: a datagram since (an ACK) may
+                    # have moved it, and aioquic acts on the current one.
+                    timer_at = self._quic_timer_at = self.quic.get_timer()
                 if timer_at is not None and now >= timer_at:
                     self.quic.handle_timer(max(now, timer_at))
                     self._process_events()
@@ -518,14 +546,15 @@ class QuicSession:
                 elif isinstance(event, events.StopSendingReceived):
                     # The peer will not read this stream any more: end our
                     # side (RFC 9000, 3.5) and treat it like a reset.
+                    # Our direction only: what the peer sent on it is still
+                    # read (a decoder dropped mid-frame would misread the rest).
                     try:
                         self.quic.reset_stream(event.stream_id, event.error_code)
                     except (RuntimeError, ValueError):
                         pass  # already finished or reset
-                    self._decoders.pop(event.stream_id, None)
                     handler.stream_reset(self, event.stream_id, event.error_code)
                 elif isinstance(event, events.StreamReset):
-                    self._decoders.pop(event.stream_id, None)
+                    self._drop_decoder(event.stream_id)
                     handler.stream_reset(self, event.stream_id, event.error_code)
                 elif isinstance(event, events.HandshakeCompleted):
                     self._fit_keepalive_to_idle_timeout()
@@ -542,17 +571,25 @@ class QuicSession:
                 elif isinstance(event, events.ConnectionTerminated):
                     self._notify_lost(event.error_code, event.reason_phrase)
                     self.terminated.set()
-            except ProtocolError as exc:
-                logger.warning(
-                    "Closing connection peer=%s code=%s error=%s",
-                    self.peer_address, exc.code.name, exc.message,
-                )
-                self.close(exc.code, exc.message)
-            except Exception:
-                # A bug or an unforeseen input in one connection's handling
-                # must not take down the endpoint and every other connection.
-                logger.exception("Closing connection after an internal error peer=%s", self.peer_address)
-                self.close(ProtocolErrorCode.INTERNAL_ERROR, "internal error")
+            except Exception as exc:
+                self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        """Close the connection over ``exc``, raised while handling its input:
+        a peer that broke the protocol, or a bug or unforeseen input in this
+        connection's handling, which must not take down the endpoint and every
+        other connection."""
+        if isinstance(exc, ProtocolError):
+            logger.warning(
+                "Closing connection peer=%s code=%s error=%s",
+                self.peer_address, exc.code.name, exc.message,
+            )
+            self.close(exc.code, exc.message)
+        else:
+            logger.error(
+                "Closing connection after an internal error peer=%s", self.peer_address, exc_info=exc
+            )
+            self.close(ProtocolErrorCode.INTERNAL_ERROR, "internal error")
 
     def _fit_keepalive_to_idle_timeout(self) -> None:
         # The peer's idle timeout is only known now (transport parameters); a
@@ -573,15 +610,29 @@ class QuicSession:
                 return
             decoder = self._decoders[stream_id] = FrameDecoder(self._max_frame_size)
         if event.data:
-            for frame in decoder.feed(event.data):
+            held = decoder.buffered
+            frames = decoder.feed(event.data)
+            self._buffered += decoder.buffered - held
+            if self._buffered > self._max_buffered:
+                raise ProtocolError(
+                    ProtocolErrorCode.BUFFER_EXCEEDED,
+                    f"{self._buffered} bytes of unfinished frames held; at most "
+                    f"{self._max_buffered} allowed",
+                )
+            for frame in frames:
                 self.handler.frame_received(self, stream_id, frame)
         if event.end_stream:
-            self._decoders.pop(stream_id, None)
+            self._drop_decoder(stream_id)
             if decoder.has_partial_frame:
                 raise ProtocolError(
                     ProtocolErrorCode.INVALID_FRAME, "stream ended inside a frame"
                 )
             self.handler.stream_ended(self, stream_id)
+
+    def _drop_decoder(self, stream_id: int) -> None:
+        decoder = self._decoders.pop(stream_id, None)
+        if decoder is not None:
+            self._buffered -= decoder.buffered
 
     def _notify_lost(self, error_code: int, reason: str) -> None:
         if self._lost_notified:
@@ -592,7 +643,13 @@ class QuicSession:
         self.close_error_code = error_code
         self.close_reason = reason
         self._decoders.clear()
-        self.handler.connection_lost(self, error_code, reason)
+        self._buffered = 0
+        try:
+            self.handler.connection_lost(self, error_code, reason)
+        except Exception:
+            # The connection is over either way; the caller (a datagram, a
+            # timer, the task's end) must go on for every other connection.
+            logger.exception("Error in handling a lost connection peer=%s", self.peer_address)
 
 
 #: Least time a keepalive PING may go unanswered before the peer counts as gone.
@@ -644,7 +701,7 @@ async def connect(
         raise ConnectionFailed(f"cannot resolve {host}: {exc}") from None
     family, _, _, _, sockaddr = infos[0]
     transport = DatagramSocket.bind("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
-    quic = QuicConnection(configuration=configuration)
+    quic = WindowedQuicConnection(configuration=configuration)
     allow_peer_bidi_streams(quic, peer_bidi_streams)
     session = QuicSession(
         quic,

@@ -14,7 +14,7 @@ from typing import Callable
 import trio
 from aioquic.buffer import Buffer
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
-from aioquic.quic.connection import TRANSPORT_CLOSE_FRAME_CAPACITY, NetworkAddress, QuicConnection
+from aioquic.quic.connection import TRANSPORT_CLOSE_FRAME_CAPACITY, NetworkAddress
 from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.packet import (
     QuicErrorCode,
@@ -28,9 +28,10 @@ from aioquic.quic.packet import (
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.retry import QuicRetryTokenHandler
 
-from ..wire import DEFAULT_MAX_FRAME_SIZE, ProtocolErrorCode
+from ..wire import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER_SIZE, ProtocolErrorCode
 from .admission import DEFAULT_MAX_HANDSHAKES, Admission, HandshakeAdmission
 from .connection import DatagramSocket, QuicSession, SessionHandler
+from .flow_control import WindowedQuicConnection
 
 logger = logging.getLogger("trio_quiccmd.quic")
 
@@ -178,7 +179,7 @@ class QuicEndpoint:
             self._log_deferred(addr, now)
             return
 
-        quic = QuicConnection(
+        quic = WindowedQuicConnection(
             configuration=self._configuration,
             original_destination_connection_id=original_destination_cid,
             retry_source_connection_id=retry_source_cid,
@@ -188,6 +189,9 @@ class QuicEndpoint:
             self._transport,
             self._handler_factory(),
             max_frame_size=self._max_frame_size,
+            # The peer is unknown until its handler accepts it: one frame
+            # (its HELLO) is all it may leave unfinished until then.
+            max_buffered_bytes=self._max_frame_size + FRAME_HEADER_SIZE,
             on_connection_id_issued=lambda cid: self._add_route(cid, session),
             on_connection_id_retired=self._remove_route,
             on_handshake_completed=lambda: self.admission.finished(session),
