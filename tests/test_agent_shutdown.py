@@ -175,6 +175,20 @@ async def test_stop_again_with_zero_grace_ends_the_drain_now(cluster):
         assert (done.status, done.error_code) == (CommandStatus.CANCELLED, "agent_shutdown")
 
 
+async def test_an_agent_cancelled_outright_still_says_goodbye(cluster):
+    """Cancelling ``Agent.run`` (an embedding program's own shutdown, or the
+    CLI's second signal) skips the drain, not the goodbye: the server hears
+    the CONNECTION_CLOSE at once. Before, it kept the agent until its idle
+    timeout (10 s here) and sent it new commands, which then ran out their
+    deadlines as ``executing`` on a process that was gone."""
+    with trio.fail_after(TIMEOUT):
+        _agent, scope = await cluster.start_agent("abrupt")
+        scope.cancel()
+        await wait_until(lambda: cluster.manager.registry.get("abrupt") is None)
+        command = await cluster.manager.send_command("abrupt", "echo", 1, connect_timeout=30)
+    assert command.status is CommandStatus.PENDING  # queued for the next connection
+
+
 async def test_connection_lost_while_draining_logs_the_undelivered(cluster, caplog):
     executor = RecordingExecutor()
     agent = cluster.agent("orphan", executor=executor)

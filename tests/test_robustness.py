@@ -28,6 +28,7 @@ from trio_quiccmd import (
 )
 from trio_quiccmd.agent.handler import CommandHandler
 from trio_quiccmd.quic.connection import (
+    ConnectionFailed,
     DatagramSocket,
     QuicSession,
     SessionHandler,
@@ -589,3 +590,34 @@ async def test_f15_timed_out_sync_handlers_do_not_starve_later_ones():
     finally:
         release.set()
     assert frame.status == "completed", frame
+
+
+async def test_an_agent_tries_the_servers_next_address_when_the_first_does_not_answer(cluster, monkeypatch):
+    """A server name that resolves to several addresses, the first unusable
+    (``localhost`` as ``::1`` first, with the server on IPv4 only): the agent
+    dialled only the first, and timed out its handshake forever. It now
+    moves on to the next address after a failed dial."""
+    silent = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # takes datagrams, answers none
+    await silent.bind(("127.0.0.1", 0))
+    real_getaddrinfo = trio.socket.getaddrinfo
+
+    async def silent_address_first(host, port, *args, **kwargs):
+        found = await real_getaddrinfo(host, port, *args, **kwargs)
+        if (host, port) == cluster.address:
+            return await real_getaddrinfo(*silent.getsockname(), *args, **kwargs) + found
+        return found
+
+    monkeypatch.setattr(trio.socket, "getaddrinfo", silent_address_first)
+    with silent, trio.fail_after(10):
+        await cluster.start_agent("two-addresses", handshake_timeout=0.5)
+        command = await cluster.manager.send_and_wait("two-addresses", "echo", "via the second")
+    assert command.status is CommandStatus.COMPLETED
+
+
+async def test_a_server_name_that_is_not_a_dns_name_is_a_failed_dial_not_a_crash():
+    """A label over 63 characters makes the resolver raise UnicodeError, not
+    OSError: it escaped connect() and ended the agent instead of being a
+    dial that failed."""
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(ConnectionFailed, match="cannot resolve"):
+            await connect(nursery, ("a" * 64 + ".example", 8474), QuicConfiguration(is_client=True), SessionHandler())

@@ -382,8 +382,10 @@ class QuicSession:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Drive timers, keepalives and transmission until the connection ends.
 
-        If cancelled, the connection is abandoned without a CONNECTION_CLOSE
-        (call :meth:`close` and wait for :attr:`terminated` to close politely).
+        If cancelled, the connection ends at once: its CONNECTION_CLOSE (the
+        one :meth:`close` queued, or a NO_ERROR one) is sent without waiting,
+        best effort, so that the peer does not wait out its idle timeout. To
+        be sure it was received, call :meth:`aclose` instead.
         """
         self._timer_task = trio.lowlevel.current_task()
         task_status.started()
@@ -420,8 +422,17 @@ class QuicSession:
         finally:
             self._timer_task = None
             if not self.terminated.is_set():
+                self._send_close_now()
                 self._notify_lost(ProtocolErrorCode.NO_ERROR, "session task stopped")
                 self.terminated.set()
+
+    def _send_close_now(self) -> None:
+        # A second Ctrl-C, or a caller cancelling the agent: without this the
+        # server kept the agent, and sent it commands, until its idle timeout.
+        quic = self.quic
+        quic.close(error_code=ProtocolErrorCode.NO_ERROR, reason_phrase="session task stopped")
+        for data, addr in quic.datagrams_to_send(trio.current_time()):
+            self._transport.try_send(data, addr)
 
     def _abort_park(self, raise_cancel: object) -> trio.lowlevel.Abort:
         # The timer is due (the scope's deadline) or the task is cancelled:
@@ -685,22 +696,32 @@ async def connect(
     peer_bidi_streams: int = 128,
     keepalive_interval: float | None = None,
     handshake_timeout: float = 10.0,
+    address_choice: int = 0,
 ) -> QuicSession:
     """Dial ``address`` and return the session once the handshake is done.
 
     The session's socket and timer run as one task in ``nursery``; they end when
     the connection terminates (see :meth:`QuicSession.aclose`). Raises
-    :class:`ConnectionFailed` if the handshake fails or takes longer than
-    ``handshake_timeout``. If cancelled while connecting, the half-open
-    connection is abandoned and its socket closed.
+    :class:`ConnectionFailed` if the name does not resolve, or the handshake
+    fails or takes longer than ``handshake_timeout``. If cancelled while
+    connecting, the half-open connection is abandoned and its socket closed.
+
+    ``address_choice`` picks which of the addresses the host resolves to is
+    dialled (counting round): a caller that dials again after a failure
+    passes the next number, so that a name whose first address is unusable
+    (``localhost`` as ``::1``, with the server on IPv4 only) still connects.
     """
     host, port = address
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:  # UnicodeError: not a valid DNS name
         raise ConnectionFailed(f"cannot resolve {host}: {exc}") from None
-    family, _, _, _, sockaddr = infos[0]
-    transport = DatagramSocket.bind("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
+    targets = list(dict.fromkeys((info[0], info[4]) for info in infos))
+    family, sockaddr = targets[address_choice % len(targets)]
+    try:
+        transport = DatagramSocket.bind("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
+    except OSError as exc:
+        raise ConnectionFailed(f"cannot open a UDP socket for {host}: {exc}") from None
     quic = WindowedQuicConnection(configuration=configuration)
     allow_peer_bidi_streams(quic, peer_bidi_streams)
     session = QuicSession(
