@@ -28,6 +28,7 @@ from trio_quiccmd import (
     TooManyCommands,
 )
 from trio_quiccmd.agent.client import Agent
+from trio_quiccmd.errors import PayloadTooLarge
 from trio_quiccmd.quic.connection import SessionHandler, connect
 from trio_quiccmd.quic.admission import HANDSHAKE_SLOT_SECONDS
 from trio_quiccmd.server.core import server_quic_configuration
@@ -144,6 +145,25 @@ async def test_too_many_unfinished_commands_refuses_and_creates_nothing(limited)
     assert (await manager.send_command("c2", "echo")).status is CommandStatus.EXECUTING
     with pytest.raises(TooManyCommands):
         await manager.send_command("c2", "echo")
+
+
+# -- one COMMAND frame ---------------------------------------------------------------
+
+
+async def test_a_command_type_is_measured_as_the_wire_writes_it(limited):
+    # The wire writes a non-ASCII character as a 6-byte \uXXXX escape: this
+    # type is 400 kB of UTF-8 but a 1.2 MB COMMAND frame, which the agent
+    # would answer by closing its connection, again on every re-send.
+    manager = await limited()
+    link, session = connect_agent(manager, "c1")
+    with pytest.raises(PayloadTooLarge) as info:
+        await manager.send_command("c1", "é" * 200_000)
+    assert info.value.code == "payload_too_large"
+    assert await _stored(manager) == 0
+    command = await manager.send_command("c1", "redémarrer", {"service": "café"})
+    assert command.status is CommandStatus.EXECUTING
+    (frame,) = session.commands()
+    assert (frame.command_type, frame.payload) == ("redémarrer", {"service": "café"})
 
 
 # -- connected agents --------------------------------------------------------------

@@ -313,7 +313,9 @@ class Agent:
         self.labels = dict(labels or {})
         self.handler = CommandHandler(
             executor if executor is not None else builtin_executor(),
-            max_result_bytes=max_frame_size - 1024,
+            # The most a server takes, whatever this agent's own max_frame_size
+            # (what it takes): a larger result would cost the connection.
+            max_result_bytes=DEFAULT_MAX_FRAME_SIZE,
             recent=RecentCommands(
                 max_entries=max_remembered_commands, remember_for=remember_for
             ),
@@ -730,17 +732,23 @@ class Agent:
                 error="internal error in the agent",
                 error_code=ErrorCode.AGENT_ERROR.value,
             )
-        if self._send_result(session, stream_id, result):
-            return
-        # The connection that carried the command is gone (or the server
-        # gave up the stream): hold the result until a connection takes it,
-        # at most until the command's deadline (the server waits no longer).
-        logger.info(
-            "Result held: its connection is gone command_id=%s", command.command_id
-        )
-        self._outbox.add(result, expires_at=received_at + command.timeout)
-        if self._link is not None:
-            self._link.deliver_held()
+        try:
+            if self._send_result(session, stream_id, result):
+                return
+            # The connection that carried the command is gone (or the server
+            # gave up the stream): hold the result until a connection takes
+            # it, at most until the command's deadline (the server waits no
+            # longer).
+            logger.info(
+                "Result held: its connection is gone command_id=%s", command.command_id
+            )
+            self._outbox.add(result, expires_at=received_at + command.timeout)
+            if self._link is not None:
+                self._link.deliver_held()
+        except Exception:
+            # Also a bug of ours. The result is remembered (handle()), so a
+            # re-sent command is answered from memory.
+            logger.exception("Sending a result failed command_id=%s", command.command_id)
 
 
 async def _wait_any_event(*events: trio.Event) -> None:

@@ -24,9 +24,10 @@ class CommandExecutor(Protocol):
 
     The seed's interface: ``execute(command_type, payload) -> result``. Raise
     :class:`UnknownCommandType` for a type you do not handle, and any other
-    exception to fail the command with its message. The call runs in the
-    agent's nursery and is cancelled if the operator cancels the command or
-    its deadline passes.
+    exception to fail the command with its message. The result is encoded as
+    soon as the call returns: changing the object afterwards changes nothing
+    sent. The call runs in the agent's nursery and is cancelled if the
+    operator cancels the command or its deadline passes.
     """
 
     async def execute(self, command_type: str, payload: Any) -> Any: ...
@@ -41,7 +42,12 @@ class UnknownCommandType(Exception):
 
 
 class CommandFailed(Exception):
-    """Raise from a handler to fail a command with a specific ``error_code``."""
+    """Raise from a handler to fail a command with a specific ``error_code``.
+
+    The code must be 1 to 128 printable characters, or the command fails
+    with ``executor_error`` instead; a message longer than 4,096 characters
+    is cut (see :mod:`~trio_quiccmd.agent.handler`).
+    """
 
     def __init__(self, message: str, error_code: str = ErrorCode.EXECUTOR_ERROR.value):
         super().__init__(message)

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Any
 
 import trio
 
 from ..model import ErrorCode
-from ..wire import CommandFrame, ResultFrame, encode_frame
+from ..wire import (
+    DEFAULT_MAX_FRAME_SIZE,
+    CommandFrame,
+    ResultFrame,
+    decode_body,
+    encode_frame,
+)
 from .dedup import RecentCommands
 from .executor import CommandExecutor, CommandFailed, UnknownCommandType
 
 logger = logging.getLogger("trio_quiccmd.agent")
+
+#: Characters of a failed command's ``error`` that are sent; the rest is cut
+#: (the text says so). An exception's message has no bound of its own, and a
+#: result over the server's frame limit would cost the agent its connection.
+MAX_ERROR_CHARS = 4096
+#: Longest ``error_code`` an executor may choose (ours are a few words).
+MAX_ERROR_CODE_CHARS = 128
 
 
 class _Execution:
@@ -54,7 +66,7 @@ class CommandHandler:
         self,
         executor: CommandExecutor,
         *,
-        max_result_bytes: int = 1 << 20,
+        max_result_bytes: int = DEFAULT_MAX_FRAME_SIZE,
         recent: RecentCommands | None = None,
     ):
         self.executor = executor
@@ -115,6 +127,11 @@ class CommandHandler:
         cancelled), the cancellation propagates as usual and no result is
         produced. A graceful shutdown uses :meth:`cancel_all_for_shutdown`
         instead, which does produce one.
+
+        Whatever the executor returns or raises, the result fits in a frame
+        the server accepts (:meth:`_final`): an over-long ``error`` is cut to
+        :data:`MAX_ERROR_CHARS`, and an ``error_code`` that is not a short
+        printable string becomes ``executor_error``.
         """
         command_id = command.command_id
         finished = self.recent.get(command_id)
@@ -131,13 +148,7 @@ class CommandHandler:
             # the same result.
             logger.info("Command delivered again while running command_id=%s", command_id)
             await running.done.wait()
-            if running.result is not None:
-                return running.result
-            # The first delivery's task was cancelled (agent shutdown) before
-            # a result existed; the work may have run in part.
-            return self._failed(
-                command, "the command's first execution was abandoned", ErrorCode.AGENT_ERROR.value
-            )
+            return running.result if running.result is not None else self._abandoned(command)
         if command_id in self._cancelled_before_start:
             del self._cancelled_before_start[command_id]
             logger.info("Command cancelled before it started command_id=%s", command_id)
@@ -152,36 +163,53 @@ class CommandHandler:
             trio.CancelScope(deadline=trio.current_time() + command.timeout)
         )
         try:
-            execution.result = await self._run(command, execution)
+            execution.result, execution.size = self._final(
+                command, await self._run(command, execution)
+            )
+            return execution.result
+        except Exception:
+            # The last resort, for a bug of ours or an exception from the
+            # executor too broken to report: the work has begun, so it is
+            # answered, and remembered, rather than run again.
+            logger.exception("Command handling failed command_id=%s", command_id)
+            execution.result = self._abandoned(command)
             return execution.result
         finally:
-            del self._running[command_id]
-            if execution.result is not None:
-                self.recent.remember(
-                    execution.result, timeout=command.timeout, size=execution.size
-                )
-            execution.done.set()
+            try:
+                del self._running[command_id]
+                if execution.result is not None:
+                    self.recent.remember(
+                        execution.result, timeout=command.timeout, size=execution.size
+                    )
+            finally:
+                # Deliveries attached to this execution wait for it.
+                execution.done.set()
 
     async def _run(self, command: CommandFrame, execution: _Execution) -> ResultFrame:
         command_id = command.command_id
         scope = execution.scope
+        # The executor's exceptions are caught outside the scope: one raised
+        # while the scope cancels it arrives as a group with the scope's own
+        # Cancelled, which only the scope may take out.
         try:
             with scope:
-                try:
-                    result = await self.executor.execute(command.command_type, command.payload)
-                except UnknownCommandType as exc:
-                    return self._failed(command, str(exc), exc.error_code)
-                except CommandFailed as exc:
-                    return self._failed(command, str(exc), exc.error_code)
-                except Exception as exc:
-                    logger.info(
-                        "Command execution raised command_id=%s command_type=%s",
-                        command_id, command.command_type, exc_info=True,
-                    )
-                    return self._failed(
-                        command, f"{type(exc).__name__}: {exc}", ErrorCode.EXECUTOR_ERROR.value
-                    )
-                return self._completed(command, result, execution)
+                result = await self.executor.execute(command.command_type, command.payload)
+                return ResultFrame(command_id=command_id, status="completed", result=result)
+        except Exception as exc:
+            return self._failure(command, exc)
+        except BaseExceptionGroup as group:
+            cancelled, errors = group.split(trio.Cancelled)
+            if cancelled is None or not isinstance(errors, Exception):
+                raise
+            # This task is being cancelled, and the executor failed as it
+            # wound down: the cancellation goes on, and there is no one left
+            # to report the failure to but the log. (KeyboardInterrupt and
+            # the like are not Exceptions, and are not held back.)
+            logger.warning(
+                "Command execution raised while cancelled command_id=%s command_type=%.100s",
+                command_id, command.command_type, exc_info=errors,
+            )
+            raise cancelled from None
         finally:
             if scope.cancelled_caught:
                 logger.info("Command cancelled command_id=%s", command_id)
@@ -200,25 +228,78 @@ class CommandHandler:
             error_code=(ErrorCode.EXECUTION_TIMEOUT if timed_out else ErrorCode.CANCELLED).value,
         )
 
-    def _completed(self, command: CommandFrame, result: Any, execution: _Execution) -> ResultFrame:
-        frame = ResultFrame(command_id=command.command_id, status="completed", result=result)
+    def _failure(self, command: CommandFrame, exc: Exception) -> ResultFrame:
+        """The failed result for an exception the executor raised."""
+        if isinstance(exc, (CommandFailed, UnknownCommandType)):
+            return self._failed(command, _message(exc), _error_code(exc))
+        logger.info(
+            "Command execution raised command_id=%s command_type=%.100s",
+            command.command_id, command.command_type, exc_info=exc,
+        )
+        return self._failed(
+            command, f"{type(exc).__name__}: {_message(exc)}", ErrorCode.EXECUTOR_ERROR.value
+        )
+
+    def _final(self, command: CommandFrame, result: ResultFrame) -> tuple[ResultFrame, int]:
+        """``result`` as it is remembered and sent, and its encoded size.
+
+        Every result of an execution passes here the moment it exists (the
+        agent's own fixed answers are small and need no check). The server would
+        close the connection on a frame it cannot take (too large, or not
+        JSON), and a remembered result is sent again after every reconnect,
+        so such a result is replaced by a small failed one. What comes back
+        is the frame decoded from its encoding, as the server will see it:
+        the executor may keep, and change, the object it returned.
+        """
         try:
-            size = len(encode_frame(frame))
-        except (TypeError, ValueError, RecursionError) as exc:
-            return self._failed(
-                command, f"result is not JSON-serialisable: {exc}", ErrorCode.INVALID_RESULT.value
-            )
-        if size > self.max_result_bytes:
-            return self._failed(
+            data = encode_frame(result)
+            body = len(data) - 4  # the limit counts what follows the length
+            if body <= self.max_result_bytes:
+                return decode_body(data[4:]), len(data)
+            problem = self._failed(
                 command,
-                f"result of {size} bytes exceeds the limit of {self.max_result_bytes}",
+                f"result of {body} bytes exceeds the limit of {self.max_result_bytes}",
                 ErrorCode.RESULT_TOO_LARGE.value,
             )
-        execution.size = size
-        return frame
+        # Whatever the encoder meets: a mapping's own items() may raise anything.
+        except Exception as exc:
+            problem = self._failed(
+                command, f"result is not JSON-serialisable: {exc}", ErrorCode.INVALID_RESULT.value
+            )
+        return problem, len(encode_frame(problem))
+
+    @staticmethod
+    def _abandoned(command: CommandFrame) -> ResultFrame:
+        # The execution ended without a result (its task was cancelled, or
+        # the agent failed); the work may have run in part.
+        return CommandHandler._failed(
+            command, "the command's execution ended without a result", ErrorCode.AGENT_ERROR.value
+        )
 
     @staticmethod
     def _failed(command: CommandFrame, error: str, error_code: str) -> ResultFrame:
+        if len(error) > MAX_ERROR_CHARS:
+            error = f"{error[:MAX_ERROR_CHARS]}… (truncated, {len(error)} characters in all)"
         return ResultFrame(
             command_id=command.command_id, status="failed", error=error, error_code=error_code
         )
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # the executor's own exception class may be broken
+        return "<unreadable message>"
+
+
+def _error_code(exc: Exception) -> str:
+    """The executor's chosen error code, if the wire can carry it as one."""
+    code = getattr(exc, "error_code", None)
+    if isinstance(code, str) and 0 < len(code) <= MAX_ERROR_CODE_CHARS and code.isprintable():
+        return code
+    logger.warning(
+        "Executor gave an error_code that is not 1 to %d printable characters; "
+        "reporting executor_error instead error_code=%.100r",
+        MAX_ERROR_CODE_CHARS, code,
+    )
+    return ErrorCode.EXECUTOR_ERROR.value

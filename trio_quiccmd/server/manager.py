@@ -994,7 +994,9 @@ class CommandManager:
             check_unicode(encoded, payload)
         except ValueError as exc:
             raise InvalidCommand(f"payload is not valid: {exc}") from None
-        size = len(encoded.encode()) + len(command_type.encode()) + COMMAND_FRAME_OVERHEAD
+        # Both as the wire writes them: a non-ASCII character is a 6-byte
+        # \uXXXX escape there.
+        size = len(encoded) + len(json_dumps(command_type)) + COMMAND_FRAME_OVERHEAD
         if size > self.settings.max_frame_size:
             raise PayloadTooLarge(
                 f"the command would be a {size}-byte frame; agents accept at most "
