@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import signal
 import sys
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import AsyncIterator, Callable
@@ -28,8 +29,11 @@ from trio_quiccmd import (
     CommandStatus,
     ServerFingerprintMismatch,
 )
+from trio_quiccmd.agent.__main__ import build_parser, resolve_settings
 from trio_quiccmd.quic.tls import ensure_dev_certificate, fingerprint_of_pem_file, parse_fingerprint
+from trio_quiccmd.server.auth import AgentAuthenticator
 from trio_quiccmd.server.core import server_quic_configuration
+from trio_quiccmd.tokens import issue_agent_token
 
 EXAMPLES = REPO / "examples" / "command"
 PROG = "python -m trio_quiccmd.agent: error:"
@@ -44,8 +48,8 @@ WRONG_PIN = "sha256:" + "00" * 32
 class ObservedManager(CommandManager):
     """A CommandManager that records agents coming and going, with a wake-up."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.connects: list[str] = []
         self.disconnects: list[tuple[str, int | None, str]] = []
         self._changed = trio.Event()
@@ -74,9 +78,24 @@ class ObservedManager(CommandManager):
 async def server(tmp_path: Path) -> AsyncIterator[SimpleNamespace]:
     """A server whose data dir is ``tmp_path/.quiccmd``, as ``python -m
     trio_quiccmd.server`` started in ``tmp_path`` would have it."""
+    async with running_server(tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+async def secured_server(tmp_path: Path) -> AsyncIterator[SimpleNamespace]:
+    """Like ``server``, but agents need their token (from the data dir)."""
+    async with running_server(tmp_path, secured=True) as running:
+        yield running
+
+
+@asynccontextmanager
+async def running_server(tmp_path: Path, *, secured: bool = False) -> AsyncIterator[SimpleNamespace]:
     data_dir = tmp_path / ".quiccmd"
     cert, key, _ = ensure_dev_certificate(data_dir)
-    manager = ObservedManager()
+    manager = ObservedManager(
+        authenticator=AgentAuthenticator.from_data_dir(data_dir) if secured else None
+    )
     # The default 30 s idle timeout: a disconnect seen within the test's
     # timeout was a polite close, not the idle timer.
     command_server = CommandServer(manager, server_quic_configuration(cert, key))
@@ -85,6 +104,7 @@ async def server(tmp_path: Path) -> AsyncIterator[SimpleNamespace]:
         yield SimpleNamespace(
             manager=manager,
             directory=tmp_path,
+            data_dir=data_dir,
             cert=cert,
             address=f"127.0.0.1:{address[1]}",
             port=address[1],
@@ -284,7 +304,36 @@ async def test_signal_while_still_connecting_exits_zero(tmp_path):
         (["--id", "a", "--server-fingerprint", "sha256:" + "a" * 63], {}, "expected sha256:<64 hex digits>"),
         (["--id", "a", "--ca-file", "missing.pem"], {}, "--ca-file missing.pem: no such file"),
         (["--id", "a", "--ca-file", "not-a-cert.pem"], {}, "not a PEM certificate file"),
-        (["--id", "a", "--max-concurrent", "0"], {}, "--max-concurrent: expected a positive whole number"),
+        (["--id", "a", "--max-concurrent", "0"], {},
+         "--max-concurrent: expected a whole number from 1 to 65535, got '0'"),
+        # Found in review: "²" passed isdigit() and then int() raised; a
+        # number past QUIC's 2**62 crashed the agent in its first handshake.
+        (["--id", "a", "--max-concurrent", "²"], {},
+         "--max-concurrent: expected a whole number from 1 to 65535, got '²'"),
+        (["--id", "a", "--max-concurrent", "99999999999999999999"], {},
+         "--max-concurrent: expected a whole number from 1 to 65535"),
+        (["--id", "a"], {"QUICCMD_AGENT_MAX_CONCURRENT": "65536"},
+         "QUICCMD_AGENT_MAX_CONCURRENT: expected a whole number from 1 to 65535"),
+        # Found in review: names DNS cannot encode raised UnicodeError at the
+        # first dial (and a non-ASCII TLS server name in the handshake),
+        # ending the agent with a traceback.
+        (["--id", "a", "--server", "a" * 64 + ".example:8474"], {},
+         f"--server: bad host '{'a' * 64}.example': not a valid DNS name"),
+        (["--id", "a", "--server", "a..example"], {}, "bad host 'a..example': not a valid DNS name"),
+        (["--id", "a", "--server-name", "☃.example"], {},
+         "--server-name: bad host '☃.example': not a valid DNS name"),
+        # Non-ASCII digits that int() or float() would have read as a number.
+        (["--id", "a", "--server", "127.0.0.1:８４７４"], {}, "--server: bad port in '127.0.0.1:８４７４'"),
+        (["--id", "a", "--shutdown-grace", "١٠"], {}, "--shutdown-grace: expected a number of seconds"),
+        (["--id", "a", "--shutdown-grace", "1e9"], {},
+         "--shutdown-grace: expected a number of seconds from 0 to 3600, got '1e9'"),
+        # `--flag "$UNSET"`: not silently the default, which here means no pin
+        # (or another credential).
+        (["--id", "a", "--server-fingerprint", ""], {},
+         "--server-fingerprint: empty value (an unset shell variable?)"),
+        (["--id", "a", "--token-file", " "], {}, "--token-file: empty value"),
+        (["--id", "a", "--token-file", "binary.token"], {},
+         "--token-file binary.token: not UTF-8 text"),
         (["--id", "a", "--log-level", "loud"], {}, "bad log level 'loud'"),
         (["--id", "a", "--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
         (["--id", "a", "--shutdown-grace", "-1"], {}, "--shutdown-grace: expected a number of seconds"),
@@ -303,6 +352,7 @@ async def test_signal_while_still_connecting_exits_zero(tmp_path):
 async def test_bad_flags_exit_2_with_one_clear_line(tmp_path, args, env, message):
     (tmp_path / "not-a-cert.pem").write_text("hello\n")
     (tmp_path / "empty.token").write_text(" \n")
+    (tmp_path / "binary.token").write_bytes(b"\xff\xfe\x00q\x00")
     with trio.fail_after(TIMEOUT):
         result = await trio.run_process(
             [sys.executable, "-m", "trio_quiccmd.agent", *args],
@@ -318,6 +368,63 @@ async def test_bad_flags_exit_2_with_one_clear_line(tmp_path, args, env, message
     assert stderr.startswith(PROG), stderr
     assert message in stderr, stderr
     assert result.stdout == b""
+
+
+async def test_a_token_file_flag_beats_an_old_token_in_the_environment(secured_server):
+    server = secured_server
+    # Rotation: the new token is in the file, the old one still in the unit's
+    # environment (and refused by the server since it was replaced).
+    old = issue_agent_token(server.data_dir, "rotated")
+    new = issue_agent_token(server.data_dir, "rotated", replace=True)
+    (server.directory / "rotated.token").write_text(new + "\n")
+    with trio.fail_after(TIMEOUT):
+        async with agent_cli("--id", "rotated", "--server", server.address,
+                             "--token-file", "rotated.token",
+                             cwd=server.directory, env={"QUICCMD_AGENT_TOKEN": old}) as agent:
+            await agent.stderr.wait_for("Connected to server")
+            assert "token=--token-file" in await agent.stderr.wait_for("Agent starting")
+            assert server.manager.registry.get("rotated").credential == "token"
+
+
+@pytest.mark.parametrize(
+    "flags, env, expected",
+    [
+        (["--token", "flag", "--token-file", "file.token"],
+         {"QUICCMD_AGENT_TOKEN": "env", "QUICCMD_AGENT_TOKEN_FILE": "env-file.token"},
+         ("flag", "--token")),
+        (["--token-file", "file.token"],
+         {"QUICCMD_AGENT_TOKEN": "env", "QUICCMD_AGENT_TOKEN_FILE": "env-file.token"},
+         ("from-file", "--token-file")),
+        ([], {"QUICCMD_AGENT_TOKEN": "env", "QUICCMD_AGENT_TOKEN_FILE": "env-file.token"},
+         ("env", "QUICCMD_AGENT_TOKEN")),
+        ([], {"QUICCMD_AGENT_TOKEN_FILE": "env-file.token"},
+         ("from-env-file", "QUICCMD_AGENT_TOKEN_FILE")),
+    ],
+)
+def test_the_token_is_the_first_of_the_documented_sources(tmp_path, monkeypatch, flags, env, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.token").write_text("from-file\n")
+    (tmp_path / "env-file.token").write_text("from-env-file\n")
+    settings = resolve_settings(build_parser().parse_args(["--id", "a", *flags]), env)
+    assert (settings.token, settings.token_source) == expected
+
+
+async def test_a_non_ascii_server_name_connects_in_its_ascii_form(server, tmp_path):
+    # Sent as is, it crashed the agent in aioquic's ClientHello (ASCII only).
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with trio.fail_after(TIMEOUT):
+        async with agent_cli("--id", "idn", "--server", server.address,
+                             "--server-name", "münchen.example",
+                             "--server-fingerprint", server.fingerprint, cwd=elsewhere) as agent:
+            await agent.stderr.wait_for("Connected to server")
+            await server.manager.until(lambda: "idn" in server.manager.connects)
+            assert not agent.stderr.matching("Traceback"), str(agent.stderr)
+    # With no --server-name, a non-ASCII --server host is the name, in the
+    # same form.
+    settings = resolve_settings(build_parser().parse_args(["--id", "a", "--server", "münchen.example"]), {})
+    assert settings.server == ("münchen.example", 8474)
+    assert settings.server_name == "xn--mnchen-3ya.example"
 
 
 async def test_wrong_fingerprint_never_connects_and_says_so_on_each_attempt(server):

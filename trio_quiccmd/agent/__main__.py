@@ -11,7 +11,8 @@
 Every flag also has an environment variable, ``QUICCMD_AGENT_<FLAG>`` (e.g.
 ``QUICCMD_AGENT_ID``, ``QUICCMD_AGENT_SERVER``; ``QUICCMD_AGENT_LABELS`` holds
 comma-separated ``k=v`` pairs). A flag wins over its variable; ``--label`` flags
-are added to the variable's labels, replacing the same keys.
+are added to the variable's labels, replacing the same keys. An empty variable
+counts as unset; an empty flag is refused.
 
 The server is always verified, by the first of:
 
@@ -53,6 +54,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import attrs
+import idna  # trio's own dependency: the IDNA 2008 encoder its getaddrinfo uses
 import trio
 from cryptography import x509
 
@@ -71,7 +73,12 @@ DEFAULT_PORT = 8474
 DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_DATA_DIR = "./.quiccmd"
 DEFAULT_MAX_CONCURRENT = 1024
+#: The QUIC stream limit the agent advertises. QUIC itself allows 2**60, but a
+#: value that large only hides a typo; the server's window is far smaller.
+MAX_CONCURRENT_LIMIT = 65535
 DEFAULT_SHUTDOWN_GRACE = 10.0
+#: The same bound the server puts on its own shutdown grace.
+MAX_SHUTDOWN_GRACE = 3600.0
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -127,11 +134,45 @@ def parse_address(text: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, 
         port_text = port_text if ":" in text else None
     if not host:
         raise ValueError(f"bad address {text!r}: no host")
+    check_host_name(host)
     if port_text is None:
         return host, default_port
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    port = _whole_number(port_text)
+    if port is None or not 1 <= port <= 65535:
         raise ValueError(f"bad port in {text!r}: expected a number from 1 to 65535")
-    return host, int(port_text)
+    return host, port
+
+
+def _whole_number(text: str) -> int | None:
+    # str.isdigit() also takes "²" (which int() refuses) and "８" (which it
+    # takes): only ASCII digits are a number here. The length cap keeps int()
+    # away from its 4300-digit limit, another ValueError with its own wording.
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        return None
+    return int(text)
+
+
+def check_host_name(host: str) -> str:
+    """``host`` as it goes into DNS and TLS: IDNA A-labels for a non-ASCII name.
+
+    Raises ValueError for a name a dial could not even encode (a label over 63
+    characters or empty, a code point IDNA refuses): the resolver raises
+    UnicodeError for those, not OSError, so the agent would otherwise only
+    find out at its first connection attempt.
+    """
+    if not host.isprintable():
+        raise ValueError(f"bad host {host!r}: control characters (a line break?) in it")
+    try:
+        # The two encodings a dial applies: socket.getaddrinfo's IDNA 2003
+        # codec on any str, then trio's IDNA 2008 for the actual lookup.
+        host.encode("idna")
+        return host if host.isascii() else idna.encode(host, uts46=True).decode("ascii")
+    except UnicodeError as exc:
+        reason = exc.__cause__ or exc
+        raise ValueError(
+            f"bad host {host!r}: not a valid DNS name ({reason}; each dot-separated "
+            "label is 1 to 63 characters)"
+        ) from None
 
 
 def parse_label(text: str) -> tuple[str, str]:
@@ -194,19 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", type=str.lower, metavar="LEVEL",
                         help="debug, info, warning, error or critical (default info)")
     parser.add_argument("--max-concurrent", metavar="N",
-                        help=f"commands run at once (default {DEFAULT_MAX_CONCURRENT})")
+                        help=f"commands run at once, 1 to {MAX_CONCURRENT_LIMIT} "
+                        f"(default {DEFAULT_MAX_CONCURRENT})")
     parser.add_argument("--token-file", metavar="FILE",
                         help="file holding this agent's token (preferred over --token, "
                         "which other users can see in the process list)")
     parser.add_argument("--token", metavar="TOKEN",
                         help="this agent's token; default: --token-file, then "
+                        "QUICCMD_AGENT_TOKEN, QUICCMD_AGENT_TOKEN_FILE, then "
                         f"<data-dir>/{DEV_AGENT_TOKEN_FILE} if it exists")
     parser.add_argument("--allow-shell", action="store_true", default=None,
                         help="add the 'shell' command type: whoever may command this agent "
                         "can run programs as its user [QUICCMD_AGENT_ALLOW_SHELL=1]")
     parser.add_argument("--shutdown-grace", metavar="SECONDS",
                         help="on SIGINT/SIGTERM, how long running commands may still finish "
-                        "before they are cancelled (default "
+                        f"before they are cancelled, 0 to {MAX_SHUTDOWN_GRACE:g} (default "
                         f"{DEFAULT_SHUTDOWN_GRACE:g}; a second signal stops at once)")
     return parser
 
@@ -214,12 +257,28 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentSettings:
     """Flags, then ``QUICCMD_AGENT_*`` variables, then defaults. Raises UsageError."""
 
+    def from_flag(flag: str, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            # Typically `--flag "$VAR"` with VAR unset: falling back to the
+            # default would, for --server-fingerprint or --token, quietly
+            # trust or authenticate differently than asked.
+            raise UsageError(f"{flag}: empty value (an unset shell variable?)")
+        return value.strip()
+
+    def from_env(flag: str) -> tuple[str | None, str]:
+        env = ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+        # An empty variable counts as unset, as the shell's ${VAR:-default} has it.
+        return environ.get(env, "").strip() or None, env
+
     def pick(flag: str, value: str | None, default: str | None = None) -> tuple[str | None, str]:
+        value = from_flag(flag, value)
         if value is not None:
             return value, flag
-        env = ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
-        if environ.get(env, "").strip():
-            return environ[env].strip(), env
+        env_value, env = from_env(flag)
+        if env_value is not None:
+            return env_value, env
         return default, flag
 
     client_id, _ = pick("--id", args.client_id)
@@ -263,7 +322,16 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Ag
     except ValueError as exc:
         raise UsageError(f"{source}: {exc}") from None
 
-    server_name, _ = pick("--server-name", args.server_name)
+    server_name, source = pick("--server-name", args.server_name)
+    try:
+        if server_name is not None:
+            server_name = check_host_name(server_name)
+        elif not server[0].isascii():
+            # aioquic sends the name in the TLS ClientHello as ASCII and fails
+            # on anything else; certificates carry the A-label form anyway.
+            server_name = check_host_name(server[0])
+    except ValueError as exc:
+        raise UsageError(f"{source}: {exc}") from None
 
     level, source = pick("--log-level", args.log_level, "info")
     level = (level or "info").lower()
@@ -272,28 +340,43 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Ag
 
     concurrent_text, source = pick("--max-concurrent", args.max_concurrent,
                                    str(DEFAULT_MAX_CONCURRENT))
-    if not (concurrent_text or "").isdigit() or int(concurrent_text or 0) < 1:
-        raise UsageError(f"{source}: expected a positive whole number, got {concurrent_text!r}")
+    # It is the QUIC stream limit sent in every handshake: aioquic cannot
+    # encode 2**62 or more and would fail at the first dial, not here.
+    max_concurrent = _whole_number(concurrent_text or "")
+    if max_concurrent is None or not 1 <= max_concurrent <= MAX_CONCURRENT_LIMIT:
+        raise UsageError(
+            f"{source}: expected a whole number from 1 to {MAX_CONCURRENT_LIMIT}, "
+            f"got {concurrent_text!r}"
+        )
 
     grace_text, source = pick("--shutdown-grace", args.shutdown_grace,
                               f"{DEFAULT_SHUTDOWN_GRACE:g}")
     try:
-        shutdown_grace = float(grace_text or "")
+        # float() also reads "١٠" and "１０" as 10: ASCII only, as for integers.
+        shutdown_grace = float(grace_text or "") if (grace_text or "").isascii() else math.nan
     except ValueError:
         shutdown_grace = math.nan
-    if not 0 <= shutdown_grace < math.inf:
+    if not 0 <= shutdown_grace <= MAX_SHUTDOWN_GRACE:  # also refuses NaN
         raise UsageError(
-            f"{source}: expected a number of seconds, 0 or more, got {grace_text!r}"
+            f"{source}: expected a number of seconds from 0 to {MAX_SHUTDOWN_GRACE:g}, "
+            f"got {grace_text!r}"
         )
 
+    # Flags before variables, as everywhere else: an operator rotating tokens
+    # with --token-file must not be overruled by an old QUICCMD_AGENT_TOKEN.
     token, token_source = None, "none"
-    token_text, source = pick("--token", args.token)
-    if token_text:
-        token, token_source = token_text, source
-    else:
-        file_text, source = pick("--token-file", args.token_file)
-        if file_text:
-            token, token_source = _read_token(Path(file_text), source), source
+    env_token, env_token_name = from_env("--token")
+    env_file, env_file_name = from_env("--token-file")
+    for value, source, is_file in (
+        (from_flag("--token", args.token), "--token", False),
+        (from_flag("--token-file", args.token_file), "--token-file", True),
+        (env_token, env_token_name, False),
+        (env_file, env_file_name, True),
+    ):
+        if value is not None:
+            token = _read_token(Path(value), source) if is_file else value
+            token_source = source
+            break
 
     allow_shell = bool(args.allow_shell)
     if not allow_shell:
@@ -311,7 +394,7 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Ag
         server_fingerprint=pin,
         server_name=server_name,
         log_level=level,
-        max_concurrent=int(concurrent_text or DEFAULT_MAX_CONCURRENT),
+        max_concurrent=max_concurrent,
         shutdown_grace=shutdown_grace,
         token=token,
         token_source=token_source,
@@ -326,6 +409,8 @@ def _read_token(path: Path, source: str) -> str:
         raise UsageError(f"{source} {path}: no such file") from None
     except OSError as exc:
         raise UsageError(f"{source} {path}: cannot read it: {exc.strerror}") from None
+    except UnicodeDecodeError:  # a ValueError too: not "empty"
+        raise UsageError(f"{source} {path}: not UTF-8 text (the wrong file?)") from None
     except ValueError:
         raise UsageError(f"{source} {path}: the file is empty") from None
 
