@@ -32,6 +32,8 @@ def test_defaults():
         (["--store", "memory"], {}, None),
         (["--store", "sqlite:///history/c.db"], {}, Path("history/c.db")),
         ([], {"QUICCMD_STORE": "sqlite:////srv/quiccmd/c.db"}, Path("/srv/quiccmd/c.db")),
+        # As in --data-dir ~/q; it made a directory named "~" in the working directory.
+        (["--store", "sqlite:///~/q/commands.db"], {}, Path.home() / "q" / "commands.db"),
     ],
 )
 def test_where_the_store_is(argv, env, path):
@@ -145,6 +147,11 @@ def test_server_table_in_toml(tmp_path):
         ([], {"QUICCMD_STORE_SYNC": "always"}, None, "environment variable QUICCMD_STORE_SYNC: store_sync must be 'full' or 'normal'"),
         ([], {}, "store = 1\n", "expected a non-empty string"),
         (["--gc-freeze-agents", "-1"], {}, None, "option --gc-freeze-agents: gc_freeze_agents must be 0 or more"),
+        # Connections would drop between an agent's keepalives.
+        (["--idle-timeout", "0.001"], {}, None, "option --idle-timeout: idle_timeout must be at least 1, got 0.001"),
+        ([], {"QUICCMD_IDLE_TIMEOUT": "0"}, None, "QUICCMD_IDLE_TIMEOUT: idle_timeout must be at least 1"),
+        # Results purged before a client polling for them could read them.
+        ([], {}, "history_retention = 1\n", "history_retention must be at least 60, got 1.0"),
         (["--max-handshakes", "0"], {}, None, "option --max-handshakes: max_handshakes must be greater than 0"),
         ([], {}, "max_handshakes = 20000\n", "max_handshakes must be at most"),
         ([], {"QUICCMD_GC_FREEZE_AGENTS": "lots"}, None, "expected an integer"),

@@ -21,8 +21,11 @@ import trio
 from .httpclient import NO_BODY, HttpResponse, check_openapi, http, samples
 from trio_quiccmd import Agent, builtin_executor
 from trio_quiccmd.config import ServerSettings
+from trio_quiccmd.model import Command, CommandStatus, transition
+from trio_quiccmd.server.http_api import rfc3339
 from trio_quiccmd.server.openapi import openapi_document
 from trio_quiccmd.server.service import ServerAddresses, serve
+from trio_quiccmd.server.store import MemoryStore, Store
 from trio_quiccmd.tokens import DEV_AGENT_TOKEN_FILE, read_token_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning")
@@ -115,7 +118,9 @@ class Harness:
 
 
 @asynccontextmanager
-async def running_server(tmp_path: Path, **overrides: Any) -> AsyncIterator[Harness]:
+async def running_server(
+    tmp_path: Path, *, command_store: Store | None = None, **overrides: Any
+) -> AsyncIterator[Harness]:
     overrides.setdefault("shutdown_grace", 0.0)
     settings = ServerSettings(
         http_host="127.0.0.1",
@@ -129,7 +134,7 @@ async def running_server(tmp_path: Path, **overrides: Any) -> AsyncIterator[Harn
     served = trio.Event()
 
     async def run_service(task_status=trio.TASK_STATUS_IGNORED) -> None:
-        await serve(settings, shutdown_event=shutdown, task_status=task_status)
+        await serve(settings, shutdown_event=shutdown, task_status=task_status, store=command_store)
         served.set()
 
     async with trio.open_nursery() as nursery:
@@ -210,6 +215,36 @@ async def test_timestamps_are_rfc3339_utc_and_ordered(tmp_path):
     assert all(p.utcoffset().total_seconds() == 0 for p in parsed)
     assert parsed == sorted(parsed)
     assert abs(parsed[0].timestamp() - before) < 5
+
+
+def test_times_are_shown_in_the_millisecond_they_fall_in():
+    # Not rounded: a command id takes its creation millisecond rounded down.
+    assert rfc3339(1764453252.6959996) == "2025-11-29T21:54:12.695Z"
+    assert rfc3339(1764453252.9999996) == "2025-11-29T21:54:12.999Z"
+    assert rfc3339(1764453252.0) == "2025-11-29T21:54:12.000Z"
+    assert rfc3339(None) is None
+
+
+async def test_a_command_is_listed_from_the_time_it_is_shown_created(tmp_path):
+    # Shown as .696 s, it was left out of created_after=<its own created_at>
+    # (its id says .695 s) and listed by created_before=<the same>.
+    created = 1764453252.6959996
+    command = Command(
+        command_id=f"{int(created * 1000):012x}-00000001-0000abcd", client_id="a",
+        command_type="echo", payload={}, created_at=created,
+    )
+    finished = time.time()  # recently, so the history trim keeps it
+    command = transition(command, CommandStatus.EXECUTING, at=finished)
+    store = MemoryStore()
+    store.save(transition(command, CommandStatus.COMPLETED, at=finished, result=1))
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path, command_store=store) as h:
+            shown = (await h.request("GET", f"/api/command/{command.command_id}")).json()["created_at"]
+            assert shown == "2025-11-29T21:54:12.695Z"
+            after = (await h.request("GET", f"/api/commands?created_after={shown}")).json()
+            assert [c["command_id"] for c in after["commands"]] == [command.command_id]
+            before = (await h.request("GET", f"/api/commands?created_before={shown}")).json()
+            assert before["commands"] == []
 
 
 async def test_wait_true_returns_the_final_state_of_each_outcome(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 import sqlite3
@@ -341,6 +342,35 @@ async def test_two_servers_never_share_one_store(tmp_path):
             async with open_sqlite_store(path):
                 pass
     # Released on close.
+    async with open_sqlite_store(path):
+        pass
+
+
+async def test_a_store_in_use_is_refused_under_any_of_its_names(tmp_path):
+    # The lock was on "<name>.lock": a symlink or a hard link to the database
+    # got a lock of its own, and two servers dispatched the same commands.
+    path = tmp_path / "c.db"
+    async with open_sqlite_store(path):
+        (tmp_path / "symlink.db").symlink_to(path)
+        (tmp_path / "hardlink.db").hardlink_to(path)
+        with pytest.raises(StoreError, match=rf"in use by another server \(pid {os.getpid()}\)"):
+            async with open_sqlite_store(tmp_path / "symlink.db"):
+                pass
+        with pytest.raises(StoreError, match="in use by another server"):
+            async with open_sqlite_store(tmp_path / "hardlink.db"):
+                pass
+    async with open_sqlite_store(tmp_path / "symlink.db"):
+        pass
+
+
+async def test_a_lock_file_that_cannot_be_written_is_a_clear_error_and_holds_nothing(tmp_path):
+    path = tmp_path / "c.db"
+    (tmp_path / "c.db.lock").mkdir()
+    with pytest.raises(StoreError, match=r"cannot write the command store's lock file .*c\.db\.lock: Is a directory"):
+        async with open_sqlite_store(path):
+            pass
+    # Nothing is left locked: once the cause is gone, the same process opens it.
+    (tmp_path / "c.db.lock").rmdir()
     async with open_sqlite_store(path):
         pass
 

@@ -1,7 +1,8 @@
 """``python -m trio_quiccmd.server`` with a store it cannot use: one clear line, no traceback.
 
 Real processes, as an operator meets them: a damaged file, a second server on
-the same data dir, a database another program holds locked, a bad ``--store``.
+the same data dir, a lock file it cannot write, a database another program
+holds locked, a bad ``--store``.
 """
 
 from __future__ import annotations
@@ -64,6 +65,16 @@ async def test_a_second_server_on_the_same_store_is_refused(tmp_path):
             assert first.process.returncode is None
             first.process.terminate()
             assert await first.process.wait() == 0
+
+
+async def test_a_lock_file_the_server_cannot_write_is_a_clear_error(tmp_path):
+    lock = tmp_path / ".quiccmd" / "commands.db.lock"
+    lock.mkdir(parents=True)
+    with trio.fail_after(TIMEOUT):
+        code, stderr = await refused(tmp_path)
+    assert code == 1
+    line = the_error_line(stderr)
+    assert f"cannot write the command store's lock file {lock}: Is a directory" in line, line
 
 
 async def test_a_store_locked_by_another_program_is_a_clear_error(tmp_path):

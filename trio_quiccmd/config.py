@@ -183,6 +183,14 @@ def _valid_port(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
         raise ValueError(f"{attribute.name} must be 0-65535, got {value!r}")
 
 
+def _at_least(limit: float) -> Callable[[Any, attrs.Attribute, float], None]:
+    def check(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
+        if not value >= limit:
+            raise ValueError(f"{attribute.name} must be at least {limit:g}, got {value!r}")
+
+    return check
+
+
 def _at_most(limit: float) -> Callable[[Any, attrs.Attribute, float], None]:
     def check(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
         if value > limit:
@@ -220,7 +228,8 @@ class ServerSettings:
     max_payload_bytes: int = attrs.field(
         default=1 << 20, validator=[_positive, _at_most(64 << 20)]
     )
-    #: ``timeout`` of a command that does not give one, seconds.
+    #: ``timeout`` of a command that does not give one, seconds: any a
+    #: command could give itself (a short one shows at once, as timeouts).
     default_timeout: float = attrs.field(default=30.0, validator=_positive)
     #: Largest ``timeout`` / ``connect_timeout`` (and ``?wait=``) accepted, seconds.
     max_timeout: float = attrs.field(
@@ -228,12 +237,15 @@ class ServerSettings:
     )
     #: Commands open at once on one agent; more wait in its queue.
     max_in_flight_per_agent: int = attrs.field(default=256, validator=[_positive, _at_most(100_000)])
-    #: Finished commands are kept this many seconds ...
-    history_retention: float = attrs.field(default=24 * 3600.0, validator=_positive)
+    #: Finished commands are kept this many seconds: at least a minute, so a
+    #: result is still there for a client that polls for it ...
+    history_retention: float = attrs.field(default=24 * 3600.0, validator=_at_least(60))
     #: ... and at most this many of them.
     max_history: int = attrs.field(default=100_000, validator=_positive)
-    #: A QUIC connection silent this long is closed, seconds.
-    idle_timeout: float = attrs.field(default=30.0, validator=[_positive, _at_most(3600)])
+    #: A QUIC connection silent this long is closed, seconds. Agents send a
+    #: keepalive every third of it; below a second a connection would not
+    #: outlast a few lost packets, or even its handshake on a slow link.
+    idle_timeout: float = attrs.field(default=30.0, validator=[_at_least(1), _at_most(3600)])
     #: Pending commands one agent may have queued; more are refused (HTTP 429 queue_full).
     max_queued_per_agent: int = attrs.field(default=10_000, validator=[_positive, _at_most(10_000_000)])
     #: Unfinished commands on the server; more are refused (HTTP 429 too_many_commands).
@@ -274,7 +286,7 @@ class ServerSettings:
             return None
         if self.store == "sqlite":
             return self.data_dir / "commands.db"
-        return Path(self.store[len("sqlite:///"):])
+        return Path(os.path.expanduser(self.store[len("sqlite:///"):]))
 
     @property
     def http_address(self) -> str:

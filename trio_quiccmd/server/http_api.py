@@ -122,11 +122,18 @@ class ApiError(Exception):
 # -- JSON in and out ---------------------------------------------------------------
 
 
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
 def rfc3339(timestamp: float | None) -> str | None:
     """Epoch seconds -> ``2026-11-28T10:00:00.123Z`` (UTC), or None."""
     if timestamp is None:
         return None
-    moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+    # Rounded down to the millisecond, as a command id takes its creation
+    # time (model.new_command_id), so created_after=<a command's created_at>
+    # includes it. (fromtimestamp rounds to the microsecond first: x.9996 s
+    # came out as the next millisecond.)
+    moment = _EPOCH + datetime.timedelta(milliseconds=math.floor(timestamp * 1000))
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

@@ -689,21 +689,56 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _lock(path: Path) -> int:
-    """Hold an exclusive lock on ``<db>.lock`` for as long as the store is open,
-    so two servers never share one database."""
-    lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    """Open the database file, creating it, and hold an exclusive lock on it
+    for as long as the store is open, so two servers never share one database.
+
+    The lock is on the file, not on its name: a second server that reaches
+    the same database through a symlink or a hard link is refused too. It
+    relies on Linux, where flock() locks and the fcntl() byte-range locks
+    SQLite takes on the same file are independent (on the BSDs and macOS
+    they conflict, and SQLite would find its own file locked). The holder's
+    pid is noted in ``<db>.lock`` beside the file the name resolves to, for
+    the message a second server gives.
+    """
+    try:
+        # A new database is created 0600; SQLite gives its -wal and -shm
+        # files the same mode. An existing file keeps the mode it was given.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot open the command store {path}: {exc.strerror or exc}") from None
+    note = Path(os.path.realpath(path) + ".lock")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise StoreError(
-            f"the command store {path} is in use by another server (pid {holder}, lock file {lock_path})"
+            f"the command store {path} is in use by another server (pid {_holder(note)})"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    except OSError as exc:
+        os.close(fd)
+        raise StoreError(f"cannot lock the command store {path}: {exc.strerror or exc}") from None
+    try:
+        note_fd = os.open(note, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(note_fd, str(os.getpid()).encode())
+        finally:
+            os.close(note_fd)
+    except OSError as exc:
+        # Closing releases the lock: a retry in this process must not find
+        # the store "in use" by itself.
+        os.close(fd)
+        raise StoreError(
+            f"cannot write the command store's lock file {note}: {exc.strerror or exc}"
+        ) from None
     return fd
+
+
+def _holder(note: Path) -> str:
+    try:
+        with open(note, "rb") as f:
+            return f.read(32).decode(errors="replace").strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def migrate(db: sqlite3.Connection, path: Path) -> int:
@@ -741,9 +776,6 @@ def _open(path: Path, synchronous: Synchronous) -> SqliteStore:
     # Payloads and results may be secrets: only the server's user reads them.
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # A new database is created 0600; SQLite gives its -wal and -shm
-        # files the same mode. An existing file keeps the mode it was given.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
     except OSError as exc:
         raise StoreError(f"cannot open the command store {path}: {exc.strerror or exc}") from None
     lock_file = _lock(path)
