@@ -379,3 +379,30 @@ async def test_a_failing_history_trim_is_logged_and_retried_not_fatal(autojump_c
     assert [r.getMessage() for r in caplog.records if "trim failed" in r.getMessage()] == [
         "Command history trim failed error='database is locked'"
     ] * 2
+
+
+async def test_the_history_is_first_trimmed_soon_after_start(autojump_clock):
+    # Found in review: the first trim came a whole cleanup_interval after
+    # start, so a server restarted more often than that never trimmed.
+    class WatchedStore(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trimmed = trio.Event()
+
+        async def purge(self, **limits):
+            deleted = await super().purge(**limits)
+            self.trimmed.set()
+            return deleted
+
+    store = WatchedStore()
+    settings = ManagerSettings(max_history=1, cleanup_interval=3600)
+    for _ in range(3):  # an earlier run's history: failed at once, agent offline
+        await CommandManager(store, settings).send_command("offline", "echo")
+    manager = CommandManager(store, settings)
+    async with trio.open_nursery() as nursery:
+        started = trio.current_time()
+        await nursery.start(manager.run)
+        await store.trimmed.wait()
+        assert trio.current_time() - started <= 5
+        assert len(store) == 1
+        nursery.cancel_scope.cancel()

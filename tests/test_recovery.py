@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
@@ -22,12 +23,15 @@ import trio.testing
 from trio_quiccmd import CommandManager, CommandStatus, InvalidCommand, ManagerSettings
 from trio_quiccmd.errors import StoreUnavailable
 from trio_quiccmd.model import ErrorCode
+from trio_quiccmd.server.manager import NEVER_SENT
 from trio_quiccmd.server.policy import AllowRule, CommandPolicy
 from trio_quiccmd.server.store import CommandQuery
 from trio_quiccmd.server.store import sqlite as sqlite_store
 from trio_quiccmd.server.store.sqlite import SqliteStore, open_sqlite_store
 from trio_quiccmd.wire import CancelFrame
 
+from .httpclient import samples
+from .test_http_api import running_server
 from .test_redelivery import answer, answer_on, connect, sent_ids
 
 
@@ -132,6 +136,19 @@ async def test_deadlines_that_passed_while_the_server_was_down_end_in_timeout(db
             }
             assert (await manager.get_command(fresh.command_id)).status is CommandStatus.PENDING
             assert manager.unfinished_count == 1 and manager.queued_count("c2") == 1
+
+
+async def test_commands_that_end_at_recovery_are_counted_in_the_metrics(tmp_path):
+    # Found in review: the server recovered before its metrics observed the
+    # manager, so what timed out while it was down was never counted.
+    an_hour_ago = lambda: time.time() - 3600  # noqa: E731
+    with trio.fail_after(20):
+        async with server_run(tmp_path / "data" / "commands.db", wall_clock=an_hour_ago) as manager:
+            await manager.send_command("c1", "echo", connect_timeout=60)
+            await manager.drain(0)
+        async with running_server(tmp_path) as server:  # the same data dir and store
+            values = samples((await server.request("GET", "/metrics")).body.decode())
+    assert values["command_timeout_total"] == 1
 
 
 async def test_a_recovered_command_still_ends_at_its_deadline(db):
@@ -368,6 +385,86 @@ async def test_a_command_never_sent_goes_to_the_agents_next_process(db, monkeypa
             assert (await manager.get_command(command.command_id)).result == "done"
 
 
+@pytest.mark.parametrize("next_instance", ["i2", ""])
+async def test_a_command_never_sent_goes_to_the_agents_next_process_after_a_restart(
+    db, monkeypatch, caplog, next_instance
+):
+    # Found in review: that nobody had it lived only in memory; after a
+    # restart it counted as sent to the old process, so the new one never got
+    # it, and it ended execution_timeout although it never ran.
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            async with held_commits(monkeypatch) as held:
+                link, session = connect(manager, "c1", instance="i1")
+                async with trio.open_nursery() as nursery:
+                    await send_then_lose_the_agent(manager, nursery, link, session)
+                    held.release.set()
+                await wait_all_stored(manager)
+            assert [u.sent_to for u in await manager.store.unfinished()] == [NEVER_SENT]
+            await manager.drain(0)
+
+        async with server_run(db) as manager:
+            link, session = connect(manager, "c1", instance=next_instance)
+            await wait_all_stored(manager)
+            (command,) = (await manager.list_commands()).commands
+            assert sent_ids(session) == [command.command_id]
+            assert [u.sent_to for u in await manager.store.unfinished()] == [next_instance]
+            answer(link, session, command.command_id, "done")
+            assert (await manager.get_command(command.command_id)).result == "done"
+    assert "earlier agent instance" not in caplog.text
+
+
+async def test_a_command_the_stream_limit_held_back_goes_out_once_stored_as_sent_there(db, monkeypatch):
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            link, session, command = await stream_limited_command(manager, monkeypatch)
+            # Stored as received by nobody: a restart now gives it to whichever
+            # process connects, not only to this one.
+            assert [u.sent_to for u in await manager.store.unfinished()] == [NEVER_SENT]
+            async with held_commits(monkeypatch) as held:
+                session.can_open_stream = True
+                link.streams_available(session)
+                await trio.testing.wait_all_tasks_blocked()
+                # Not before the store says it went to this process: a crash in
+                # between would let another process have it too.
+                assert sent_ids(session) == []
+                held.release.set()
+                await wait_all_stored(manager)
+            assert sent_ids(session) == [command.command_id]
+            assert held.rows_of(command.command_id)[-1]["sent_to"] == "i1"
+
+
+async def test_an_agent_that_calls_its_process_never_sent_is_not_taken_at_its_word(db):
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            connect(manager, "c1", instance=NEVER_SENT)
+            command = await manager.send_command("c1", "echo", timeout=30)
+            await manager.drain(0)
+
+        async with server_run(db) as manager:
+            link, session = connect(manager, "c1", instance="i2")
+            await wait_all_stored(manager)
+            # It went to a process, which may have run it: no other gets it.
+            assert sent_ids(session) == []
+            assert (await manager.get_command(command.command_id)).status is CommandStatus.EXECUTING
+
+
+async def stream_limited_command(manager: CommandManager, monkeypatch, timeout: float = 30.0) -> tuple:
+    """Send a command to c1 (process i1), which reaches its stream limit
+    while the command is being stored: it is stored executing, not sent."""
+    link, session = connect(manager, "c1", instance="i1")
+    async with held_commits(monkeypatch) as held:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(manager.send_command, "c1", "echo", "x", timeout=timeout))
+            await trio.testing.wait_all_tasks_blocked()
+            session.can_open_stream = False
+            held.release.set()
+    await wait_all_stored(manager)
+    (command,) = (await manager.list_commands()).commands
+    assert command.status is CommandStatus.EXECUTING and sent_ids(session) == []
+    return link, session, command
+
+
 async def send_then_lose_the_agent(manager: CommandManager, nursery, link, session) -> None:
     """Send a command to c1 (its commit held), then drop the agent's connection."""
     nursery.start_soon(manager.send_command, "c1", "echo", "x")
@@ -462,6 +559,66 @@ async def test_a_send_the_store_cannot_take_fails_clearly_and_is_never_sent(db, 
                 (CommandStatus.FAILED, "store_unavailable"), (CommandStatus.CANCELLED, "cancelled"),
                 (CommandStatus.FAILED, "agent_offline"),  # stored once the store took writes again
             }
+
+
+@pytest.mark.parametrize(
+    "store_timeout, timeout", [(0.2, 30.0), (0.5, 0.2)], ids=["store-timeout-first", "deadline-first"]
+)
+async def test_a_command_sent_at_once_that_the_store_cannot_take_ends_unsent(
+    db, monkeypatch, store_timeout, timeout
+):
+    # Found in review: the agent was sent CANCEL for a command it never saw;
+    # and with its deadline first, it ended timeout / execution_timeout.
+    with trio.fail_after(10):
+        async with server_run(db, store_timeout=store_timeout) as manager:
+            link, session = connect(manager, "c1", instance="i1")
+            async with held_commits(monkeypatch):
+                with pytest.raises(StoreUnavailable, match="has not been sent"):
+                    await manager.send_command("c1", "echo", timeout=timeout)
+            await wait_all_stored(manager)
+            (final,) = (await manager.list_commands()).commands
+            assert_ended_unsent(final, CommandStatus.FAILED, "store_unavailable")
+            assert sent_ids(session) == [] and cancels(session) == []
+
+
+async def test_a_queued_command_whose_deadline_passes_before_it_is_stored_as_executing_ends_unsent(
+    db, monkeypatch
+):
+    with trio.fail_after(10):
+        async with server_run(db, max_in_flight_per_agent=1) as manager:
+            link, session = connect(manager, "c1", instance="i1")
+            first = await manager.send_command("c1", "echo", 1, timeout=30)
+            queued = await manager.send_command("c1", "echo", 2, timeout=0.2)
+            async with held_commits(monkeypatch):
+                answer(link, session, first.command_id)  # its slot frees: queued is staged
+                final = await manager.wait(queued.command_id)
+            assert_ended_unsent(final, CommandStatus.FAILED, "store_unavailable")
+            await wait_all_stored(manager)
+            assert await manager.get_command(queued.command_id) == final
+            assert sent_ids(session) == [first.command_id] and cancels(session) == []
+
+
+@pytest.mark.parametrize("ending", ["cancel", "deadline"])
+async def test_a_command_no_agent_process_received_ends_without_a_cancel_to_the_agent(db, monkeypatch, ending):
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            link, session, command = await stream_limited_command(manager, monkeypatch, timeout=1.0)
+            if ending == "cancel":
+                final = await manager.cancel(command.command_id)
+                assert_ended_unsent(final, CommandStatus.CANCELLED, "cancelled")
+            else:
+                final = await manager.wait(command.command_id)
+                assert_ended_unsent(final, CommandStatus.TIMEOUT, "delivery_timeout")
+            assert cancels(session) == []
+
+
+def assert_ended_unsent(command, status: CommandStatus, error_code: str) -> None:
+    assert (command.status, command.error_code, command.sent_at) == (status, error_code, None)
+
+
+def cancels(session) -> list[CancelFrame]:
+    """The CANCEL frames the agent was sent."""
+    return [frame for frames in session.streams.values() for frame in frames if isinstance(frame, CancelFrame)]
 
 
 async def test_a_client_id_the_store_could_not_encode_is_refused(db):

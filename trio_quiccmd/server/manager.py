@@ -62,6 +62,17 @@ _RESULT_STATUS = {
     "cancelled": CommandStatus.CANCELLED,
 }
 
+#: Stored as ``sent_to`` of an executing command that no agent process has
+#: received, so that after a restart it still goes to whichever process of
+#: its agent connects next. An agent announcing it as its own instance id is
+#: taken to have none (see _instance_of): the store must never read it as that.
+NEVER_SENT = "(never sent)"
+
+#: Seconds from start to the first history trim (then every
+#: ``cleanup_interval``): soon, so that a server restarted more often than
+#: that interval still trims, but after the rush of agents reconnecting.
+FIRST_TRIM_DELAY = 5.0
+
 
 @attrs.frozen(kw_only=True)
 class ManagerSettings:
@@ -123,6 +134,14 @@ def _discard(sets: dict[str, set[str]], key: str, item: str) -> None:
         members.discard(item)
         if not members:
             del sets[key]
+
+
+def _instance_of(link: AgentLink) -> str:
+    """The agent process ``link`` reaches, as the store records it ("" if
+    it names none, or names itself NEVER_SENT)."""
+    assert link.hello is not None
+    instance = link.hello.instance_id
+    return "" if instance == NEVER_SENT else instance
 
 
 class CommandObserver(Protocol):
@@ -200,7 +219,8 @@ class CommandManager:
         self._unsent: dict[str, set[str]] = {}
         # Executing commands never sent yet: their agent left (or its stream
         # limit was reached) before they were stored. They go to whichever
-        # process of that agent connects next: none has seen them.
+        # process of that agent connects next: none has seen them. Stored
+        # as sent to NEVER_SENT, so that a restart knows it too.
         self._never_sent: dict[str, set[str]] = {}
         # Recovered pending commands to judge by the policy before sending.
         self._policy_recheck: set[str] = set()
@@ -303,7 +323,8 @@ class CommandManager:
         their old order, and sent when their agent connects; executing ones
         keep their deadline, accept the result their agent delivers, and are
         sent again to the agent instance they went to if it reconnects without
-        their result (it remembers the command, so it never runs it twice).
+        their result (it remembers the command, so it never runs it twice);
+        those no agent process received go to whichever connects next.
         Those whose deadline passed while the server was down end ``timeout``
         now. Returns how many were taken up. If cancelled, nothing is taken up.
         """
@@ -328,6 +349,8 @@ class CommandManager:
                     self._policy_recheck.add(command_id)
             else:
                 self._executing.setdefault(client_id, {})[command_id] = record.sent_to
+                if record.sent_to == NEVER_SENT:
+                    self._never_sent.setdefault(client_id, set()).add(command_id)
             if record.deadline_at <= wall_now:
                 expired.append(command)
         if self._live and self._idle.is_set():
@@ -631,16 +654,16 @@ class CommandManager:
             link = self.registry.get(client_id)
             if link is None or link.hello is None:
                 # Gone while being stored: the agent's next process gets it.
-                self._never_sent.setdefault(client_id, set()).add(command_id)
+                self._sent_to_none(command)
             elif link.has_command(command_id):
                 continue  # already sent
-            elif link.hello.instance_id != self._executing[client_id][command_id]:
+            elif _instance_of(link) != self._executing[client_id][command_id]:
                 # Another process of the agent connected meanwhile. None has
                 # seen the command: it goes to this one, once that is stored.
                 self._restage(command, link)
             elif not link.can_send:
                 # The agent's stream limit: sent as soon as it rises.
-                self._never_sent.setdefault(client_id, set()).add(command_id)
+                self._sent_to_none(command)
                 self._resend.setdefault(client_id, {})[command_id] = None
             else:
                 link.send_command(command, max(self._deadline_of[command_id] - now, 0.001))
@@ -648,13 +671,21 @@ class CommandManager:
         for client_id in freed:
             self._dispatch(client_id)
 
+    def _sent_to_none(self, command: Command) -> None:
+        """Record that no agent process has ``command`` (stored as executing),
+        in the store too: whichever process of its agent connects next gets
+        it, after a restart as well."""
+        client_id, command_id = command.client_id, command.command_id
+        self._never_sent.setdefault(client_id, set()).add(command_id)
+        self._executing[client_id][command_id] = NEVER_SENT
+        self._update(command)
+
     def _restage(self, command: Command, link: AgentLink) -> None:
         """Send ``command``, which no agent process has seen, to ``link``'s
         process, once the store says it went there."""
-        assert link.hello is not None
         client_id, command_id = command.client_id, command.command_id
         self._forget_never_sent(client_id, command_id)
-        self._executing[client_id][command_id] = link.hello.instance_id
+        self._executing[client_id][command_id] = _instance_of(link)
         self._update(command)
         self._staged_sends.append((client_id, command_id))
         self._unsent.setdefault(client_id, set()).add(command_id)
@@ -867,7 +898,7 @@ class CommandManager:
         assert client_id is not None and link.hello is not None
         self._resend.pop(client_id, None)
         executing = self._executing.get(client_id)
-        instance = link.hello.instance_id
+        instance = _instance_of(link)
         for command_id in list(self._never_sent.get(client_id, ())):
             # Never sent to any process: this one gets them, once stored.
             command = self._live.get(command_id)
@@ -885,7 +916,8 @@ class CommandManager:
                 and not link.has_command(command_id) and command_id not in unsent
             }
             elsewhere = sum(
-                1 for sent_to in executing.values() if not instance or sent_to != instance
+                1 for command_id, sent_to in executing.items()
+                if (not instance or sent_to != instance) and command_id not in unsent
             )
             if resend:
                 self._resend[client_id] = resend
@@ -1068,18 +1100,20 @@ class CommandManager:
                     or link.has_command(command_id)
                 ):
                     continue
+                never_sent = self._never_sent.get(client_id)
+                if never_sent is not None and command_id in never_sent:
+                    # Stored as sent to no process: sent once stored as sent
+                    # to this one, or a crash could let another run it too.
+                    self._restage(command, link)
+                    window -= 1
+                    continue
                 remaining = self._deadline_of[command_id] - now
                 # The command keeps its deadline: the agent gets the time left.
                 link.send_command(command, max(remaining, 0.001))
-                never_sent = self._never_sent.get(client_id)
-                if never_sent is not None and command_id in never_sent:
-                    self._forget_never_sent(client_id, command_id)
-                    self._announce_sent(command)
-                else:
-                    logger.info(
-                        "Command re-sent command_id=%s client_id=%s remaining=%.3f",
-                        command_id, client_id, remaining,
-                    )
+                logger.info(
+                    "Command re-sent command_id=%s client_id=%s remaining=%.3f",
+                    command_id, client_id, remaining,
+                )
             if not resend:
                 del self._resend[client_id]
         if not queue:
@@ -1115,8 +1149,7 @@ class CommandManager:
         the deadline for its execution."""
         command_id, client_id = command.command_id, command.client_id
         command = transition(command, CommandStatus.EXECUTING, at=self._wall())
-        assert link.hello is not None
-        self._executing.setdefault(client_id, {})[command_id] = link.hello.instance_id
+        self._executing.setdefault(client_id, {})[command_id] = _instance_of(link)
         self._set_deadline(command_id, now + command.timeout)
         self._update(command)
         return command
@@ -1159,9 +1192,14 @@ class CommandManager:
         from_agent: bool = False,
     ) -> Command:
         was_executing = command.status is CommandStatus.EXECUTING
+        # Ended here, stored as executing but never sent: no agent has work to
+        # stop, and its sent_at (set when it was staged) would say it went out.
+        unsent = was_executing and not from_agent and self._reached_no_agent(command)
         command = transition(
             command, status, at=self._wall(), result=result, error=error, error_code=error_code
         )
+        if unsent:
+            command = attrs.evolve(command, sent_at=None)
         del self._live[command.command_id]
         del self._deadline_of[command.command_id]
         if self._policy_recheck:
@@ -1170,16 +1208,16 @@ class CommandManager:
         if was_executing:
             self._forget_executing(command)
         self.store.save(command)
-        if was_executing and not from_agent:
+        if not was_executing:
+            self._unqueued(command.client_id)
+            self._prune_queue(command.client_id)
+        elif not from_agent and not unsent:
             # Ended here (timeout, cancel, shutdown): stop the work on the
             # agent too, and give its window slot to the next queued command.
             link = self.registry.get(command.client_id)
             if link is not None:
                 link.cancel_command(command.command_id, error or status.value)
                 self._dispatch(command.client_id)
-        elif not was_executing:
-            self._unqueued(command.client_id)
-            self._prune_queue(command.client_id)
         promise = self._waiters.pop(command.command_id, None)
         if promise is not None:
             promise.command = command
@@ -1189,6 +1227,14 @@ class CommandManager:
         if not self._live:
             self._idle.set()
         return command
+
+    def _reached_no_agent(self, command: Command) -> bool:
+        """Whether no agent process has received ``command``, executing: it
+        waits to be stored before it goes out, or is known to have gone nowhere."""
+        client_id, command_id = command.client_id, command.command_id
+        return command_id in self._unsent.get(client_id, ()) or command_id in self._never_sent.get(
+            client_id, ()
+        )
 
     def _unqueued(self, client_id: str) -> None:
         """One of ``client_id``'s pending commands left the queue (sent or finished)."""
@@ -1275,7 +1321,18 @@ class CommandManager:
                     logger.exception("Failed to expire command command_id=%s", command_id)
 
     def _expire(self, command: Command) -> None:
-        if command.status is CommandStatus.PENDING:
+        if command.command_id in self._unsent.get(command.client_id, ()):
+            # Its move to executing is still not stored, so it was not sent:
+            # as a send the store did not take in time (see _stored).
+            self._finish(
+                command,
+                CommandStatus.FAILED,
+                error="the command store did not store the command before its deadline; it was not sent",
+                error_code=StoreUnavailable.code,
+            )
+        elif command.status is CommandStatus.PENDING or command.command_id in self._never_sent.get(
+            command.client_id, ()
+        ):
             self._finish(
                 command,
                 CommandStatus.TIMEOUT,
@@ -1291,8 +1348,8 @@ class CommandManager:
             )
 
     async def _trim_history(self) -> None:
+        await trio.sleep(min(FIRST_TRIM_DELAY, self.settings.cleanup_interval))
         while True:
-            await trio.sleep(self.settings.cleanup_interval)
             try:
                 deleted = await self.store.purge(
                     finished_before=self._wall() - self.settings.history_retention,
@@ -1302,6 +1359,7 @@ class CommandManager:
                 # A lock held elsewhere, an I/O error: try again next time
                 # rather than take the server down over housekeeping.
                 logger.error("Command history trim failed error=%r", str(exc))
-                continue
-            if deleted:
-                logger.info("Command history trimmed deleted=%d", deleted)
+            else:
+                if deleted:
+                    logger.info("Command history trimmed deleted=%d", deleted)
+            await trio.sleep(self.settings.cleanup_interval)

@@ -276,10 +276,6 @@ async def _serve_with(
         policy=None if settings.policy.is_empty else settings.policy,
         audit=audit,
     )
-    try:
-        await manager.recover()
-    except StoreError as exc:  # damaged pages where the unfinished commands are
-        raise StartupError(str(exc)) from None
     # The agents' frame limit bounds COMMAND frames (the API refuses bigger
     # payloads); the server reads RESULT frames up to the same size.
     command_server = CommandServer(
@@ -293,6 +289,12 @@ async def _serve_with(
         initials_deferred=lambda: command_server.endpoint.admission.deferred,
     )
     manager.add_observer(metrics)
+    # Recovered once the metrics observe: commands whose deadline passed
+    # while the server was down end there, and are counted.
+    try:
+        await manager.recover()
+    except StoreError as exc:  # damaged pages where the unfinished commands are
+        raise StartupError(str(exc)) from None
     app = create_app(
         manager, limits=api_limits(settings), metrics=metrics, auth=api_auth, audit=audit,
         bind_host=settings.http_host,
