@@ -709,3 +709,47 @@ def test_the_v3_migration_keeps_json_values_with_or_without_the_arrow_operator(m
         ).fetchone()
         assert json.loads(payload) == value
         assert (None if result is None else json.loads(result)) == value
+
+
+class _RecordingReader:
+    """The store's reading connection, noting when it is used and closed."""
+
+    def __init__(self, connection: sqlite3.Connection, order: list[str]):
+        self._connection = connection
+        self._order = order
+
+    def execute(self, *args):
+        return self._connection.execute(*args)
+
+    def close(self) -> None:
+        self._order.append("reader closed")
+        self._connection.close()
+
+
+async def test_closing_waits_for_a_read_whose_caller_gave_up(tmp_path):
+    """A read still running in the reading thread after its caller was
+    cancelled (a request cut short at shutdown): the connection was closed
+    under it from the writing thread, which crashed the server process
+    (a segfault in sqlite3) in one run of five."""
+    order: list[str] = []
+    started, release = threading.Event(), threading.Event()
+    async with open_sqlite_store(tmp_path / "c.db") as store:
+        store._reader = _RecordingReader(store._reader, order)
+
+        def slow_read() -> None:
+            started.set()
+            release.wait(10)
+            store._reader.execute("SELECT count(*) FROM commands").fetchone()
+            order.append("read done")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store._read, slow_read)
+            await trio.to_thread.run_sync(started.wait)
+            nursery.cancel_scope.cancel()  # the caller gives up; the read goes on
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.aclose)
+            # Time for a close that does not wait to happen (as it did).
+            await trio.testing.wait_all_tasks_blocked(cushion=0.2)
+            order.append("read released")
+            release.set()
+    assert order == ["read released", "read done", "reader closed"]

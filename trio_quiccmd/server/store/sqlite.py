@@ -609,6 +609,11 @@ class SqliteStore:
                     self.path, len(self._dirty),
                 )
             self._closed = True
+            # Each connection closed by its own thread, behind the jobs it
+            # still has: a read abandoned by its cancelled caller may still
+            # be running, and closing its connection under it crashed the
+            # process (a segfault in sqlite3).
+            await self._read_thread.run(self._reader.close)
             await self._write_thread.run(self._close)
         # The threads end once their jobs are done (a stuck one, never: they
         # are daemons, and do not hold the process's exit).
@@ -628,7 +633,6 @@ class SqliteStore:
             self._writer.execute("PRAGMA optimize")
         except sqlite3.Error:
             pass  # only statistics for the query planner; the data is committed
-        self._reader.close()
         self._writer.close()
         os.close(self._lock_file)
 
