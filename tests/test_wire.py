@@ -525,6 +525,7 @@ def test_error_codes_are_stable_wire_values():
         "UNEXPECTED_FRAME": 0x105,
         "HELLO_TIMEOUT": 0x106,
         "UNSUPPORTED_VERSION": 0x107,
+        "BUFFER_EXCEEDED": 0x108,
         "REPLACED": 0x201,
         "SHUTTING_DOWN": 0x202,
         "TOO_MANY_AGENTS": 0x203,
