@@ -14,6 +14,8 @@ from aioquic.quic.packet import QuicErrorCode
 
 from trio_quiccmd import CommandStatus
 from trio_quiccmd.quic.connection import SessionHandler, connect
+from trio_quiccmd.quic.endpoint import QuicEndpoint
+from trio_quiccmd.server.core import server_quic_configuration
 from trio_quiccmd.wire import ALPN, CommandFrame, Hello, ProtocolErrorCode, encode_frame
 
 
@@ -148,3 +150,28 @@ async def test_a_unidirectional_stream_closes_the_connection(cluster):
         assert session.close_error_code == QuicErrorCode.STREAM_LIMIT_ERROR
         command = await cluster.manager.send_and_wait("good", "echo", "still here")
     assert command.status is CommandStatus.COMPLETED
+
+
+class _SentDatagrams:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def try_send(self, data: bytes, addr: tuple) -> bool:
+        self.sent.append(data)
+        return True
+
+
+@pytest.mark.parametrize("size, answered", [(100, False), (1200, True)])
+async def test_only_a_datagram_that_could_start_a_connection_gets_a_version_negotiation(
+    dev_cert, size, answered
+):
+    """RFC 9000, 5.2.2: a packet of an unknown version is answered with the
+    versions spoken here only if its datagram is large enough to start a
+    connection (1,200 bytes); smaller ones are dropped."""
+    cert, key = dev_cert
+    endpoint = QuicEndpoint(server_quic_configuration(cert, key), SessionHandler)
+    endpoint._transport = transport = _SentDatagrams()
+    dcid, scid = os.urandom(8), os.urandom(8)
+    packet = bytes([0xC0]) + struct.pack("!I", 0x1A2A3A4A) + bytes([8]) + dcid + bytes([8]) + scid
+    endpoint._datagram_received(packet + b"\x00" * (size - len(packet)), ("192.0.2.1", 1234))
+    assert len(transport.sent) == (1 if answered else 0)

@@ -136,6 +136,10 @@ class QuicEndpoint:
             and header.version is not None
             and header.version not in self._configuration.supported_versions
         ):
+            if len(data) < MIN_INITIAL_SIZE:
+                # RFC 9000, 5.2.2: only a datagram that could start a
+                # connection is answered; smaller ones are dropped.
+                return
             # Never answer a version negotiation with one (reflection loops).
             self._send(
                 encode_quic_version_negotiation(
