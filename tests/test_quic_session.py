@@ -73,6 +73,7 @@ async def _joined_sessions(
     dev_cert,
     server_handler: SessionHandler | None = None,
     servers: list[QuicSession] | None = None,
+    keepalive_interval: float | None = None,
 ) -> tuple[QuicSession, _Wire, _Wire, _Collect]:
     """A connected (client, server) pair; returns the client session, both
     wires (to the server, to the client) and the client's handler. The
@@ -83,7 +84,10 @@ async def _joined_sessions(
     client_configuration = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name="localhost")
     client_configuration.load_verify_locations(cafile=str(cert))
     collect = _Collect()
-    client = QuicSession(QuicConnection(configuration=client_configuration), to_server, collect)
+    client = QuicSession(
+        QuicConnection(configuration=client_configuration), to_server, collect,
+        keepalive_interval=keepalive_interval,
+    )
     server_configuration = server_quic_configuration(cert, key)
 
     async def serve() -> None:
@@ -340,4 +344,28 @@ async def test_an_ack_read_as_the_loss_timer_expires_cancels_the_probe(dev_cert,
         assert [result.command_id for result in collect.results] == ["c"]
         assert client.quic._loss._pto_count == 0
         assert to_server.sent == sent  # no probe (the ACK of the RESULT waits its delay)
+        nursery.cancel_scope.cancel()
+
+
+async def test_datagrams_that_fail_to_decrypt_do_not_keep_a_silent_peer_alive(dev_cert, autojump_clock):
+    """The server stops answering; someone sprays the agent's port with
+    packets for its connection that do not decrypt. Each used to count as
+    hearing from the server, so the agent never noticed it was gone (until
+    the idle timeout, a minute here). Only a packet QUIC accepts does now."""
+    async with trio.open_nursery() as nursery:
+        client, to_server, to_client, collect = await _joined_sessions(
+            nursery, dev_cert, keepalive_interval=1.0
+        )
+        to_client.try_send = lambda data, addr: True  # the server's datagrams go nowhere
+
+        async def spray() -> None:
+            while True:
+                await trio.sleep(0.2)
+                # A short-header packet for the agent's connection id, not decryptable.
+                client.datagram_received(bytes([0x40]) + client.quic.host_cid + bytes(40), SERVER_ADDRESS)
+
+        nursery.start_soon(spray)
+        with trio.fail_after(20):
+            await client.terminated.wait()
+        assert "no answer to keepalives" in client.close_reason
         nursery.cancel_scope.cancel()

@@ -300,8 +300,13 @@ class QuicSession:
     def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
         if self.terminated.is_set():
             return
-        self._unanswered_since = math.inf
-        self.quic.receive_datagram(data, addr, trio.current_time())
+        quic = self.quic
+        idle_deadline = quic._close_at
+        quic.receive_datagram(data, addr, trio.current_time())
+        if quic._close_at != idle_deadline:
+            # aioquic restarted its idle timer: it accepted a packet. One that
+            # fails to decrypt (anyone can send those) says nothing of the peer.
+            self._unanswered_since = math.inf
         self._process_events()
         close = self.quic._close_event
         if close is not None and not self._lost_notified:
