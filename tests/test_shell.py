@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import trio
 
 from trio_quiccmd import CommandFailed
 from trio_quiccmd.agent.__main__ import build_executor, build_parser, resolve_settings
+from trio_quiccmd.agent import shell as shell_module
 from trio_quiccmd.agent.shell import ShellExecutor
 
 TIMEOUT = 15
@@ -141,3 +143,24 @@ async def test_bad_payloads_fail_clearly(payload, message):
 async def test_a_program_that_cannot_start_fails_the_command():
     with pytest.raises(CommandFailed, match="shell: cannot start '/no/such/program'"):
         await ShellExecutor().run({"argv": ["/no/such/program"]})
+
+
+async def test_a_program_that_outlives_its_kill_does_not_hold_the_cancel(monkeypatch, tmp_path: Path, caplog):
+    """A program stuck in the kernel (D state on a hung mount) survives even
+    SIGKILL. Waiting for it, shielded, held the command's cancellation, and
+    with it the agent's shutdown, for as long as the program lived; the wait
+    is now bounded, and the survivor logged. (The kill is left out here to
+    stand in for the stuck program.)"""
+    monkeypatch.setattr(shell_module, "_kill_group", lambda pgid: None)
+    monkeypatch.setattr(shell_module, "REAP_SECONDS", 0.2)
+    pidfile = tmp_path / "pid"
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ShellExecutor().run, {"command": f"echo $$ > {pidfile}; exec sleep 60"})
+            while not pidfile.exists() or not pidfile.read_text().strip():
+                await trio.sleep(0.01)  # the file is the only sign the program started
+            nursery.cancel_scope.cancel()
+    survivor = int(pidfile.read_text())
+    os.killpg(survivor, signal.SIGKILL)
+    await _gone(survivor)
+    assert "did not exit after SIGKILL" in caplog.text

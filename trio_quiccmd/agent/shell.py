@@ -21,6 +21,7 @@ command open nor survives it. The child's environment is the agent's without
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -30,11 +31,15 @@ import trio
 
 from .executor import CommandFailed
 
+logger = logging.getLogger("trio_quiccmd.agent")
+
 #: Per stream (stdout, stderr), bytes kept of a shell command's output.
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024
 #: Once the program has exited (and its process group is killed), at most
 #: this long to read the output still buffered in the pipes.
 OUTPUT_DRAIN_SECONDS = 1.0
+#: After the kill, at most this long to wait for the program to be reaped.
+REAP_SECONDS = 5.0
 
 
 class ShellExecutor:
@@ -104,8 +109,17 @@ class ShellExecutor:
         finally:
             # Every way out (cancel, timeout, an error): nothing of it survives.
             _kill_group(process.pid)
-            with trio.CancelScope(shield=True):
+            # Shielded, but bounded: a child stuck in the kernel (D state,
+            # a hung NFS mount) does not die even of SIGKILL, and must not
+            # hold the agent's shutdown with it.
+            with trio.move_on_after(REAP_SECONDS, shield=True) as reaping:
                 await process.wait()
+            if reaping.cancelled_caught:
+                logger.warning(
+                    "Shell command's program did not exit after SIGKILL pid=%d seconds=%g",
+                    process.pid, REAP_SECONDS,
+                )
+            with trio.CancelScope(shield=True):
                 for pipe in (process.stdout, process.stderr):
                     if pipe is not None:
                         await pipe.aclose()
