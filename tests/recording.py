@@ -17,10 +17,10 @@ class RecordingSession:
         self.can_open_stream = True
         self.peer_address = ("192.0.2.7", 4433)
         self.closed_with = None
-        self.default_buffering = False
+        self.buffer_limit_lifted = False
 
-    def allow_default_buffering(self) -> None:
-        self.default_buffering = True
+    def lift_buffer_limit(self) -> None:
+        self.buffer_limit_lifted = True
 
     def open_stream(self, frame, *, end_stream=False) -> int:
         stream_id = self.next_stream

@@ -469,3 +469,26 @@ async def test_an_initial_with_a_token_the_server_did_not_issue_is_closed_invali
             ]
             assert server.endpoint.sessions == []
             sock.close()
+
+
+async def test_many_large_commands_at_once_all_complete_on_one_connection(cluster):
+    """Twenty 900 kB commands at once, each echoed back: every frame is
+    unfinished at the receiver at the same time, since aioquic sends the
+    streams it has data for in turns. A limit of 16 frames' worth closed the
+    connection (BUFFER_EXCEEDED) again after every reconnect, and every
+    command ran out its deadline. An agent's connection holds any number."""
+    with trio.fail_after(60):
+        await cluster.start_agent("big")
+        session_id = cluster.manager.registry.get("big").session_id
+        results: list[Any] = []
+
+        async def one(i: int) -> None:
+            results.append(
+                await cluster.manager.send_and_wait("big", "echo", {"n": i, "data": "x" * 900_000}, timeout=50)
+            )
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(one, i)
+    assert sorted(c.result["n"] for c in results if c.status is CommandStatus.COMPLETED) == list(range(20))
+    assert cluster.manager.registry.get("big").session_id == session_id  # no reconnect

@@ -258,10 +258,11 @@ async def test_a_windowed_connection_keeps_granting_credit_as_data_is_read(dev_c
         nursery.cancel_scope.cancel()
 
 
-async def test_unfinished_frames_beyond_the_sessions_budget_close_it(dev_cert, autojump_clock):
+async def test_unfinished_frames_beyond_the_sessions_limit_close_it(dev_cert, autojump_clock):
     """A peer that parks a frame one byte short of complete on stream after
     stream held a megabyte per stream in the decoders, within flow control.
-    A session holds at most its budget of unfinished frames, across streams."""
+    A session given a limit (the server's, before HELLO) holds at most that
+    many bytes of unfinished frames, across streams."""
     servers: list[QuicSession] = []
     async with trio.open_nursery() as nursery:
         client, to_server, to_client, collect = await _joined_sessions(nursery, dev_cert, _Frames(), servers)
@@ -368,4 +369,33 @@ async def test_datagrams_that_fail_to_decrypt_do_not_keep_a_silent_peer_alive(de
         with trio.fail_after(20):
             await client.terminated.wait()
         assert "no answer to keepalives" in client.close_reason
+        nursery.cancel_scope.cancel()
+
+
+async def test_streams_the_peer_resets_give_their_credit_back(dev_cert, autojump_clock):
+    """A reset stream's final size counts against the connection's window,
+    and what was never read of it never will be. Counted as never read, three
+    resets of 300 kB each left a 200 kB RESULT stuck for good behind a
+    window that no longer moved (while keepalives still passed)."""
+    servers: list[QuicSession] = []
+    handler = _Frames()
+    async with trio.open_nursery() as nursery:
+        client, to_server, to_client, collect = await _joined_sessions(nursery, dev_cert, handler, servers)
+        quic = client.quic
+        for _ in range(3):
+            stream_id = quic.get_next_available_stream_id()
+            quic.send_stream_data(stream_id, b"")
+            # 300 kB sent and lost (the sender skips ahead), then the stream reset.
+            sender = quic._streams[stream_id].sender
+            sender._buffer_start = sender._buffer_stop = sender.highest_offset = 300_000
+            sender._buffer = bytearray()
+            quic._remote_max_data_used += 300_000
+            quic.reset_stream(stream_id, 0)
+            client._wake()
+            await trio.sleep(1)
+        client.open_stream(ResultFrame(command_id="after", status="completed", result="x" * 200_000), end_stream=True)
+        with trio.fail_after(30):
+            while not handler.frames:
+                await trio.sleep(0.1)
+        assert [frame.command_id for _, frame in handler.frames] == ["after"]
         nursery.cancel_scope.cancel()

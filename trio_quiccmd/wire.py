@@ -46,8 +46,8 @@ class ProtocolErrorCode(enum.IntEnum):
     UNEXPECTED_FRAME = 0x105
     HELLO_TIMEOUT = 0x106
     UNSUPPORTED_VERSION = 0x107
-    #: More bytes of unfinished frames, across the connection's streams,
-    #: than the receiver holds for one peer (before HELLO: one frame's worth).
+    #: Before its HELLO was accepted, the peer left more than one frame's
+    #: worth of bytes unfinished across its streams.
     BUFFER_EXCEEDED = 0x108
     REPLACED = 0x201
     SHUTTING_DOWN = 0x202

@@ -34,7 +34,6 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection
 
 from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
-    FRAME_HEADER_SIZE,
     Frame,
     FrameDecoder,
     ProtocolError,
@@ -50,13 +49,6 @@ logger = logging.getLogger("trio_quiccmd.quic")
 #: data for each packet it builds, so one flush of n frames costs O(n^2):
 #: coalescing pays up to about two packets' worth, then costs more than it saves.
 FLUSH_BATCH_FRAMES = 16
-
-#: Most unfinished frames' worth of bytes a session holds by default, across
-#: all its streams. Flow control bounds what aioquic buffers, not the frames
-#: our decoders assemble: without this a peer could park a frame one byte
-#: short of complete on every stream it may open. A sender that finishes one
-#: stream's frame before starting the next (aioquic's does) holds one or two.
-DEFAULT_BUFFERED_FRAMES = 16
 
 #: Socket buffer size asked for; bursts of thousands of commands overflow the
 #: kernel's small default and every dropped datagram costs a loss-recovery RTT.
@@ -228,10 +220,9 @@ class QuicSession:
         self._transport = transport
         self._max_frame_size = max_frame_size
         self._decoders: dict[int, FrameDecoder] = {}
-        # Most bytes of unfinished frames held across all streams; more is a
-        # BUFFER_EXCEEDED protocol error (see allow_default_buffering).
-        self._default_max_buffered = DEFAULT_BUFFERED_FRAMES * (max_frame_size + FRAME_HEADER_SIZE)
-        self._max_buffered = self._default_max_buffered if max_buffered_bytes is None else max_buffered_bytes
+        # Most bytes of unfinished frames held across all streams (None: no
+        # limit); more is a BUFFER_EXCEEDED protocol error. See lift_buffer_limit.
+        self._max_buffered = max_buffered_bytes
         self._buffered = 0
         self._keepalive_interval = keepalive_interval
         self._ping_at = (
@@ -289,11 +280,14 @@ class QuicSession:
         self._waiting_for_streams = True
         return False
 
-    def allow_default_buffering(self) -> None:
-        """Hold up to :data:`DEFAULT_BUFFERED_FRAMES` unfinished frames from
-        now on: for a server, once it knows who the peer is (its sessions
-        start with room for one frame, the HELLO)."""
-        self._max_buffered = self._default_max_buffered
+    def lift_buffer_limit(self) -> None:
+        """Hold any number of unfinished frames from now on: for a server,
+        once it knows who the peer is (its sessions start with room for one,
+        the HELLO). A limit cannot apply to a peer it trusts: aioquic sends
+        the streams it has data for in turns, a packet each, so every frame
+        queued at once is unfinished at the receiver at once, and a peer
+        closed over that would send them all again after reconnecting."""
+        self._max_buffered = None
 
     # -- input ---------------------------------------------------------------
 
@@ -629,7 +623,7 @@ class QuicSession:
             held = decoder.buffered
             frames = decoder.feed(event.data)
             self._buffered += decoder.buffered - held
-            if self._buffered > self._max_buffered:
+            if self._max_buffered is not None and self._buffered > self._max_buffered:
                 raise ProtocolError(
                     ProtocolErrorCode.BUFFER_EXCEEDED,
                     f"{self._buffered} bytes of unfinished frames held; at most "

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aioquic.buffer import UINT_VAR_MAX_SIZE
+from aioquic.buffer import UINT_VAR_MAX_SIZE, Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -46,7 +46,8 @@ class WindowedQuicConnection(QuicConnection):
         super().__init__(configuration=configuration, **kwargs)
         self._data_window = configuration.max_data
         self._stream_window = configuration.max_stream_data
-        # Bytes of stream data handed to the application (all streams).
+        # Bytes of stream data the peer has used credit for that are handed
+        # to the application, or never will be (on streams it reset).
         self._delivered = 0
         uni = self._local_max_streams_uni
         uni.value = uni.sent = 0
@@ -56,6 +57,22 @@ class WindowedQuicConnection(QuicConnection):
         if isinstance(event, events.StreamDataReceived):
             self._delivered += len(event.data)
         return event
+
+    def _handle_reset_stream_frame(self, context: Any, frame_type: int, buf: Buffer) -> None:
+        # A reset stream's final size counts against the connection's credit,
+        # and what was not read of it never will be: count that as read, or
+        # each reset would shrink the window for good (a stall, while the
+        # keepalives still pass).
+        start = buf.tell()
+        stream_id = buf.pull_uint_var()
+        buf.seek(start)
+        stream = self._streams.get(stream_id)
+        was_finished = stream is not None and stream.receiver.is_finished
+        super()._handle_reset_stream_frame(context, frame_type, buf)
+        stream = self._streams.get(stream_id)  # (the reset may have created it)
+        if stream is not None and stream.receiver.is_finished and not was_finished:
+            receiver = stream.receiver
+            self._delivered += receiver.highest_offset - receiver.starting_offset()
 
     def _write_connection_limits(self, builder: QuicPacketBuilder, space: Any) -> None:
         max_data = self._local_max_data

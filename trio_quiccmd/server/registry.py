@@ -254,7 +254,7 @@ class AgentLink(SessionHandler):
             raise
         self.hello = frame
         self._control_stream = stream_id
-        session.allow_default_buffering()
+        session.lift_buffer_limit()
         self.connected_at = time.time()
         self.session_id = f"{frame.client_id}@{self.connected_at:.6f}"
         session.send_frame(
