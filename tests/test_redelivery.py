@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from trio_quiccmd import CommandManager, CommandStatus, ManagerSettings, builtin_executor
-from trio_quiccmd.wire import Hello, ProtocolErrorCode, ResultFrame
+from trio_quiccmd.wire import Hello, ProtocolError, ProtocolErrorCode, ResultFrame
 
 from .conftest import wait_until
 from .recording import RecordingSession
@@ -381,3 +381,23 @@ async def test_more_held_results_than_the_server_lets_us_open_streams_for(cluste
         (CommandStatus.COMPLETED, {"echo": i}) for i in range(count)
     ]
     assert state["runs"] == count and agent.sessions_established == 2
+
+
+async def test_a_result_after_the_agent_stopped_reading_its_command_stream_is_taken(manager):
+    """STOP_SENDING on a command stream stops only what the server sends on
+    it (the COMMAND, already whole). The RESULT the agent sends after it on
+    that stream used to be dropped as late, and the command ran out its
+    deadline although its agent had answered."""
+    link, session = connect(manager, "c1")
+    command = await manager.send_command("c1", "echo", 1, timeout=100)
+    link.stream_stopped(session, session.stream_of(command.command_id), 0)
+    answer(link, session, command.command_id, "ok")
+    done = await manager.get_command(command.command_id)
+    assert (done.status, done.result) == (CommandStatus.COMPLETED, "ok")
+
+
+async def test_an_agent_that_stops_reading_its_control_stream_is_closed(manager):
+    link, session = connect(manager, "c1")
+    with pytest.raises(ProtocolError) as raised:
+        link.stream_stopped(session, 0, 0)
+    assert raised.value.code is ProtocolErrorCode.UNEXPECTED_FRAME

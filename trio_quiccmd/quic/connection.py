@@ -192,6 +192,12 @@ class SessionHandler:
     def stream_reset(self, session: "QuicSession", stream_id: int, error_code: int) -> None:
         pass
 
+    def stream_stopped(self, session: "QuicSession", stream_id: int, error_code: int) -> None:
+        """The peer will not read what we send on the stream (STOP_SENDING;
+        our side is reset). What it sends on it still arrives. By default,
+        as a reset."""
+        self.stream_reset(session, stream_id, error_code)
+
     def streams_available(self, session: "QuicSession") -> None:
         """The peer raised its stream limit after :attr:`QuicSession.can_open_stream` was False."""
 
@@ -562,7 +568,7 @@ class QuicSession:
                         self.quic.reset_stream(event.stream_id, event.error_code)
                     except (RuntimeError, ValueError):
                         pass  # already finished or reset
-                    handler.stream_reset(self, event.stream_id, event.error_code)
+                    handler.stream_stopped(self, event.stream_id, event.error_code)
                 elif isinstance(event, events.StreamReset):
                     self._drop_decoder(event.stream_id)
                     handler.stream_reset(self, event.stream_id, event.error_code)

@@ -281,6 +281,14 @@ class AgentLink(SessionHandler):
             if self.client_id is not None:
                 self._registry.listener.slot_freed(self)
 
+    def stream_stopped(self, session: QuicSession, stream_id: int, error_code: int) -> None:
+        if stream_id == self._control_stream:
+            raise ProtocolError(
+                ProtocolErrorCode.UNEXPECTED_FRAME, "the control stream was stopped"
+            )
+        # A command stream: the COMMAND is all the server sends on it, and its
+        # RESULT may still come on it, so the command stays where it is.
+
     def streams_available(self, session: QuicSession) -> None:
         if self.client_id is not None:
             self._registry.listener.slot_freed(self)
