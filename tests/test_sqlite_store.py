@@ -346,21 +346,40 @@ async def test_two_servers_never_share_one_store(tmp_path):
         pass
 
 
+def _posix_locks_on(path: Path) -> list[str]:
+    """This process's fcntl locks on ``path`` (as /proc/locks lists them)."""
+    inode = f":{os.stat(path).st_ino} "
+    with open("/proc/locks") as locks:
+        return [
+            line.split(":", 1)[1].strip() for line in locks
+            if " POSIX " in line and f" {os.getpid()} " in line and inode in line
+        ]
+
+
 async def test_a_store_in_use_is_refused_under_any_of_its_names(tmp_path):
     # The lock was on "<name>.lock": a symlink or a hard link to the database
     # got a lock of its own, and two servers dispatched the same commands.
     path = tmp_path / "c.db"
-    async with open_sqlite_store(path):
+    async with open_sqlite_store(path) as store:
+        sqlite_locks = _posix_locks_on(path)
+        assert sqlite_locks  # (SQLite holds a shared lock on a WAL database)
         (tmp_path / "symlink.db").symlink_to(path)
-        (tmp_path / "hardlink.db").hardlink_to(path)
-        with pytest.raises(StoreError, match=rf"in use by another server \(pid {os.getpid()}\)"):
+        with pytest.raises(StoreError, match=rf"in use by another server \(pid {os.getpid()}"):
             async with open_sqlite_store(tmp_path / "symlink.db"):
                 pass
-        with pytest.raises(StoreError, match="in use by another server"):
-            async with open_sqlite_store(tmp_path / "hardlink.db"):
+        # Refused without touching the database: closing a descriptor of its
+        # file would have dropped the locks SQLite holds on it in this process.
+        assert _posix_locks_on(path) == sqlite_locks
+        mine = make_command(1)
+        store.save(mine)
+        await store.flush()
+    async with open_sqlite_store(tmp_path / "symlink.db") as store:
+        assert await store.get(mine.command_id) == mine
+    (tmp_path / "hardlink.db").hardlink_to(path)
+    for name in ("c.db", "hardlink.db"):
+        with pytest.raises(StoreError, match="has 2 hard links; give it one name"):
+            async with open_sqlite_store(tmp_path / name):
                 pass
-    async with open_sqlite_store(tmp_path / "symlink.db"):
-        pass
 
 
 async def test_a_lock_file_that_cannot_be_written_is_a_clear_error_and_holds_nothing(tmp_path):

@@ -693,56 +693,42 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _lock(path: Path) -> int:
-    """Open the database file, creating it, and hold an exclusive lock on it
-    for as long as the store is open, so two servers never share one database.
+    """Hold an exclusive lock on ``<db>.lock`` beside the file ``path``
+    resolves to, for as long as the store is open, so two servers never
+    share one database: not under another name either (a symlink; a hard
+    link is refused by :func:`_open`), nor with a server of an earlier
+    version, which locks the same file. The holder's pid is written in it.
 
-    The lock is on the file, not on its name: a second server that reaches
-    the same database through a symlink or a hard link is refused too. It
-    relies on Linux, where flock() locks and the fcntl() byte-range locks
-    SQLite takes on the same file are independent (on the BSDs and macOS
-    they conflict, and SQLite would find its own file locked). The holder's
-    pid is noted in ``<db>.lock`` beside the file the name resolves to, for
-    the message a second server gives.
+    A file of its own, not the database: closing any descriptor of the
+    database would drop the locks SQLite holds on it in this process.
     """
+    lock_path = Path(os.path.realpath(path) + ".lock")
     try:
-        # A new database is created 0600; SQLite gives its -wal and -shm
-        # files the same mode. An existing file keeps the mode it was given.
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise StoreError(f"cannot open the command store {path}: {exc.strerror or exc}") from None
-    note = Path(os.path.realpath(path) + ".lock")
+        raise StoreError(
+            f"cannot write the command store's lock file {lock_path}: {exc.strerror or exc}"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise StoreError(
-            f"the command store {path} is in use by another server (pid {_holder(note)})"
+            f"the command store {path} is in use by another server (pid {holder}, lock file {lock_path})"
         ) from None
     except OSError as exc:
         os.close(fd)
         raise StoreError(f"cannot lock the command store {path}: {exc.strerror or exc}") from None
     try:
-        note_fd = os.open(note, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(note_fd, str(os.getpid()).encode())
-        finally:
-            os.close(note_fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
     except OSError as exc:
-        # Closing releases the lock: a retry in this process must not find
-        # the store "in use" by itself.
-        os.close(fd)
+        os.close(fd)  # and with it the lock: a retry here must not find it "in use"
         raise StoreError(
-            f"cannot write the command store's lock file {note}: {exc.strerror or exc}"
+            f"cannot write the command store's lock file {lock_path}: {exc.strerror or exc}"
         ) from None
     return fd
-
-
-def _holder(note: Path) -> str:
-    try:
-        with open(note, "rb") as f:
-            return f.read(32).decode(errors="replace").strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def migrate(db: sqlite3.Connection, path: Path) -> int:
@@ -783,6 +769,22 @@ def _open(path: Path, synchronous: Synchronous) -> SqliteStore:
     except OSError as exc:
         raise StoreError(f"cannot open the command store {path}: {exc.strerror or exc}") from None
     lock_file = _lock(path)
+    try:
+        # A new database is created 0600; SQLite gives its -wal and -shm
+        # files the same mode. An existing file keeps the mode it was given.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        links = os.stat(path).st_nlink
+    except OSError as exc:
+        os.close(lock_file)
+        raise StoreError(f"cannot open the command store {path}: {exc.strerror or exc}") from None
+    if links > 1:
+        # Another name for the same file would have a lock file of its own,
+        # and SQLite itself cannot lock such a file reliably.
+        os.close(lock_file)
+        raise StoreError(
+            f"the command store {path} has {links} hard links; give it one name (copy it, "
+            "with the server stopped, and remove the other names)"
+        )
     writer = reader = None
     try:
         writer = _connect(path)
