@@ -465,9 +465,11 @@ async def stream_limited_command(manager: CommandManager, monkeypatch, timeout: 
     return link, session, command
 
 
-async def send_then_lose_the_agent(manager: CommandManager, nursery, link, session) -> None:
+async def send_then_lose_the_agent(
+    manager: CommandManager, nursery, link, session, timeout: float = 30.0
+) -> None:
     """Send a command to c1 (its commit held), then drop the agent's connection."""
-    nursery.start_soon(manager.send_command, "c1", "echo", "x")
+    nursery.start_soon(partial(manager.send_command, "c1", "echo", "x", timeout=timeout))
     await trio.testing.wait_all_tasks_blocked()
     link.connection_lost(session, 0, "gone")
 
@@ -642,3 +644,55 @@ async def test_a_disk_that_hangs_does_not_hold_the_shutdown(db, monkeypatch):
                 await manager.drain(0)
             # drain (0.3 s) + cancelling the writer + the store's close (0.3 s)
             assert trio.current_time() - started < 2
+
+
+async def test_a_never_sent_command_the_new_policy_forbids_is_not_sent_after_a_restart(db, monkeypatch):
+    # Found in review: queued commands were judged again by the policy after a
+    # restart, but not those stored as executing that no agent ever received.
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            async with held_commits(monkeypatch) as held:
+                link, session = connect(manager, "c1", instance="i1")
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(manager.send_command, "c1", "shell", {"command": "id"})
+                    await trio.testing.wait_all_tasks_blocked()
+                    link.connection_lost(session, 0, "gone")
+                    held.release.set()
+                await wait_all_stored(manager)
+            assert [u.sent_to for u in await manager.store.unfinished()] == [NEVER_SENT]
+            await manager.drain(0)
+
+        tightened = CommandPolicy(rules=(AllowRule(labels={}, command_types=frozenset({"echo"})),))
+        async with server_run(db, policy=tightened) as manager:
+            link, session = connect(manager, "c1", instance="i2")
+            await wait_all_stored(manager)
+            assert sent_ids(session) == []
+            (refused,) = (await manager.list_commands()).commands
+            assert (refused.status, refused.error_code, refused.sent_at) == (
+                CommandStatus.FAILED, "policy_denied", None
+            )
+            assert not [f for f in session.streams.get(0, []) if isinstance(f, CancelFrame)]
+
+
+async def test_a_never_sent_command_whose_deadline_passes_while_it_is_stored_again_timed_out_waiting(
+    db, monkeypatch
+):
+    # Its deadline passed in the few milliseconds of its second staging (for
+    # the agent process that came back): that is the wait for an agent, not a
+    # store that failed to answer; it was reported store_unavailable.
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            async with held_commits(monkeypatch) as held:
+                link, session = connect(manager, "c1", instance="i1")
+                async with trio.open_nursery() as nursery:
+                    await send_then_lose_the_agent(manager, nursery, link, session, timeout=1.0)
+                    held.release.set()
+                await wait_all_stored(manager)
+            (command,) = (await manager.list_commands()).commands
+            async with held_commits(monkeypatch) as held:
+                connect(manager, "c1", instance="i2")  # restaged, its commit held
+                done = await manager.wait(command.command_id)  # until its deadline
+                held.release.set()
+            assert (done.status, done.error_code, done.sent_at) == (
+                CommandStatus.TIMEOUT, "delivery_timeout", None
+            )

@@ -222,6 +222,9 @@ class CommandManager:
         # process of that agent connects next: none has seen them. Stored
         # as sent to NEVER_SENT, so that a restart knows it too.
         self._never_sent: dict[str, set[str]] = {}
+        # Of the commands in _unsent, those that went there from _never_sent:
+        # waiting for the store, but after waiting for an agent.
+        self._restaged: set[str] = set()
         # Recovered pending commands to judge by the policy before sending.
         self._policy_recheck: set[str] = set()
         self._staging_wake = trio.Event()
@@ -340,17 +343,18 @@ class CommandManager:
             self._live[command_id] = command
             self._set_deadline(command_id, now + (record.deadline_at - wall_now))
             counts[command.status] += 1
+            never_sent = command.status is CommandStatus.EXECUTING and record.sent_to == NEVER_SENT
             if command.status is CommandStatus.PENDING:
                 heapq.heappush(self._queues.setdefault(client_id, []), self._queue_entry(command))
-                if self.policy is not None:
-                    # The policy may have changed with the restart: judge it
-                    # again when it is about to be sent (the agent's labels
-                    # are known then).
-                    self._policy_recheck.add(command_id)
             else:
                 self._executing.setdefault(client_id, {})[command_id] = record.sent_to
-                if record.sent_to == NEVER_SENT:
+                if never_sent:
                     self._never_sent.setdefault(client_id, set()).add(command_id)
+            if self.policy is not None and (command.status is CommandStatus.PENDING or never_sent):
+                # Not yet with any agent, and the policy may have changed
+                # with the restart: judged again when it is about to go out
+                # (the agent's labels are known then).
+                self._policy_recheck.add(command_id)
             if record.deadline_at <= wall_now:
                 expired.append(command)
         if self._live and self._idle.is_set():
@@ -643,6 +647,7 @@ class CommandManager:
         freed: dict[str, None] = {}
         for client_id, command_id in sends:
             _discard(self._unsent, client_id, command_id)
+            self._restaged.discard(command_id)
             command = live.get(command_id)
             if command is None:
                 freed[client_id] = None
@@ -682,9 +687,13 @@ class CommandManager:
 
     def _restage(self, command: Command, link: AgentLink) -> None:
         """Send ``command``, which no agent process has seen, to ``link``'s
-        process, once the store says it went there."""
+        process, once the store says it went there (if today's policy, for a
+        recovered one, still lets it)."""
         client_id, command_id = command.client_id, command.command_id
+        if command_id in self._policy_recheck and not self._allowed_now(command, link):
+            return
         self._forget_never_sent(client_id, command_id)
+        self._restaged.add(command_id)
         self._executing[client_id][command_id] = _instance_of(link)
         self._update(command)
         self._staged_sends.append((client_id, command_id))
@@ -1321,7 +1330,8 @@ class CommandManager:
                     logger.exception("Failed to expire command command_id=%s", command_id)
 
     def _expire(self, command: Command) -> None:
-        if command.command_id in self._unsent.get(command.client_id, ()):
+        command_id = command.command_id
+        if command_id in self._unsent.get(command.client_id, ()) and command_id not in self._restaged:
             # Its move to executing is still not stored, so it was not sent:
             # as a send the store did not take in time (see _stored).
             self._finish(
@@ -1330,9 +1340,7 @@ class CommandManager:
                 error="the command store did not store the command before its deadline; it was not sent",
                 error_code=StoreUnavailable.code,
             )
-        elif command.status is CommandStatus.PENDING or command.command_id in self._never_sent.get(
-            command.client_id, ()
-        ):
+        elif command.status is CommandStatus.PENDING or self._reached_no_agent(command):
             self._finish(
                 command,
                 CommandStatus.TIMEOUT,
