@@ -399,3 +399,22 @@ async def test_streams_the_peer_resets_give_their_credit_back(dev_cert, autojump
                 await trio.sleep(0.1)
         assert [frame.command_id for _, frame in handler.frames] == ["after"]
         nursery.cancel_scope.cancel()
+
+
+def test_the_aioquic_internals_the_receive_windows_replace_are_still_there(dev_cert):
+    """WindowedQuicConnection overrides private aioquic methods; an aioquic
+    that renamed them would silently bring its own flow control back (and
+    with it the buffers a peer can double at will)."""
+    for name in (
+        "_write_connection_limits",
+        "_write_stream_limits",
+        "_handle_reset_stream_frame",
+        "_on_connection_limit_delivery",
+        "_on_max_stream_data_delivery",
+    ):
+        assert hasattr(QuicConnection, name), name
+    connection = WindowedQuicConnection(configuration=QuicConfiguration(is_client=True))
+    assert connection._local_max_streams_uni.value == 0
+    # RESET_STREAM frames (type 0x04) reach the override.
+    handler, _epochs = connection._QuicConnection__frame_handlers[0x04]
+    assert handler.__func__ is WindowedQuicConnection._handle_reset_stream_frame
