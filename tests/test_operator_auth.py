@@ -142,6 +142,16 @@ async def test_a_token_restricted_to_command_types_and_agent_labels(tmp_path):
             assert sorted(c["command_type"] for c in listed.json()["commands"]) == ["echo", "gate"]
             assert (await h.request("POST", f"/api/command/{command_id}/cancel", headers=bearer(admin))).status == 200
 
+            # Rotated, the token keeps its role and scope: a new secret, not an unrestricted one.
+            rotated = issue_api_token(data, "web-echo", replace=True)
+            assert (await send(web_echo, client_id="web-1", command_type="echo")).status == 401
+            wrong_type = await send(rotated, client_id="web-1", command_type="sleep", payload={"seconds": 0})
+            assert_error(wrong_type, 403, "forbidden", h.document, "POST", "/api/command")
+            wrong_agent = await send(rotated, client_id="db-1", command_type="echo")
+            assert_error(wrong_agent, 403, "forbidden", h.document, "POST", "/api/command")
+            ok = await send(rotated, client_id="web-1", command_type="echo", wait=True)
+            assert ok.status == 200 and ok.json()["status"] == "completed"
+
 
 def settings_on(tmp_path: Path, host: str, **overrides) -> ServerSettings:
     return ServerSettings(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
+import ssl
+import stat
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ from cryptography.x509.oid import NameOID
 from trio_quiccmd import Agent
 from trio_quiccmd.config import ServerSettings
 from trio_quiccmd.quic.connection import ConnectionFailed
-from trio_quiccmd.quic.tls import fingerprint_of_pem_file
+from trio_quiccmd.quic.tls import ensure_dev_certificate, fingerprint_of_pem_file
 from trio_quiccmd.server.service import StartupError, serve
 from trio_quiccmd.tokens import issue_agent_token
 
@@ -140,3 +142,45 @@ async def test_a_key_that_does_not_belong_to_the_certificate_stops_the_start(tmp
         f"cannot load the TLS certificate {cert} / key {other_key}: "
         "the private key does not belong to the certificate"
     )
+
+
+# -- the development certificate's files -------------------------------------------------------
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_development_certificate_makes_a_data_dir_only_its_owner_reads(tmp_path: Path):
+    ensure_dev_certificate(tmp_path / "new")
+    assert _mode(tmp_path / "new") == 0o700
+    (tmp_path / "old").mkdir(mode=0o750)
+    (tmp_path / "old").chmod(0o750)
+    ensure_dev_certificate(tmp_path / "old")
+    assert _mode(tmp_path / "old") == 0o750  # an operator's choice is kept
+
+
+def test_the_development_key_is_written_0600_and_never_through_a_link(tmp_path: Path):
+    data = tmp_path / "data"
+    cert, key, _ = ensure_dev_certificate(data)
+    assert _mode(key) == 0o600
+
+    # A key left with a loose mode (restored from a backup), its certificate gone:
+    # the new key is 0600, not whatever the old file was.
+    cert.unlink()
+    key.chmod(0o644)
+    _, _, created = ensure_dev_certificate(data)
+    assert created and _mode(key) == 0o600
+
+    # A key that is a link to a file elsewhere: the link is replaced, the file untouched.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("not yours\n")
+    elsewhere.chmod(0o644)
+    cert.unlink()
+    key.unlink()
+    key.symlink_to(elsewhere)
+    ensure_dev_certificate(data)
+    assert (elsewhere.read_text(), _mode(elsewhere)) == ("not yours\n", 0o644)
+    assert not key.is_symlink() and _mode(key) == 0o600
+    ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)  # a pair
+    assert sorted(p.name for p in data.iterdir()) == ["server-cert.pem", "server-key.pem"]

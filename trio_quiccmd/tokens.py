@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import hashlib
 import hmac
@@ -31,8 +32,9 @@ import logging
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar
 
 import attrs
 
@@ -57,6 +59,10 @@ class TokenFileError(ValueError):
     """A token file is unreadable or malformed. ``str()`` is one line naming the file."""
 
 
+class TokenExists(ValueError):
+    """A token was to be issued for a name that has one, without ``replace``."""
+
+
 def new_token(prefix: str) -> str:
     """A fresh secret: ``prefix`` + 43 characters of URL-safe base64 (256 bits)."""
     return prefix + secrets.token_urlsafe(32)
@@ -77,6 +83,49 @@ def check_name(name: str, what: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(f"{what} {name!r} must be 1-256 characters of letters, digits and . _ @ : -")
     return name
+
+
+# What the loaders accept; the issue_* functions check the same before they
+# write, so that a token command cannot write a file the server refuses.
+
+
+def _is_labels(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+def _is_command_type(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _check_text(value: str, what: str) -> None:
+    # A command-line argument that is not UTF-8 arrives with lone surrogates:
+    # JSON stores them, but nothing can print them (``token list`` would crash).
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} {value!r} is not valid UTF-8 text") from None
+
+
+def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """Labels to bind to a token, as a token file may hold them. Raises ValueError."""
+    if not _is_labels(labels):
+        raise ValueError(f"labels {labels!r} must map strings to strings")
+    for key, value in labels.items():
+        _check_text(key, "label")
+        _check_text(value, f"label {key}'s value")
+    return dict(labels)
+
+
+def check_command_types(command_types: Iterable[str]) -> tuple[str, ...]:
+    """Command types to restrict a token to, as a token file may hold them. Raises ValueError."""
+    if isinstance(command_types, str):  # would be taken letter by letter
+        raise ValueError(f"command types {command_types!r} must be a list of strings, not a string")
+    checked = tuple(command_types)
+    for command_type in checked:
+        if not _is_command_type(command_type):
+            raise ValueError(f"command type {command_type!r} must be a non-empty string")
+        _check_text(command_type, "command type")
+    return checked
 
 
 def _now() -> str:
@@ -150,28 +199,64 @@ class ApiTokens:
 # -- reading and writing -----------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _document(data: bytes, path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise TokenFileError(f"{path}: cannot read it: {exc.strerror or exc}") from None
-    try:
-        document = json.loads(text)
-    except ValueError as exc:
+        document = json.loads(data)
+    except ValueError as exc:  # UnicodeDecodeError included
         raise TokenFileError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(document, dict) or document.get("version") != _FORMAT_VERSION:
         raise TokenFileError(f"{path}: not a version {_FORMAT_VERSION} token file")
     return document
 
 
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise TokenFileError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    return _document(data, path)
+
+
+def _check_own_file(st: os.stat_result, path: Path) -> None:
+    """Refuse anything at ``path`` but a regular file with no other name: a
+    token command may run as root in a directory another user owns, who
+    could have linked a file from anywhere there."""
+    if not stat.S_ISREG(st.st_mode):
+        raise TokenFileError(f"{path}: not a regular file; a token command uses only a regular file there")
+    if st.st_nlink != 1:
+        raise TokenFileError(
+            f"{path}: has {st.st_nlink} hard links (it is also a file elsewhere); a token command "
+            "uses only a file of the data dir's own: copy it to a new file of that name"
+        )
+
+
+def _read_json_at(dir_fd: int, path: Path) -> dict[str, Any] | None:
+    """As :func:`_read_json`, for a token command: the file named ``path`` in
+    the directory ``dir_fd``, never through a link (see :func:`_check_own_file`)."""
+    try:
+        # O_NONBLOCK: opening a FIFO planted there must not hang the command.
+        fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise TokenFileError(
+                f"{path}: a symbolic link; a token command does not follow links in the data dir: "
+                "replace it by the file itself"
+            ) from None
+        raise TokenFileError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    with open(fd, "rb") as f:
+        _check_own_file(os.fstat(f.fileno()), path)
+        data = f.read()
+    return _document(data, path)
+
+
 def _labels(value: Any, where: str) -> dict[str, str] | None:
     if value is None:
         return None
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
+    if not _is_labels(value):
         raise TokenFileError(f"{where}: labels must be an object of strings")
     return dict(value)
 
@@ -182,9 +267,7 @@ def _hash_field(value: Any, where: str) -> str:
     return value
 
 
-def load_agent_tokens(path: Path) -> AgentTokens:
-    """The agent tokens in ``path``; empty if it does not exist. Raises TokenFileError."""
-    document = _read_json(path)
+def _agent_tokens(document: dict[str, Any] | None, path: Path) -> AgentTokens:
     if document is None:
         return AgentTokens()
     agents: dict[str, AgentTokenRecord] = {}
@@ -211,9 +294,7 @@ def load_agent_tokens(path: Path) -> AgentTokens:
     )
 
 
-def load_api_tokens(path: Path) -> ApiTokens:
-    """The operator tokens in ``path``; empty if it does not exist. Raises TokenFileError."""
-    document = _read_json(path)
+def _api_tokens(document: dict[str, Any] | None, path: Path) -> ApiTokens:
     if document is None:
         return ApiTokens()
     raw_tokens = document.get("tokens", {})
@@ -228,9 +309,7 @@ def load_api_tokens(path: Path) -> ApiTokens:
         if role not in ROLES:
             raise TokenFileError(f"{where}: role must be one of {', '.join(ROLES)}")
         types = raw.get("command_types")
-        if types is not None and (
-            not isinstance(types, list) or not all(isinstance(t, str) and t for t in types)
-        ):
+        if types is not None and (not isinstance(types, list) or not all(map(_is_command_type, types))):
             raise TokenFileError(f"{where}: command_types must be a list of strings")
         tokens[name] = ApiTokenRecord(
             name=name,
@@ -243,46 +322,103 @@ def load_api_tokens(path: Path) -> ApiTokens:
     return ApiTokens(tokens=tokens)
 
 
-def _keep_owner(fd: int, path: Path) -> None:
-    """Give the new file ``fd`` the owner of the file it replaces (or, for a
-    new one, of its directory): the server, often another user than whoever
-    runs the CLI (root, by sudo), must still be able to read it. Raises
-    TokenFileError if we may not."""
-    reference = path if path.exists() else path.parent
-    st = reference.stat()
+def load_agent_tokens(path: Path) -> AgentTokens:
+    """The agent tokens in ``path``; empty if it does not exist. Raises TokenFileError."""
+    return _agent_tokens(_read_json(path), path)
+
+
+def load_api_tokens(path: Path) -> ApiTokens:
+    """The operator tokens in ``path``; empty if it does not exist. Raises TokenFileError."""
+    return _api_tokens(_read_json(path), path)
+
+
+def _open_directory(path: Path, *, create: bool) -> int:
+    if create:
+        # It holds credentials: only its owner, the server's user, reads it.
+        # (An existing directory keeps its mode.)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _read_in(data_dir: Path, name: str) -> dict[str, Any] | None:
+    try:
+        dir_fd = _open_directory(data_dir, create=False)
+    except FileNotFoundError:
+        return None
+    try:
+        return _read_json_at(dir_fd, data_dir / name)
+    finally:
+        os.close(dir_fd)
+
+
+def list_agent_tokens(data_dir: Path) -> AgentTokens:
+    """The data dir's agent tokens, read as a token command reads them (never
+    through a link). Raises TokenFileError."""
+    return _agent_tokens(_read_in(data_dir, AGENT_TOKENS_FILE), data_dir / AGENT_TOKENS_FILE)
+
+
+def list_api_tokens(data_dir: Path) -> ApiTokens:
+    """The data dir's operator tokens, read as a token command reads them. Raises TokenFileError."""
+    return _api_tokens(_read_in(data_dir, API_TOKENS_FILE), data_dir / API_TOKENS_FILE)
+
+
+def _keep_owner(fd: int, dir_fd: int, path: Path) -> None:
+    """Give the new file ``fd`` the owner of the file ``path`` it replaces
+    (in the directory ``dir_fd``) or, for a new one, of the directory: the
+    server, often another user than whoever runs the CLI (root, by sudo),
+    must still be able to read it. Raises PermissionError if we may not."""
+    reference = path
+    try:
+        st = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        # A link is replaced, not kept: the owner of the file it leads to
+        # (anyone's) is not the server's.
+        reference, st = path.parent, os.fstat(dir_fd)
     if (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid()):
         return
     try:
         os.fchown(fd, st.st_uid, st.st_gid)
     except PermissionError:
-        raise TokenFileError(
+        raise PermissionError(
             f"{path}: the new file would belong to uid {os.geteuid()}, but {reference} belongs to "
             f"uid {st.st_uid} (the server's user, who must be able to read it); run this command "
             "as that user (or as root)"
         ) from None
 
 
-def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, mode 0600, owned by whoever
-    owned the file before (see :func:`_keep_owner`): readers see the old file
-    or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def _write_private_at(dir_fd: int, path: Path, text: str) -> None:
+    # O_CREAT | O_EXCL never follows a link: the file is a new one, ours, so
+    # it is the only one given an owner below.
+    temporary = f".{path.name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     try:
-        _keep_owner(fd, path)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            _keep_owner(f.fileno(), dir_fd, path)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(temporary, path)
+        os.replace(temporary, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
+            os.unlink(temporary, dir_fd=dir_fd)
         raise
 
 
-def save_agent_tokens(path: Path, tokens: AgentTokens) -> None:
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, mode 0600, owned by whoever
+    owned the file before (see :func:`_keep_owner`): readers see the old file
+    or the new one, never half of one. A link at ``path`` is replaced, never
+    written through. Creates the directory (0700) if missing."""
+    dir_fd = _open_directory(path.parent, create=True)
+    try:
+        _write_private_at(dir_fd, path, text)
+    finally:
+        os.close(dir_fd)
+
+
+def _agent_document(tokens: AgentTokens) -> str:
     document: dict[str, Any] = {
         "version": _FORMAT_VERSION,
         "agents": {
@@ -299,10 +435,10 @@ def save_agent_tokens(path: Path, tokens: AgentTokens) -> None:
             else None
         ),
     }
-    write_private(path, json.dumps(document, indent=2) + "\n")
+    return json.dumps(document, indent=2) + "\n"
 
 
-def save_api_tokens(path: Path, tokens: ApiTokens) -> None:
+def _api_document(tokens: ApiTokens) -> str:
     document = {
         "version": _FORMAT_VERSION,
         "tokens": {
@@ -316,21 +452,25 @@ def save_api_tokens(path: Path, tokens: ApiTokens) -> None:
             for record in sorted(tokens.tokens.values(), key=lambda r: r.name)
         },
     }
-    write_private(path, json.dumps(document, indent=2) + "\n")
+    return json.dumps(document, indent=2) + "\n"
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock for a read-modify-write of ``path`` (two CLI
-    invocations at once must not lose each other's token)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+def _locked(data_dir: Path) -> Iterator[int]:
+    """The data dir, open (its descriptor) and locked for a read-modify-write
+    of a token file: two CLI invocations at once must not lose each other's token.
+
+    The lock is on the directory itself, not on a lock file in it: its owner
+    (the server's user) could make such a file a link to any file, which a
+    CLI run as root would open. Files are then named relative to the
+    descriptor, so the directory cannot be swapped under the command either.
+    """
+    dir_fd = _open_directory(data_dir, create=True)
     try:
-        _keep_owner(fd, path.parent)  # so the next run, as the server's user, may lock it too
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        yield dir_fd
     finally:
-        os.close(fd)
+        os.close(dir_fd)
 
 
 # -- issuing (what the CLI does) -----------------------------------------------------------
@@ -341,15 +481,18 @@ def issue_agent_token(
 ) -> str:
     """Create the token of ``client_id``; returns the secret (not stored anywhere).
 
-    Raises ValueError if it already has one and ``replace`` is false. A
+    Raises ValueError for a bad ``client_id`` or label (before anything is
+    written), TokenExists if it already has one and ``replace`` is false. A
     replaced token keeps its bound labels unless ``labels`` are given.
     """
     check_name(client_id, "client_id")
+    if labels is not None:
+        labels = check_labels(labels)
     path = data_dir / AGENT_TOKENS_FILE
-    with locked(path):
-        tokens = load_agent_tokens(path)
+    with _locked(data_dir) as dir_fd:
+        tokens = _agent_tokens(_read_json_at(dir_fd, path), path)
         if client_id in tokens.agents and not replace:
-            raise ValueError(f"{client_id} already has a token (use --replace to issue a new one)")
+            raise TokenExists(f"{client_id} already has a token (use --replace to issue a new one)")
         secret = new_token(AGENT_PREFIX)
         agents = dict(tokens.agents)
         if labels is None and client_id in agents:
@@ -358,41 +501,41 @@ def issue_agent_token(
             client_id=client_id, hash=token_hash(secret),
             labels=dict(labels) if labels else None, created_at=_now(),
         )
-        save_agent_tokens(path, attrs.evolve(tokens, agents=agents))
+        _write_private_at(dir_fd, path, _agent_document(attrs.evolve(tokens, agents=agents)))
     return secret
 
 
 def revoke_agent_token(data_dir: Path, client_id: str) -> None:
     """Remove the token of ``client_id``. Raises KeyError if it has none."""
     path = data_dir / AGENT_TOKENS_FILE
-    with locked(path):
-        tokens = load_agent_tokens(path)
+    with _locked(data_dir) as dir_fd:
+        tokens = _agent_tokens(_read_json_at(dir_fd, path), path)
         if client_id not in tokens.agents:
             raise KeyError(client_id)
         agents = {k: v for k, v in tokens.agents.items() if k != client_id}
-        save_agent_tokens(path, attrs.evolve(tokens, agents=agents))
+        _write_private_at(dir_fd, path, _agent_document(attrs.evolve(tokens, agents=agents)))
 
 
 def issue_enrollment_token(data_dir: Path) -> str:
     """Create (or replace) the enrollment token; returns the secret."""
     path = data_dir / AGENT_TOKENS_FILE
-    with locked(path):
-        tokens = load_agent_tokens(path)
+    with _locked(data_dir) as dir_fd:
+        tokens = _agent_tokens(_read_json_at(dir_fd, path), path)
         secret = new_token(ENROLLMENT_PREFIX)
-        save_agent_tokens(
-            path, attrs.evolve(tokens, enrollment_hash=token_hash(secret), enrollment_created_at=_now())
-        )
+        tokens = attrs.evolve(tokens, enrollment_hash=token_hash(secret), enrollment_created_at=_now())
+        _write_private_at(dir_fd, path, _agent_document(tokens))
     return secret
 
 
 def revoke_enrollment_token(data_dir: Path) -> bool:
     """Remove the enrollment token; False if there was none."""
     path = data_dir / AGENT_TOKENS_FILE
-    with locked(path):
-        tokens = load_agent_tokens(path)
+    with _locked(data_dir) as dir_fd:
+        tokens = _agent_tokens(_read_json_at(dir_fd, path), path)
         if tokens.enrollment_hash is None:
             return False
-        save_agent_tokens(path, attrs.evolve(tokens, enrollment_hash=None, enrollment_created_at=None))
+        tokens = attrs.evolve(tokens, enrollment_hash=None, enrollment_created_at=None)
+        _write_private_at(dir_fd, path, _agent_document(tokens))
     return True
 
 
@@ -400,20 +543,38 @@ def issue_api_token(
     data_dir: Path,
     name: str,
     *,
-    role: str,
-    command_types: tuple[str, ...] | None = None,
+    role: str | None = None,
+    command_types: Iterable[str] | None = None,
     labels: Mapping[str, str] | None = None,
     replace: bool = False,
 ) -> str:
-    """Create the operator token ``name``; returns the secret."""
+    """Create the operator token ``name``; returns the secret.
+
+    Raises ValueError for a bad argument (before anything is written),
+    TokenExists if the token exists and ``replace`` is false. A replaced
+    token keeps its role and scope (command types, labels) unless they are
+    given: rotating a restricted token must not widen it. A new token needs a
+    ``role``.
+    """
     check_name(name, "token name")
-    if role not in ROLES:
+    if role is not None and role not in ROLES:
         raise ValueError(f"role {role!r} must be one of {', '.join(ROLES)}")
+    if command_types is not None:
+        command_types = check_command_types(command_types)
+    if labels is not None:
+        labels = check_labels(labels)
     path = data_dir / API_TOKENS_FILE
-    with locked(path):
-        tokens = load_api_tokens(path)
-        if name in tokens.tokens and not replace:
-            raise ValueError(f"an API token named {name} exists (use --replace to issue a new one)")
+    with _locked(data_dir) as dir_fd:
+        tokens = _api_tokens(_read_json_at(dir_fd, path), path)
+        old = tokens.tokens.get(name)
+        if old is not None and not replace:
+            raise TokenExists(f"an API token named {name} exists (use --replace to issue a new one)")
+        if old is not None:
+            role = old.role if role is None else role
+            command_types = old.command_types if command_types is None else command_types
+            labels = old.labels if labels is None else labels
+        elif role is None:
+            raise ValueError(f"there is no API token named {name} to keep the role of: give its --role")
         secret = new_token(API_PREFIX)
         records = dict(tokens.tokens)
         records[name] = ApiTokenRecord(
@@ -421,18 +582,19 @@ def issue_api_token(
             command_types=tuple(command_types) if command_types else None,
             labels=dict(labels) if labels else None, created_at=_now(),
         )
-        save_api_tokens(path, ApiTokens(tokens=records))
+        _write_private_at(dir_fd, path, _api_document(ApiTokens(tokens=records)))
     return secret
 
 
 def revoke_api_token(data_dir: Path, name: str) -> None:
     """Remove the operator token ``name``. Raises KeyError if there is none."""
     path = data_dir / API_TOKENS_FILE
-    with locked(path):
-        tokens = load_api_tokens(path)
+    with _locked(data_dir) as dir_fd:
+        tokens = _api_tokens(_read_json_at(dir_fd, path), path)
         if name not in tokens.tokens:
             raise KeyError(name)
-        save_api_tokens(path, ApiTokens(tokens={k: v for k, v in tokens.tokens.items() if k != name}))
+        records = {k: v for k, v in tokens.tokens.items() if k != name}
+        _write_private_at(dir_fd, path, _api_document(ApiTokens(tokens=records)))
 
 
 # -- the development credential ---------------------------------------------------------------
@@ -487,9 +649,11 @@ class WatchedFile(Generic[T]):
         self._stamp: tuple[int, int, int, int] | None = None
         #: The stamp of a version that failed to load (its error is logged once).
         self._failed_stamp: tuple[int, int, int, int] | None = None
+        # The stamp before the contents: a change written while they are read
+        # must look new to the next refresh, not be taken for what was read.
+        self._stamp = self._current_stamp()
         # Raises TokenFileError at start: a server must not start on a broken file.
         self._value: T = load(path)
-        self._stamp = self._current_stamp()
         #: Counts reloads, so each of several readers can tell it missed one.
         self.generation = 0
 

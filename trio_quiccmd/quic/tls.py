@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ..tokens import write_private
+
 DEV_CERT_NAME = "server-cert.pem"
 DEV_KEY_NAME = "server-key.pem"
 
@@ -66,17 +68,16 @@ def generate_self_signed(
 def ensure_dev_certificate(data_dir: Path) -> tuple[Path, Path, bool]:
     """The data dir's development certificate and key, created if missing.
 
-    Returns (cert path, key path, created). The key file is written 0600.
+    Returns (cert path, key path, created). The key is written 0600,
+    atomically and never through a link (:func:`~trio_quiccmd.tokens.write_private`),
+    a missing data dir created 0700. Raises OSError.
     """
-    data_dir.mkdir(parents=True, exist_ok=True)
     cert_path = data_dir / DEV_CERT_NAME
     key_path = data_dir / DEV_KEY_NAME
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path, False
     cert_pem, key_pem = generate_self_signed()
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key_pem)
+    write_private(key_path, key_pem.decode("ascii"))
     cert_path.write_bytes(cert_pem)
     return cert_path, key_path, True
 

@@ -6,7 +6,8 @@
     token create --enrollment                               # the enrollment token
     token list
     token revoke CLIENT_ID | --enrollment
-    api-token create NAME --role read|operate [--command-type T ...] [--label k=v ...] [--replace]
+    api-token create NAME --role read|operate [--command-type T ...] [--label k=v ...]
+    api-token create NAME --replace [--role R] [--command-type T ...] [--label k=v ...]  # keeps what is not given
     api-token list
     api-token revoke NAME
 
@@ -16,7 +17,8 @@ found as the server finds it (``$QUICCMD_DATA_DIR``, ``data_dir`` in the
 only its hash is stored. A running server sees the change within a second.
 
 Exit status: 0 done, 1 the operation failed (an unknown name, a token that
-already exists), 2 bad arguments.
+already exists, a token file it cannot use), 2 bad arguments (a bad name,
+label or command type: nothing is written).
 """
 
 from __future__ import annotations
@@ -29,15 +31,14 @@ from typing import Sequence
 
 from ..config import ConfigError, load_settings
 from ..tokens import (
-    AGENT_TOKENS_FILE,
-    API_TOKENS_FILE,
     ROLES,
+    TokenExists,
     TokenFileError,
     issue_agent_token,
     issue_api_token,
     issue_enrollment_token,
-    load_agent_tokens,
-    load_api_tokens,
+    list_agent_tokens,
+    list_api_tokens,
     revoke_agent_token,
     revoke_api_token,
     revoke_enrollment_token,
@@ -92,13 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     api_actions = api.add_subparsers(dest="action", required=True)
     create = api_actions.add_parser("create", help="issue an API token (printed once)")
     create.add_argument("name")
-    create.add_argument("--role", required=True, choices=ROLES,
-                        help="read: GET endpoints; operate: also send and cancel")
+    create.add_argument("--role", choices=ROLES,
+                        help="read: GET endpoints; operate: also send and cancel (required, "
+                        "but --replace without --role keeps the token's)")
     create.add_argument("--command-type", dest="command_types", action="append", metavar="TYPE",
-                        help="only these command types may be sent/cancelled; repeatable")
+                        help="only these command types may be sent/cancelled; repeatable; "
+                        "--replace without --command-type keeps the token's")
     create.add_argument("--label", dest="labels", action="append", type=_label, metavar="KEY=VALUE",
-                        help="only agents with these labels may be commanded; repeatable")
-    create.add_argument("--replace", action="store_true", help="replace an existing token")
+                        help="only agents with these labels may be commanded; repeatable; "
+                        "--replace without --label keeps the token's")
+    create.add_argument("--replace", action="store_true",
+                        help="replace an existing token (its role and scope are kept unless given)")
     data_dir(create)
     listing = api_actions.add_parser("list", help="API tokens (no secrets)")
     data_dir(listing)
@@ -126,15 +131,19 @@ def main(argv: Sequence[str]) -> int:
     try:
         if args.command == "token":
             return _agent_command(parser, args, directory)
-        return _api_command(args, directory)
-    except (TokenFileError, OSError) as exc:
+        return _api_command(parser, args, directory)
+    except (TokenFileError, TokenExists, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:
+        # What the issue_* functions refuse before writing anything: a bad
+        # name, label or command type.
+        parser.error(str(exc))
 
 
 def _agent_command(parser: argparse.ArgumentParser, args: argparse.Namespace, directory: Path) -> int:
     if args.action == "list":
-        tokens = load_agent_tokens(directory / AGENT_TOKENS_FILE)
+        tokens = list_agent_tokens(directory)
         print("client_id\tlabels\tcreated_at")
         for record in sorted(tokens.agents.values(), key=lambda r: r.client_id):
             print(f"{record.client_id}\t{_labels_text(record.labels)}\t{record.created_at}")
@@ -151,14 +160,10 @@ def _agent_command(parser: argparse.ArgumentParser, args: argparse.Namespace, di
             print("Enrollment token created: agents whose client_id has no token may connect with it. "
                   "It is shown once.", file=sys.stderr)
             return 0
-        try:
-            secret = issue_agent_token(
-                directory, args.client_id, labels=dict(args.labels) if args.labels else None,
-                replace=args.replace,
-            )
-        except ValueError as exc:
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
-            return 1
+        secret = issue_agent_token(
+            directory, args.client_id, labels=dict(args.labels) if args.labels else None,
+            replace=args.replace,
+        )
         print(secret)
         print(f"Token created for {args.client_id}. It is shown once: give it to the agent "
               "(--token-file or QUICCMD_AGENT_TOKEN).", file=sys.stderr)
@@ -178,26 +183,25 @@ def _agent_command(parser: argparse.ArgumentParser, args: argparse.Namespace, di
     return 0
 
 
-def _api_command(args: argparse.Namespace, directory: Path) -> int:
+def _api_command(parser: argparse.ArgumentParser, args: argparse.Namespace, directory: Path) -> int:
     if args.action == "list":
-        tokens = load_api_tokens(directory / API_TOKENS_FILE)
+        tokens = list_api_tokens(directory)
         print("name\trole\tcommand_types\tlabels\tcreated_at")
         for record in sorted(tokens.tokens.values(), key=lambda r: r.name):
             types = ",".join(record.command_types) if record.command_types else "-"
             print(f"{record.name}\t{record.role}\t{types}\t{_labels_text(record.labels)}\t{record.created_at}")
         return 0
     if args.action == "create":
-        try:
-            secret = issue_api_token(
-                directory, args.name, role=args.role,
-                command_types=tuple(args.command_types) if args.command_types else None,
-                labels=dict(args.labels or ()), replace=args.replace,
-            )
-        except ValueError as exc:
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
-            return 1
+        if args.role is None and not args.replace:
+            parser.error("api-token create: --role is required (--replace without it keeps the token's role)")
+        secret = issue_api_token(
+            directory, args.name, role=args.role,
+            command_types=args.command_types, labels=dict(args.labels) if args.labels else None,
+            replace=args.replace,
+        )
         print(secret)
-        print(f"API token {args.name} created (role {args.role}). It is shown once: "
+        role = f"role {args.role}" if args.role else "its previous role"
+        print(f"API token {args.name} created ({role}). It is shown once: "
               "send it as 'Authorization: Bearer <token>'.", file=sys.stderr)
         return 0
     try:
