@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import attrs
+import h11
 import pytest
 import trio
 
@@ -22,11 +23,12 @@ from .httpclient import NO_BODY, HttpResponse, check_openapi, http, samples
 from trio_quiccmd import Agent, builtin_executor
 from trio_quiccmd.config import ServerSettings
 from trio_quiccmd.model import Command, CommandStatus, transition
+from trio_quiccmd.server import http_api, service
 from trio_quiccmd.server.http_api import rfc3339
 from trio_quiccmd.server.openapi import openapi_document
 from trio_quiccmd.server.service import ServerAddresses, serve
 from trio_quiccmd.server.store import MemoryStore, Store
-from trio_quiccmd.tokens import DEV_AGENT_TOKEN_FILE, read_token_file
+from trio_quiccmd.tokens import DEV_AGENT_TOKEN_FILE, issue_api_token, read_token_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning")
 
@@ -765,6 +767,228 @@ async def test_two_servers_in_one_process_have_separate_metrics(tmp_path):
             second = samples((await two.request("GET", "/metrics")).body.decode())
     assert first["command_failed_total"] == 1
     assert second["command_failed_total"] == 0
+
+
+# -- connections: how long a client may hold one ------------------------------------------------
+
+
+@attrs.define
+class RawConnection:
+    """One HTTP/1.1 connection, driven by hand: headers, body and reads as the test says."""
+
+    address: tuple[str, int]
+    stream: trio.SocketStream
+    conn: h11.Connection = attrs.field(factory=lambda: h11.Connection(h11.CLIENT))
+
+    @classmethod
+    async def open(cls, address: tuple[str, int]) -> RawConnection:
+        return cls(address, await trio.open_tcp_stream(*address))
+
+    async def send_head(self, method: str, target: str, headers: list[tuple[str, str]]) -> None:
+        """The request line and headers (keep-alive: no ``Connection: close``)."""
+        host = [("Host", f"{self.address[0]}:{self.address[1]}")]
+        request = h11.Request(method=method, target=target, headers=host + headers)
+        await self.stream.send_all(self.conn.send(request))
+
+    async def send_body(self, data: bytes, *, end: bool = False) -> None:
+        await self.stream.send_all(self.conn.send(h11.Data(data=data)))
+        if end:
+            await self.stream.send_all(self.conn.send(h11.EndOfMessage()))
+
+    async def request(self, method: str, target: str, body: Any = NO_BODY, headers=()) -> HttpResponse:
+        """A whole request, then its response; the connection stays open for the next one."""
+        if self.conn.our_state is h11.DONE:
+            self.conn.start_next_cycle()
+        data = json.dumps(body).encode() if body is not NO_BODY else b""
+        framing = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))] if data else []
+        await self.send_head(method, target, [*framing, *headers])
+        await self.send_body(data, end=True)
+        return await self.response()
+
+    async def response(self) -> HttpResponse:
+        status, headers, data = 0, {}, bytearray()
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await self.stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                headers = {k.decode().lower(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                data += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return HttpResponse(status, headers, bytes(data))
+            else:
+                raise AssertionError(f"the server ended the connection before its answer: {event}")
+
+    async def assert_closed_by_server(self, within: float, *, reset_ok: bool = False) -> None:
+        """The server ends the connection within ``within`` seconds (with a
+        reset too if ``reset_ok``: the client was still sending)."""
+        try:
+            with trio.fail_after(within):
+                data = await self.stream.receive_some(65536)
+        except trio.TooSlowError:
+            raise AssertionError(f"the server kept the connection open for more than {within} s") from None
+        except trio.BrokenResourceError:
+            assert reset_ok, "the server reset the connection"
+            return
+        assert data == b"", data
+
+
+async def test_an_answer_that_leaves_the_body_unread_ends_the_connection(tmp_path, monkeypatch):
+    # Headers announcing a body that never comes, to a route that answers without
+    # reading it: the answer says "Connection: close", and the server closes
+    # once no more of the body has come for UNREAD_BODY_PAUSE. (It used to keep
+    # such a connection for as long as the client liked, and enough of them ran
+    # the server out of file descriptors.)
+    monkeypatch.setattr(http_api, "UNREAD_BODY_PAUSE", 0.2)
+    data = tmp_path / "data"
+    reader = issue_api_token(data, "reader", role="read")
+    operator = issue_api_token(data, "operator", role="operate")
+    as_json = ("Content-Type", "application/json")
+    cases = [
+        (401, "unauthorized", [("Content-Length", "1000"), as_json]),
+        (401, "unauthorized", [("Content-Length", "1000"), as_json, ("Authorization", "Bearer qco_nope")]),
+        (403, "forbidden", [("Content-Length", "1000"), as_json, ("Authorization", f"Bearer {reader}")]),
+        (415, "unsupported_media_type",
+         [("Content-Length", "1000"), ("Content-Type", "text/plain"), ("Authorization", f"Bearer {operator}")]),
+        (413, "payload_too_large", [("Content-Length", str(10**9)), as_json, ("Authorization", f"Bearer {operator}")]),
+    ]
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path, require_api_token=True, max_payload_bytes=4096) as h:
+            for status, code, headers in cases:
+                client = await RawConnection.open(h.http_address)
+                async with client.stream:
+                    await client.send_head("POST", "/api/command", headers)
+                    response = await client.response()
+                    assert (response.status, response.json()["error"]["code"]) == (status, code), headers
+                    check_openapi(h.document, "POST", "/api/command", response)
+                    assert response.headers["connection"] == "close", (status, response.headers)
+                    await client.assert_closed_by_server(within=2)
+
+            # A request whose body was read keeps its connection for the next one.
+            client = await RawConnection.open(h.http_address)
+            async with client.stream:
+                auth = [("Authorization", f"Bearer {operator}")]
+                offline = await client.request("POST", "/api/command", {"client_id": "a", "command_type": "echo"}, auth)
+                assert offline.status == 409 and "connection" not in offline.headers
+                listed = await client.request("GET", "/api/commands", headers=auth)
+                assert listed.status == 200
+                assert [c["command_id"] for c in listed.json()["commands"]] == [offline.json()["command_id"]]
+
+
+async def test_an_oversized_upload_gets_its_413_and_a_trickle_is_cut_off(tmp_path, monkeypatch):
+    # The 413 is sent at once, from the headers; the rest of the body is then
+    # still taken in while it keeps coming, so a client busy sending it is not
+    # reset halfway (it would lose the answer), but only for UNREAD_BODY_LINGER.
+    monkeypatch.setattr(http_api, "UNREAD_BODY_PAUSE", 0.2)
+    monkeypatch.setattr(http_api, "UNREAD_BODY_LINGER", 1.0)
+    size, piece = 32 << 20, b"x" * (64 << 10)
+    head = [("Content-Type", "application/json"), ("Content-Length", str(size))]
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path, max_payload_bytes=4096) as h:
+            client = await RawConnection.open(h.http_address)
+            async with client.stream:
+                await client.send_head("POST", "/api/command", head)
+                for _ in range(size // len(piece)):  # at loopback speed: well within the linger
+                    await client.send_body(piece)
+                response = await client.response()
+                assert response.status == 413 and response.json()["error"]["code"] == "payload_too_large"
+                assert response.headers["connection"] == "close"
+                await client.assert_closed_by_server(within=2)
+
+            # A body that keeps coming, slowly, for ever: cut off after the linger.
+            client = await RawConnection.open(h.http_address)
+            async with client.stream:
+                await client.send_head("POST", "/api/command", head)
+                assert (await client.response()).status == 413
+
+                async def trickle() -> None:
+                    try:
+                        while True:
+                            await client.send_body(b"x" * 100)
+                            await trio.sleep(0.05)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trickle)
+                    await client.assert_closed_by_server(within=1.0 + 2, reset_ok=True)
+                    nursery.cancel_scope.cancel()
+
+
+async def test_a_long_poll_outlasts_the_keep_alive_timeout_and_an_idle_connection_does_not(
+    tmp_path, monkeypatch
+):
+    # The keep-alive timeout bounds the time between requests (and for the
+    # headers), never a request the server is still answering, nor a body that
+    # is arriving; once the last answer is sent, an idle connection is closed.
+    # (It used to stay open forever after the first request.)
+    keep_alive = 0.3
+    monkeypatch.setattr(service, "HTTP_KEEP_ALIVE_TIMEOUT", keep_alive)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            await h.start_agent("a")
+            sent = await h.send(client_id="a", command_type="gate", payload={"name": "g"})
+            await h.gates.started["g"].wait()
+            client = await RawConnection.open(h.http_address)
+            async with client.stream:
+                # A long-poll several times the keep-alive timeout; the client sends nothing meanwhile.
+                start = trio.current_time()
+                polled = await client.request("GET", f"/api/command/{sent['command_id']}?wait=1")
+                assert trio.current_time() - start >= 1
+                assert polled.status == 200 and polled.json()["status"] == "executing"
+                check_openapi(h.document, "GET", "/api/command/{command_id}", polled)
+
+                # "wait": true, on the same connection: answered when the command ends (its timeout).
+                start = trio.current_time()
+                waited = await client.request("POST", "/api/command", {
+                    "client_id": "a", "command_type": "gate", "payload": {"name": "w"}, "timeout": 1,
+                    "wait": True,
+                })
+                assert trio.current_time() - start >= 1
+                assert waited.status == 200 and waited.json()["status"] == "timeout"
+                check_openapi(h.document, "POST", "/api/command", waited)
+
+                # A body sent slowly, with pauses longer than the keep-alive timeout.
+                client.conn.start_next_cycle()
+                body = json.dumps({"client_id": "a", "command_type": "echo", "payload": "slow"}).encode()
+                await client.send_head(
+                    "POST", "/api/command",
+                    [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+                )
+                for i in range(0, len(body), 20):
+                    await trio.sleep(keep_alive + 0.1)
+                    await client.send_body(body[i:i + 20], end=i + 20 >= len(body))
+                slow = await client.response()
+                assert slow.status == 202 and slow.json()["payload"] == "slow", slow.body
+                assert "connection" not in slow.headers
+
+                # Now idle: closed once the keep-alive timeout has passed.
+                await client.assert_closed_by_server(within=keep_alive + 2)
+
+
+async def test_a_body_that_stops_coming_is_408_and_ends_the_connection(tmp_path, monkeypatch):
+    # A route that reads the body waits BODY_TIMEOUT for all of it; then 408,
+    # and the connection is closed (the rest of the body would be garbage).
+    monkeypatch.setattr(http_api, "BODY_TIMEOUT", 0.5)
+    monkeypatch.setattr(http_api, "UNREAD_BODY_PAUSE", 0.2)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            client = await RawConnection.open(h.http_address)
+            async with client.stream:
+                start = trio.current_time()
+                await client.send_head(
+                    "POST", "/api/command", [("Content-Type", "application/json"), ("Content-Length", "1000")]
+                )
+                await client.send_body(b'{"client_id": "a", ')
+                response = await client.response()
+                assert trio.current_time() - start >= 0.5
+                assert response.status == 408 and response.json()["error"]["code"] == "request_timeout"
+                assert response.headers["connection"] == "close"
+                await client.assert_closed_by_server(within=2)
+            # Nothing was created.
+            assert (await h.request("GET", "/api/commands")).json()["commands"] == []
 
 
 # -- shutdown ------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping
 from urllib.parse import urlsplit
 
 import attrs
+import trio
 from quart import Response, current_app, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
@@ -542,6 +543,103 @@ def _wait_bound(command: Command) -> float:
     return max(command.connect_timeout, command.timeout) + command.timeout + 1.0
 
 
+# -- connections: an answer that leaves the body unread ends the connection -----------
+
+
+#: Seconds a request's whole body may take to arrive once a route reads it
+#: (Quart's ``BODY_TIMEOUT``); slower is ``408 request_timeout``.
+BODY_TIMEOUT = 60.0
+#: After an answer that leaves the body unread, the rest of the body is still
+#: taken in (and dropped) while it keeps coming, with no pause longer than
+#: UNREAD_BODY_PAUSE and for UNREAD_BODY_LINGER seconds at most; then the
+#: connection is closed.
+UNREAD_BODY_PAUSE = 1.0
+UNREAD_BODY_LINGER = 10.0
+
+
+def _announces_body(scope: Mapping[str, Any]) -> bool:
+    for name, value in scope["headers"]:  # (hypercorn gives them lower-case)
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+            return True
+    return False
+
+
+def end_connections_left_unread(asgi_app: Any) -> Any:
+    """ASGI middleware: an answer sent before the request's body was read in
+    full (401, 403, 413, 415, 408 ...) says ``Connection: close``, and the
+    connection is closed once it is sent and the rest of the body has
+    stopped coming (UNREAD_BODY_PAUSE, UNREAD_BODY_LINGER at most), whatever
+    the client does. Every other answer leaves the connection to keep-alive.
+
+    hypercorn (0.18, HTTP/1.1) means to do the closing itself: when the app
+    ends its answer, ``H11Protocol._maybe_recycle`` sees that the client's
+    side is not ``DONE`` and sends ``Closed()``, on which ``TCPServer._close``
+    shuts the socket; for a finished request it restarts the keep-alive
+    timer instead. Both run in the app's task, inside the ASGI ``send`` of
+    the last body message, *after* hypercorn has put ``http.disconnect`` in
+    the app's queue, and Quart-Trio's ``handle_messages`` answers that
+    message by cancelling the request's nursery, that very task included.
+    So ``_close`` is cancelled at its first checkpoint (``send_eof``) and the
+    socket stays open for as long as the client likes (a Content-Length whose
+    body never comes); and the keep-alive timer is never restarted, so an
+    idle connection after a finished request is never closed either. Hence
+    the last ``send`` is shielded: what it waits for is hypercorn's own
+    ``send_all``, which hypercorn already shields, and its closing.
+
+    Before that last ``send``, while the rest of the body keeps coming (the
+    answer itself is out by then), it is let in, for a bounded time: closing
+    a socket with unread bytes makes the kernel reset the connection, and a
+    client still sending (an oversized upload) would get an error from its
+    send instead of the 413 (Python's http.client, so the CLI, for one).
+    """
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await asgi_app(scope, receive, send)
+            return
+        body_unread = _announces_body(scope)
+        arrived = trio.Event()  # set, and replaced, at each message the app takes in
+
+        async def receive_reading() -> Any:
+            nonlocal body_unread, arrived
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_unread = False
+            arrived.set()
+            arrived = trio.Event()
+            return message
+
+        async def let_the_body_in() -> None:
+            # (Quart-Trio's handle_messages goes on taking messages meanwhile.)
+            with trio.move_on_after(UNREAD_BODY_LINGER):
+                while body_unread:
+                    with trio.move_on_after(UNREAD_BODY_PAUSE) as pause:
+                        await arrived.wait()
+                    if pause.cancelled_caught:
+                        return
+
+        async def send_closing(message: Any) -> None:
+            if message["type"] == "http.response.start" and body_unread:
+                headers = list(message.get("headers", ()))
+                if not any(name.lower() == b"connection" for name, _ in headers):
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
+            if message["type"] != "http.response.body" or message.get("more_body", False):
+                await send(message)
+                return
+            if body_unread:
+                if message.get("body"):
+                    await send({**message, "more_body": True})
+                    message = {"type": "http.response.body", "body": b"", "more_body": False}
+                await let_the_body_in()
+            with trio.CancelScope(shield=True):
+                await send(message)
+
+        await asgi_app(scope, receive_reading, send_closing)
+
+    return app
+
+
 # -- the app --------------------------------------------------------------------------
 
 
@@ -569,6 +667,8 @@ def create_app(
     max_timeout = manager.settings.max_timeout
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = limits.max_payload_bytes
+    app.config["BODY_TIMEOUT"] = BODY_TIMEOUT
+    app.asgi_app = end_connections_left_unread(app.asgi_app)
     # Errors are JSON responses, never re-raised into hypercorn's HTML page.
     app.config["PROPAGATE_EXCEPTIONS"] = False
     document = openapi_document(

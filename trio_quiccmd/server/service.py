@@ -45,6 +45,9 @@ logger = logging.getLogger("trio_quiccmd.server")
 #: Seconds hypercorn gives requests still open once it is told to stop. By
 #: then the drain has settled every command, so any long-poll has returned.
 HTTP_GRACEFUL_TIMEOUT = 3.0
+#: Seconds an HTTP connection may sit between requests, or take to send a
+#: request's headers, before hypercorn closes it (hypercorn's own default).
+HTTP_KEEP_ALIVE_TIMEOUT = 5.0
 
 
 class StartupError(Exception):
@@ -195,6 +198,16 @@ def _hypercorn_config(settings: ServerSettings) -> HypercornConfig:
     config = HypercornConfig()
     config.bind = [settings.http_address]
     config.graceful_timeout = HTTP_GRACEFUL_TIMEOUT
+    # How long a client may hold a connection (docs/API.md, "Connections"):
+    # between requests and while sending headers, keep_alive_timeout; while
+    # sending a body a route reads, the app's BODY_TIMEOUT (then 408); an
+    # answer that leaves the body unread closes the connection
+    # (http_api.end_connections_left_unread). read_timeout stays None on
+    # purpose: the trio worker applies it to every wait for the client's
+    # next bytes (trio/tcp_server.py, _read_data), also while the app is
+    # still computing the answer and the client rightly sends nothing, so it
+    # would cut long-polls, which may last up to max_timeout (a day).
+    config.keep_alive_timeout = HTTP_KEEP_ALIVE_TIMEOUT
     # Through logging, so the operator's handlers and format apply.
     config.errorlog = logging.getLogger("hypercorn.error")
     access_logger = logging.getLogger("trio_quiccmd.http.access")
