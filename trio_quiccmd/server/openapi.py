@@ -87,6 +87,9 @@ def openapi_document(
         "(error unsupported_media_type)"
     )
     not_found = _error("No command with this id (or it was purged from the history)")
+    body_too_slow = _error(
+        "The body did not arrive in time (error request_timeout); the connection is closed"
+    )
 
     schemas: dict[str, Any] = {
         "Command": {
@@ -274,6 +277,7 @@ def openapi_document(
                     ),
                     "401": unauthorized,
                     "403": forbidden,
+                    "408": body_too_slow,
                     "413": _error(f"The body is over {max_payload_bytes} bytes, or the payload "
                                   "is over the agents' frame limit"),
                     "415": unsupported,
@@ -328,6 +332,7 @@ def openapi_document(
                     "401": unauthorized,
                     "403": forbidden,
                     "404": not_found,
+                    "408": body_too_slow,
                     "409": _error("Already finished; the error carries the command"),
                     "415": unsupported,
                     "503": _error("The cancel took effect but the command store did not store it "
