@@ -21,6 +21,7 @@ from trio_quiccmd import CommandFailed, CommandStatus, builtin_executor
 from trio_quiccmd.agent.handler import CommandHandler
 from trio_quiccmd.wire import (
     DEFAULT_MAX_FRAME_SIZE,
+    FRAME_HEADER_SIZE,
     CommandFrame,
     FrameDecoder,
     ResultFrame,
@@ -185,7 +186,7 @@ async def test_the_largest_result_the_server_takes_completes_and_one_byte_more_f
         async def execute(self, command_type: str, payload: Any) -> Any:
             return payload
 
-    body = len(encode_frame(ResultFrame(command_id="c1", status="completed", result=""))) - 4
+    body = len(encode_frame(ResultFrame(command_id="c1", status="completed", result=""))) - FRAME_HEADER_SIZE
     limit = body + 100
     handler = CommandHandler(Returns(), max_result_bytes=limit)
     fits = await handler.handle(

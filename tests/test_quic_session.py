@@ -22,6 +22,8 @@ from trio_quiccmd.quic.flow_control import WindowedQuicConnection
 from trio_quiccmd.server.core import server_quic_configuration
 from trio_quiccmd.wire import ALPN, CommandFrame, Frame, ProtocolErrorCode, ResultFrame, encode_frame
 
+from .conftest import wait_until
+
 SERVER_ADDRESS = ("127.0.0.1", 4433)
 CLIENT_ADDRESS = ("127.0.0.1", 50000)
 
@@ -207,6 +209,15 @@ class _Frames(SessionHandler):
             raise RuntimeError("a bug in connection_lost")
 
 
+def _skip_ahead(quic: QuicConnection, stream_id: int, offset: int) -> None:
+    """Move the stream's sender to ``offset`` as if all before it had been
+    sent and lost: what a hostile peer, or heavy loss, shows the receiver."""
+    sender = quic._streams[stream_id].sender
+    quic._remote_max_data_used += offset - sender.highest_offset
+    sender._buffer_start = sender._buffer_stop = sender.highest_offset = offset
+    sender._buffer = bytearray()
+
+
 async def test_a_peer_naming_far_offsets_cannot_grow_the_receivers_buffers(dev_cert, autojump_clock):
     """aioquic grows a receive window by the highest offset the peer names,
     and fills the gap below it: one byte sent just below the limit, again
@@ -219,13 +230,9 @@ async def test_a_peer_naming_far_offsets_cannot_grow_the_receivers_buffers(dev_c
         quic = client.quic
         stream_id = quic.get_next_available_stream_id()
         quic.send_stream_data(stream_id, b"")
-        sender = quic._streams[stream_id].sender
         for _ in range(8):
             limit = min(quic._streams[stream_id].max_stream_data_remote, quic._remote_max_data)
-            # Skip the sender to the byte below the limit (as a hostile peer would).
-            sender._buffer_start = sender._buffer_stop = sender.highest_offset = limit - 1
-            sender._buffer = bytearray()
-            quic._remote_max_data_used = limit - 1
+            _skip_ahead(quic, stream_id, limit - 1)  # to the byte below the limit
             quic.send_stream_data(stream_id, b"x")
             client._wake()
             await trio.sleep(1)  # delivered, acknowledged, any new limit sent back
@@ -252,8 +259,7 @@ async def test_a_windowed_connection_keeps_granting_credit_as_data_is_read(dev_c
         for _ in range(4):
             client.open_stream(result, end_stream=True)
         with trio.fail_after(60):
-            while len(handler.frames) < 20:
-                await trio.sleep(0.1)
+            await wait_until(lambda: len(handler.frames) == 20)
         assert all(frame == result for _, frame in handler.frames)
         nursery.cancel_scope.cancel()
 
@@ -385,23 +391,18 @@ async def test_streams_the_peer_resets_give_their_credit_back(dev_cert, autojump
         for _ in range(3):
             stream_id = quic.get_next_available_stream_id()
             quic.send_stream_data(stream_id, b"")
-            # 300 kB sent and lost (the sender skips ahead), then the stream reset.
-            sender = quic._streams[stream_id].sender
-            sender._buffer_start = sender._buffer_stop = sender.highest_offset = 300_000
-            sender._buffer = bytearray()
-            quic._remote_max_data_used += 300_000
+            _skip_ahead(quic, stream_id, 300_000)  # 300 kB sent and lost, then the stream reset
             quic.reset_stream(stream_id, 0)
             client._wake()
             await trio.sleep(1)
         client.open_stream(ResultFrame(command_id="after", status="completed", result="x" * 200_000), end_stream=True)
         with trio.fail_after(30):
-            while not handler.frames:
-                await trio.sleep(0.1)
+            await wait_until(lambda: handler.frames)
         assert [frame.command_id for _, frame in handler.frames] == ["after"]
         nursery.cancel_scope.cancel()
 
 
-def test_the_aioquic_internals_the_receive_windows_replace_are_still_there(dev_cert):
+def test_the_aioquic_internals_the_receive_windows_replace_are_still_there():
     """WindowedQuicConnection overrides private aioquic methods; an aioquic
     that renamed them would silently bring its own flow control back (and
     with it the buffers a peer can double at will)."""

@@ -394,12 +394,7 @@ async def test_a_command_never_sent_goes_to_the_agents_next_process_after_a_rest
     # it, and it ended execution_timeout although it never ran.
     with trio.fail_after(10):
         async with server_run(db) as manager:
-            async with held_commits(monkeypatch) as held:
-                link, session = connect(manager, "c1", instance="i1")
-                async with trio.open_nursery() as nursery:
-                    await send_then_lose_the_agent(manager, nursery, link, session)
-                    held.release.set()
-                await wait_all_stored(manager)
+            await never_sent_command(manager, monkeypatch)
             assert [u.sent_to for u in await manager.store.unfinished()] == [NEVER_SENT]
             await manager.drain(0)
 
@@ -466,12 +461,23 @@ async def stream_limited_command(manager: CommandManager, monkeypatch, timeout: 
 
 
 async def send_then_lose_the_agent(
-    manager: CommandManager, nursery, link, session, timeout: float = 30.0
+    manager: CommandManager, nursery, link, session, command_type: str = "echo", timeout: float = 30.0
 ) -> None:
     """Send a command to c1 (its commit held), then drop the agent's connection."""
-    nursery.start_soon(partial(manager.send_command, "c1", "echo", "x", timeout=timeout))
+    nursery.start_soon(partial(manager.send_command, "c1", command_type, "x", timeout=timeout))
     await trio.testing.wait_all_tasks_blocked()
     link.connection_lost(session, 0, "gone")
+
+
+async def never_sent_command(manager: CommandManager, monkeypatch, **send) -> None:
+    """A command to c1 stored as executing that no agent process received:
+    its agent (process i1) left while it was being stored."""
+    async with held_commits(monkeypatch) as held:
+        link, session = connect(manager, "c1", instance="i1")
+        async with trio.open_nursery() as nursery:
+            await send_then_lose_the_agent(manager, nursery, link, session, **send)
+            held.release.set()
+        await wait_all_stored(manager)
 
 
 async def wait_all_stored(manager: CommandManager) -> None:
@@ -651,14 +657,7 @@ async def test_a_never_sent_command_the_new_policy_forbids_is_not_sent_after_a_r
     # restart, but not those stored as executing that no agent ever received.
     with trio.fail_after(10):
         async with server_run(db) as manager:
-            async with held_commits(monkeypatch) as held:
-                link, session = connect(manager, "c1", instance="i1")
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(manager.send_command, "c1", "shell", {"command": "id"})
-                    await trio.testing.wait_all_tasks_blocked()
-                    link.connection_lost(session, 0, "gone")
-                    held.release.set()
-                await wait_all_stored(manager)
+            await never_sent_command(manager, monkeypatch, command_type="shell")
             assert [u.sent_to for u in await manager.store.unfinished()] == [NEVER_SENT]
             await manager.drain(0)
 
@@ -668,10 +667,8 @@ async def test_a_never_sent_command_the_new_policy_forbids_is_not_sent_after_a_r
             await wait_all_stored(manager)
             assert sent_ids(session) == []
             (refused,) = (await manager.list_commands()).commands
-            assert (refused.status, refused.error_code, refused.sent_at) == (
-                CommandStatus.FAILED, "policy_denied", None
-            )
-            assert not [f for f in session.streams.get(0, []) if isinstance(f, CancelFrame)]
+            assert_ended_unsent(refused, CommandStatus.FAILED, "policy_denied")
+            assert cancels(session) == []
 
 
 async def test_a_never_sent_command_whose_deadline_passes_while_it_is_stored_again_timed_out_waiting(
@@ -682,17 +679,10 @@ async def test_a_never_sent_command_whose_deadline_passes_while_it_is_stored_aga
     # store that failed to answer; it was reported store_unavailable.
     with trio.fail_after(10):
         async with server_run(db) as manager:
-            async with held_commits(monkeypatch) as held:
-                link, session = connect(manager, "c1", instance="i1")
-                async with trio.open_nursery() as nursery:
-                    await send_then_lose_the_agent(manager, nursery, link, session, timeout=1.0)
-                    held.release.set()
-                await wait_all_stored(manager)
+            await never_sent_command(manager, monkeypatch, timeout=1.0)
             (command,) = (await manager.list_commands()).commands
             async with held_commits(monkeypatch) as held:
                 connect(manager, "c1", instance="i2")  # restaged, its commit held
                 done = await manager.wait(command.command_id)  # until its deadline
                 held.release.set()
-            assert (done.status, done.error_code, done.sent_at) == (
-                CommandStatus.TIMEOUT, "delivery_timeout", None
-            )
+            assert_ended_unsent(done, CommandStatus.TIMEOUT, "delivery_timeout")

@@ -10,6 +10,7 @@ import trio
 from ..model import ErrorCode
 from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
+    FRAME_HEADER_SIZE,
     CommandFrame,
     ResultFrame,
     decode_body,
@@ -253,18 +254,21 @@ class CommandHandler:
         """
         try:
             data = encode_frame(result)
-            body = len(data) - 4  # the limit counts what follows the length
+            snapshot = decode_body(data[FRAME_HEADER_SIZE:])
+        # Whatever the encoder meets (a mapping's own items() may raise
+        # anything), or what the server's decoder would refuse.
+        except Exception as exc:
+            problem = self._failed(
+                command, f"result is not JSON-serialisable: {exc}", ErrorCode.INVALID_RESULT.value
+            )
+        else:
+            body = len(data) - FRAME_HEADER_SIZE  # the limit counts what follows the length
             if body <= self.max_result_bytes:
-                return decode_body(data[4:]), len(data)
+                return snapshot, len(data)
             problem = self._failed(
                 command,
                 f"result of {body} bytes exceeds the limit of {self.max_result_bytes}",
                 ErrorCode.RESULT_TOO_LARGE.value,
-            )
-        # Whatever the encoder meets: a mapping's own items() may raise anything.
-        except Exception as exc:
-            problem = self._failed(
-                command, f"result is not JSON-serialisable: {exc}", ErrorCode.INVALID_RESULT.value
             )
         return problem, len(encode_frame(problem))
 

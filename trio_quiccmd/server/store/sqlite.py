@@ -769,24 +769,22 @@ def _open(path: Path, synchronous: Synchronous) -> SqliteStore:
     except OSError as exc:
         raise StoreError(f"cannot open the command store {path}: {exc.strerror or exc}") from None
     lock_file = _lock(path)
-    try:
-        # A new database is created 0600; SQLite gives its -wal and -shm
-        # files the same mode. An existing file keeps the mode it was given.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        links = os.stat(path).st_nlink
-    except OSError as exc:
-        os.close(lock_file)
-        raise StoreError(f"cannot open the command store {path}: {exc.strerror or exc}") from None
-    if links > 1:
-        # Another name for the same file would have a lock file of its own,
-        # and SQLite itself cannot lock such a file reliably.
-        os.close(lock_file)
-        raise StoreError(
-            f"the command store {path} has {links} hard links; give it one name (copy it, "
-            "with the server stopped, and remove the other names)"
-        )
     writer = reader = None
     try:
+        try:
+            # A new database is created 0600; SQLite gives its -wal and -shm
+            # files the same mode. An existing file keeps the mode it was given.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            links = os.stat(path).st_nlink
+        except OSError as exc:
+            raise StoreError(f"cannot open the command store {path}: {exc.strerror or exc}") from None
+        if links > 1:
+            # Another name for the same file would have a lock file of its
+            # own, and SQLite itself cannot lock such a file reliably.
+            raise StoreError(
+                f"the command store {path} has {links} hard links; give it one name (copy it, "
+                "with the server stopped, and remove the other names)"
+            )
         writer = _connect(path)
         (mode,) = writer.execute("PRAGMA journal_mode = WAL").fetchone()
         if mode != "wal":
