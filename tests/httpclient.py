@@ -76,21 +76,33 @@ async def http(
             await stream.send_all(conn.send(h11.Data(data=piece)))
         if finish_body:
             await stream.send_all(conn.send(h11.EndOfMessage()))
-        status, response_headers, data = 0, {}, bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-                response_headers = {k.decode().lower(): v.decode() for k, v in event.headers}
-            elif isinstance(event, h11.Data):
-                data += event.data
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                break
+        response = await read_response(conn, stream, closing_ends_it=True)
         if before_close is not None:
             await before_close(stream.socket.getsockname()[1])
-    return HttpResponse(status, response_headers, bytes(data))
+    return response
+
+
+async def read_response(
+    conn: h11.Connection, stream: trio.SocketStream, *, closing_ends_it: bool
+) -> HttpResponse:
+    """The next response on ``conn``. The server closing the connection ends
+    it too if ``closing_ends_it``; otherwise that fails the test."""
+    status, headers, data = 0, {}, bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+            headers = {k.decode().lower(): v.decode() for k, v in event.headers}
+        elif isinstance(event, h11.Data):
+            data += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            return HttpResponse(status, headers, bytes(data))
+        elif isinstance(event, h11.ConnectionClosed):
+            if closing_ends_it:
+                return HttpResponse(status, headers, bytes(data))
+            raise AssertionError("the server ended the connection before its answer")
 
 
 # -- checking responses against the /openapi.json the server serves -----------------------

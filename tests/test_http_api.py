@@ -19,7 +19,7 @@ import h11
 import pytest
 import trio
 
-from .httpclient import NO_BODY, HttpResponse, check_openapi, http, samples
+from .httpclient import NO_BODY, HttpResponse, check_openapi, http, read_response, samples
 from trio_quiccmd import Agent, builtin_executor
 from trio_quiccmd.config import ServerSettings
 from trio_quiccmd.model import Command, CommandStatus, transition
@@ -806,20 +806,7 @@ class RawConnection:
         return await self.response()
 
     async def response(self) -> HttpResponse:
-        status, headers, data = 0, {}, bytearray()
-        while True:
-            event = self.conn.next_event()
-            if event is h11.NEED_DATA:
-                self.conn.receive_data(await self.stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-                headers = {k.decode().lower(): v.decode() for k, v in event.headers}
-            elif isinstance(event, h11.Data):
-                data += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                return HttpResponse(status, headers, bytes(data))
-            else:
-                raise AssertionError(f"the server ended the connection before its answer: {event}")
+        return await read_response(self.conn, self.stream, closing_ends_it=False)
 
     async def assert_closed_by_server(self, within: float, *, reset_ok: bool = False) -> None:
         """The server ends the connection within ``within`` seconds (with a
