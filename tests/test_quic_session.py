@@ -18,7 +18,7 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import pull_quic_header
 
 from trio_quiccmd.quic.connection import QuicSession, SessionHandler
-from trio_quiccmd.quic.flow_control import WindowedQuicConnection
+from trio_quiccmd.quic.flow_control import STREAM_WINDOW, FrameCredit, WindowedQuicConnection
 from trio_quiccmd.server.core import server_quic_configuration
 from trio_quiccmd.wire import ALPN, CommandFrame, Frame, ProtocolErrorCode, ResultFrame, encode_frame
 
@@ -236,12 +236,11 @@ async def test_a_peer_naming_far_offsets_cannot_grow_the_receivers_buffers(dev_c
             quic.send_stream_data(stream_id, b"x")
             client._wake()
             await trio.sleep(1)  # delivered, acknowledged, any new limit sent back
-        window = 1 << 20  # aioquic's default max_stream_data and max_data
         received = servers[0].quic._streams[stream_id].receiver
-        assert received.highest_offset == window  # the peer did reach the limit...
-        assert len(received._buffer) <= window  # ...and never beyond it
-        assert quic._streams[stream_id].max_stream_data_remote == window
-        assert quic._remote_max_data == window
+        assert received.highest_offset == STREAM_WINDOW  # the peer did reach the limit...
+        assert len(received._buffer) <= STREAM_WINDOW  # ...and never beyond it
+        assert quic._streams[stream_id].max_stream_data_remote == STREAM_WINDOW
+        assert quic._remote_max_data == 1 << 20  # aioquic's default max_data
         nursery.cancel_scope.cancel()
 
 
@@ -380,18 +379,18 @@ async def test_datagrams_that_fail_to_decrypt_do_not_keep_a_silent_peer_alive(de
 
 async def test_streams_the_peer_resets_give_their_credit_back(dev_cert, autojump_clock):
     """A reset stream's final size counts against the connection's window,
-    and what was never read of it never will be. Counted as never read, three
-    resets of 300 kB each left a 200 kB RESULT stuck for good behind a
+    and what was never read of it never will be. Counted as never read,
+    twenty resets of 60 kB each left a 200 kB RESULT stuck for good behind a
     window that no longer moved (while keepalives still passed)."""
     servers: list[QuicSession] = []
     handler = _Frames()
     async with trio.open_nursery() as nursery:
         client, to_server, to_client, collect = await _joined_sessions(nursery, dev_cert, handler, servers)
         quic = client.quic
-        for _ in range(3):
+        for _ in range(20):
             stream_id = quic.get_next_available_stream_id()
             quic.send_stream_data(stream_id, b"")
-            _skip_ahead(quic, stream_id, 300_000)  # 300 kB sent and lost, then the stream reset
+            _skip_ahead(quic, stream_id, 60_000)  # 60 kB sent and lost, then the stream reset
             quic.reset_stream(stream_id, 0)
             client._wake()
             await trio.sleep(1)
@@ -419,3 +418,47 @@ def test_the_aioquic_internals_the_receive_windows_replace_are_still_there():
     # RESET_STREAM frames (type 0x04) reach the override.
     handler, _epochs = connection._QuicConnection__frame_handlers[0x04]
     assert handler.__func__ is WindowedQuicConnection._handle_reset_stream_frame
+
+
+async def test_unfinished_large_frames_wait_for_room_instead_of_filling_memory(dev_cert, autojump_clock):
+    """A peer that starts a 1 MiB frame on stream after stream, and finishes
+    none, could make the receiver hold a megabyte per stream (384 MiB at
+    the server's defaults). A frame larger than a stream's window is now let
+    in only once its size fits the session's budget: the rest wait at their
+    window, and the connection stays open for frames that do complete."""
+    servers: list[QuicSession] = []
+    async with trio.open_nursery() as nursery:
+        client, to_server, to_client, collect = await _joined_sessions(nursery, dev_cert, _Frames(), servers)
+        server = servers[0]
+        frame = (1 << 20) + 4
+        server._credit = FrameCredit(budget=3 * frame)
+        for _ in range(10):
+            stream_id = client.quic.get_next_available_stream_id()
+            client.quic.send_stream_data(stream_id, struct.pack("!I", 1 << 20) + b"x" * ((1 << 20) - 1))
+        client._wake()
+        await trio.sleep(10)  # everything the receiver lets in has arrived
+        held = sorted(decoder.buffered for decoder in server._decoders.values())
+        assert not server.is_closing
+        assert len(held) == 10
+        assert held[-3:] == [frame - 1] * 3  # three frames had room, and came in whole but a byte
+        assert all(size <= STREAM_WINDOW for size in held[:-3])  # the others wait at their window
+        nursery.cancel_scope.cancel()
+
+
+async def test_frames_beyond_the_budget_all_arrive_in_turn(dev_cert, autojump_clock):
+    """Ten 900 kB frames at once, three at a time in the budget: each waits
+    its turn, and all arrive (a frame always fits once those before it are
+    complete, so nothing waits for ever)."""
+    servers: list[QuicSession] = []
+    handler = _Frames()
+    async with trio.open_nursery() as nursery:
+        client, to_server, to_client, collect = await _joined_sessions(nursery, dev_cert, handler, servers)
+        servers[0]._credit = FrameCredit(budget=3 * ((1 << 20) + 4))
+        for n in range(10):
+            client.open_stream(
+                ResultFrame(command_id=f"r{n}", status="completed", result="x" * 900_000), end_stream=True
+            )
+        with trio.fail_after(120):
+            await wait_until(lambda: len(handler.frames) == 10)
+        assert sorted(frame.command_id for _, frame in handler.frames) == [f"r{n}" for n in range(10)]
+        nursery.cancel_scope.cancel()

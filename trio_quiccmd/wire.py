@@ -298,6 +298,8 @@ class FrameDecoder:
         self.max_frame_size = max_frame_size
         self._buffer = bytearray()
         self._error: ProtocolError | None = None
+        #: Bytes of the stream taken up by complete frames so far.
+        self.consumed = 0
 
     @property
     def has_partial_frame(self) -> bool:
@@ -308,6 +310,14 @@ class FrameDecoder:
     def buffered(self) -> int:
         """Bytes held of the unfinished frame."""
         return len(self._buffer)
+
+    @property
+    def pending_frame_size(self) -> int | None:
+        """The unfinished frame's whole size (length prefix included), once
+        its length has arrived; else None."""
+        if len(self._buffer) < FRAME_HEADER_SIZE:
+            return None
+        return FRAME_HEADER_SIZE + _LENGTH.unpack_from(self._buffer)[0]
 
     def feed(self, data: bytes) -> list[Frame]:
         if self._error is not None:
@@ -335,4 +345,5 @@ class FrameDecoder:
             self._buffer = bytearray()
             raise
         del buffer[:offset]
+        self.consumed += offset
         return frames

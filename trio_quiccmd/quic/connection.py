@@ -34,13 +34,14 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection
 
 from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
+    FRAME_HEADER_SIZE,
     Frame,
     FrameDecoder,
     ProtocolError,
     ProtocolErrorCode,
     encode_frame,
 )
-from .flow_control import WindowedQuicConnection
+from .flow_control import FrameCredit, WindowedQuicConnection
 
 logger = logging.getLogger("trio_quiccmd.quic")
 
@@ -49,6 +50,10 @@ logger = logging.getLogger("trio_quiccmd.quic")
 #: data for each packet it builds, so one flush of n frames costs O(n^2):
 #: coalescing pays up to about two packets' worth, then costs more than it saves.
 FLUSH_BATCH_FRAMES = 16
+
+#: Frames larger than a stream's window (see flow_control.FrameCredit) that
+#: a session lets in at once, counted at the largest frame size.
+FRAME_CREDIT_FRAMES = 16
 
 #: Socket buffer size asked for; bursts of thousands of commands overflow the
 #: kernel's small default and every dropped datagram costs a loss-recovery RTT.
@@ -230,6 +235,13 @@ class QuicSession:
         # limit); more is a BUFFER_EXCEEDED protocol error. See lift_buffer_limit.
         self._max_buffered = max_buffered_bytes
         self._buffered = 0
+        # Streams' credit by the frames they carry (a WindowedQuicConnection's;
+        # a plain QuicConnection keeps aioquic's own flow control).
+        self._credit = (
+            FrameCredit(FRAME_CREDIT_FRAMES * (max_frame_size + FRAME_HEADER_SIZE))
+            if isinstance(quic, WindowedQuicConnection)
+            else None
+        )
         self._keepalive_interval = keepalive_interval
         self._ping_at = (
             trio.current_time() + keepalive_interval if keepalive_interval else math.inf
@@ -287,12 +299,13 @@ class QuicSession:
         return False
 
     def lift_buffer_limit(self) -> None:
-        """Hold any number of unfinished frames from now on: for a server,
+        """Close the connection over unfinished frames no more: for a server,
         once it knows who the peer is (its sessions start with room for one,
-        the HELLO). A limit cannot apply to a peer it trusts: aioquic sends
-        the streams it has data for in turns, a packet each, so every frame
-        queued at once is unfinished at the receiver at once, and a peer
-        closed over that would send them all again after reconnecting."""
+        the HELLO). From then on only the streams' credit (FrameCredit)
+        bounds them, which makes a peer wait rather than closes it: aioquic
+        sends the streams it has data for in turns, a packet each, so every
+        frame queued at once is unfinished at the receiver at once, and a
+        peer closed over that would send them all again after reconnecting."""
         self._max_buffered = None
 
     # -- input ---------------------------------------------------------------
@@ -635,6 +648,8 @@ class QuicSession:
                     f"{self._buffered} bytes of unfinished frames held; at most "
                     f"{self._max_buffered} allowed",
                 )
+            if self._credit is not None:
+                self._grant(self._credit.update(stream_id, decoder.consumed, decoder.pending_frame_size))
             for frame in frames:
                 self.handler.frame_received(self, stream_id, frame)
         if event.end_stream:
@@ -649,6 +664,14 @@ class QuicSession:
         decoder = self._decoders.pop(stream_id, None)
         if decoder is not None:
             self._buffered -= decoder.buffered
+        if self._credit is not None:
+            self._grant(self._credit.forget(stream_id))
+
+    def _grant(self, grants: list[tuple[int, int]]) -> None:
+        quic = self.quic
+        assert isinstance(quic, WindowedQuicConnection)
+        for stream_id, offset in grants:
+            quic.grant_stream_credit(stream_id, offset)
 
     def _notify_lost(self, error_code: int, reason: str) -> None:
         if self._lost_notified:

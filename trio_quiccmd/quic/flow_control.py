@@ -8,10 +8,12 @@ receiver's buffer double on every round trip while it sends almost nothing
 (aiortc/aioquic#589, closed unfixed): a few dozen packets, before any HELLO,
 take a server to gigabytes.
 
-:class:`WindowedQuicConnection` grants credit the usual way instead: a
-window beyond the data already handed to the application, renewed once half
-of it is used. What one connection can make its receiver buffer is then
-bounded by its windows, whatever the peer sends.
+:class:`WindowedQuicConnection` grants credit the usual way instead: the
+connection, a window beyond the data already handed to the application,
+renewed once half of it is used; each stream, what its reader grants
+(:meth:`WindowedQuicConnection.grant_stream_credit`), starting from
+:data:`STREAM_WINDOW`. What one connection can make its receiver buffer is
+then bounded by its windows and its reader's grants, whatever the peer sends.
 """
 
 from __future__ import annotations
@@ -31,12 +33,19 @@ from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.stream import QuicStream
 
 
+#: Each stream's credit before its reader grants more: what a peer can make
+#: the receiver hold on a stream without the reader's consent.
+STREAM_WINDOW = 64 * 1024
+
+
 class WindowedQuicConnection(QuicConnection):
-    """A ``QuicConnection`` whose receive windows are ``configuration.max_data``
-    (the connection) and ``configuration.max_stream_data`` (each stream)
-    beyond what :meth:`next_event` has handed out, and which lets the peer
-    open no unidirectional streams (the protocol has none: opening one is a
-    STREAM_LIMIT_ERROR, which aioquic answers by closing the connection).
+    """A ``QuicConnection`` whose connection receive window is
+    ``configuration.max_data`` beyond what :meth:`next_event` has handed
+    out, whose streams get the credit their reader grants
+    (:meth:`grant_stream_credit`; :data:`STREAM_WINDOW` to begin with), and
+    which lets the peer open no unidirectional streams (the protocol has
+    none: opening one is a STREAM_LIMIT_ERROR, which aioquic answers by
+    closing the connection).
 
     The overridden methods replace aioquic's private ones of the same name
     (aioquic 1.x; there is no public hook for flow control): a test checks
@@ -46,12 +55,20 @@ class WindowedQuicConnection(QuicConnection):
     def __init__(self, *, configuration: QuicConfiguration, **kwargs: Any):
         super().__init__(configuration=configuration, **kwargs)
         self._data_window = configuration.max_data
-        self._stream_window = configuration.max_stream_data
+        self._local_max_stream_data_bidi_local = STREAM_WINDOW
+        self._local_max_stream_data_bidi_remote = STREAM_WINDOW
         # Bytes of stream data the peer has used credit for that are handed
         # to the application, or never will be (on streams it reset).
         self._delivered = 0
         uni = self._local_max_streams_uni
         uni.value = uni.sent = 0
+
+    def grant_stream_credit(self, stream_id: int, offset: int) -> None:
+        """Let the peer send on ``stream_id`` up to ``offset`` (never less
+        than already granted); sent with the next packet."""
+        stream = self._streams.get(stream_id)
+        if stream is not None and offset > stream.max_stream_data_local:
+            stream.max_stream_data_local = offset
 
     def next_event(self) -> events.QuicEvent | None:
         event = super().next_event()
@@ -98,11 +115,6 @@ class WindowedQuicConnection(QuicConnection):
     def _write_stream_limits(self, builder: QuicPacketBuilder, space: Any, stream: QuicStream) -> None:
         if stream.receiver.is_finished:
             return  # nothing more will come on it: no credit to give
-        # Zero only for a stream we opened that the peer cannot send on.
-        if stream.max_stream_data_local:
-            credit = stream.receiver.starting_offset() + self._stream_window
-            if 2 * (credit - stream.max_stream_data_local) >= self._stream_window:
-                stream.max_stream_data_local = credit
         if stream.max_stream_data_local_sent != stream.max_stream_data_local:
             buf = builder.start_frame(
                 QuicFrameType.MAX_STREAM_DATA,
@@ -113,3 +125,82 @@ class WindowedQuicConnection(QuicConnection):
             buf.push_uint_var(stream.stream_id)
             buf.push_uint_var(stream.max_stream_data_local)
             stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+
+class FrameCredit:
+    """Which stream may receive how far, given the frames its reader is
+    assembling (sans-IO: the session feeds it each stream's progress and
+    makes the grants it returns).
+
+    A stream may always hold :data:`STREAM_WINDOW` beyond its last complete
+    frame. A frame larger than that is let in only once its size is reserved
+    from ``budget``, so that at most ``budget`` bytes of such frames are
+    held at once on a connection, however many streams the peer has; the
+    streams that do not fit wait their turn, in order. The peer cannot be
+    made to wait for ever: one frame (at most the frame limit, below the
+    budget) always fits once the frames before it are complete. Closing the
+    connection over the total instead would close honest peers: aioquic
+    sends the streams it has data for in turns, so every frame queued at
+    once is unfinished at the receiver at once.
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self._reserved_bytes = 0
+        # stream -> (offset where its reserved frame starts, the frame's size)
+        self._reserved: dict[int, tuple[int, int]] = {}
+        # The same for streams waiting for room in the budget, oldest first.
+        self._waiting: dict[int, tuple[int, int]] = {}
+        # stream -> the offset granted so far (STREAM_WINDOW if absent)
+        self._granted: dict[int, int] = {}
+
+    def update(self, stream_id: int, consumed: int, pending: int | None) -> list[tuple[int, int]]:
+        """Stream ``stream_id``'s reader has taken ``consumed`` bytes as
+        complete frames, and holds the start of one of ``pending`` bytes
+        (None: no frame begun, or its length not arrived). Returns the
+        grants to make, as (stream, offset)."""
+        grants: list[tuple[int, int]] = []
+        reservation = self._reserved.get(stream_id)
+        if reservation is not None and reservation[0] != consumed:
+            self._release(stream_id, grants)  # its frame is complete
+            reservation = None
+        if pending is not None and pending > STREAM_WINDOW and reservation is None:
+            if stream_id not in self._waiting:
+                self._waiting[stream_id] = (consumed, pending)
+                self._serve_waiting(grants)
+            return grants
+        window_end = consumed + STREAM_WINDOW
+        if 2 * (window_end - self._granted.get(stream_id, STREAM_WINDOW)) >= STREAM_WINDOW:
+            self._grant(stream_id, window_end, grants)
+        return grants
+
+    def forget(self, stream_id: int) -> list[tuple[int, int]]:
+        """The stream is over (ended, reset): what it reserved goes to the
+        streams waiting. Returns the grants to make."""
+        grants: list[tuple[int, int]] = []
+        self._waiting.pop(stream_id, None)
+        self._granted.pop(stream_id, None)
+        if stream_id in self._reserved:
+            self._release(stream_id, grants)
+        return grants
+
+    def _release(self, stream_id: int, grants: list[tuple[int, int]]) -> None:
+        _start, size = self._reserved.pop(stream_id)
+        self._reserved_bytes -= size
+        self._serve_waiting(grants)
+
+    def _serve_waiting(self, grants: list[tuple[int, int]]) -> None:
+        # In order: a large frame is not overtaken for ever by smaller ones.
+        while self._waiting:
+            stream_id, (start, size) = next(iter(self._waiting.items()))
+            if self._reserved_bytes + size > self.budget:
+                return
+            del self._waiting[stream_id]
+            self._reserved[stream_id] = (start, size)
+            self._reserved_bytes += size
+            self._grant(stream_id, start + size, grants)
+
+    def _grant(self, stream_id: int, offset: int, grants: list[tuple[int, int]]) -> None:
+        if offset > self._granted.get(stream_id, STREAM_WINDOW):
+            self._granted[stream_id] = offset
+            grants.append((stream_id, offset))
