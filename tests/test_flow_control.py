@@ -41,3 +41,25 @@ def test_a_waiting_stream_that_ends_leaves_the_queue():
     credit.update(4, 0, BIG)
     assert credit.forget(4) == []
     assert credit.update(0, BIG, None) == [(0, BIG + STREAM_WINDOW)]  # nobody else to serve
+
+
+def test_a_frame_that_does_not_fit_what_is_left_of_the_window_renews_it():
+    """After frames that used less than half the window, the next one may
+    be larger than what is left, yet no larger than a window (a progress
+    frame, then a 64 kB result): its stream waited for ever at its window."""
+    credit = FrameCredit(budget=2 * BIG)
+    assert credit.update(0, consumed=53, pending=None) == []  # a small first frame
+    assert credit.update(0, consumed=53, pending=STREAM_WINDOW) == [(0, 53 + STREAM_WINDOW)]
+
+
+def test_many_small_frames_then_one_just_under_the_window_gets_room():
+    credit = FrameCredit(budget=2 * BIG)
+    granted = STREAM_WINDOW
+    consumed = 0
+    for _ in range(500):
+        consumed += 100
+        for _stream, offset in credit.update(0, consumed, None):
+            granted = offset
+    for _stream, offset in credit.update(0, consumed, STREAM_WINDOW - 10):
+        granted = offset
+    assert granted >= consumed + STREAM_WINDOW - 10

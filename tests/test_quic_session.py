@@ -20,7 +20,7 @@ from aioquic.quic.packet import pull_quic_header
 from trio_quiccmd.quic.connection import QuicSession, SessionHandler
 from trio_quiccmd.quic.flow_control import STREAM_WINDOW, FrameCredit, WindowedQuicConnection
 from trio_quiccmd.server.core import server_quic_configuration
-from trio_quiccmd.wire import ALPN, CommandFrame, Frame, ProtocolErrorCode, ResultFrame, encode_frame
+from trio_quiccmd.wire import ALPN, CommandFrame, Frame, ProgressFrame, ProtocolErrorCode, ResultFrame, encode_frame
 
 from .conftest import wait_until
 
@@ -461,4 +461,24 @@ async def test_frames_beyond_the_budget_all_arrive_in_turn(dev_cert, autojump_cl
         with trio.fail_after(120):
             await wait_until(lambda: len(handler.frames) == 10)
         assert sorted(frame.command_id for _, frame in handler.frames) == [f"r{n}" for n in range(10)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_progress_then_a_result_of_a_whole_window_both_arrive(dev_cert, autojump_clock):
+    """A small PROGRESS, then on the same stream a RESULT of exactly a
+    stream's window: the window had been renewed only once half was used,
+    so the RESULT waited for ever at the little the PROGRESS had left."""
+    servers: list[QuicSession] = []
+    handler = _Frames()
+    async with trio.open_nursery() as nursery:
+        client, to_server, to_client, collect = await _joined_sessions(nursery, dev_cert, handler, servers)
+        stream_id = client.open_stream(ProgressFrame(command_id="c", progress="half way"))
+        result = ResultFrame(command_id="c", status="completed", result="")
+        padding = STREAM_WINDOW - len(encode_frame(result))
+        result = ResultFrame(command_id="c", status="completed", result="x" * padding)
+        assert len(encode_frame(result)) == STREAM_WINDOW
+        client.send_frame(stream_id, result, end_stream=True)
+        with trio.fail_after(60):
+            await wait_until(lambda: len(handler.frames) == 2)
+        assert handler.frames[-1][1] == result
         nursery.cancel_scope.cancel()

@@ -169,8 +169,14 @@ class FrameCredit:
                 self._waiting[stream_id] = (consumed, pending)
                 self._serve_waiting(grants)
             return grants
+        # Renewed once half is used, to send few updates; and whenever the
+        # frame begun does not fit what is left (one of up to STREAM_WINDOW
+        # bytes after others would otherwise wait for ever).
         window_end = consumed + STREAM_WINDOW
-        if 2 * (window_end - self._granted.get(stream_id, STREAM_WINDOW)) >= STREAM_WINDOW:
+        granted = self._granted.get(stream_id, STREAM_WINDOW)
+        if 2 * (window_end - granted) >= STREAM_WINDOW or (
+            pending is not None and consumed + pending > granted
+        ):
             self._grant(stream_id, window_end, grants)
         return grants
 
