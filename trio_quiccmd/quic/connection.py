@@ -34,7 +34,6 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection
 
 from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
-    FRAME_HEADER_SIZE,
     Frame,
     FrameDecoder,
     ProtocolError,
@@ -50,10 +49,6 @@ logger = logging.getLogger("trio_quiccmd.quic")
 #: data for each packet it builds, so one flush of n frames costs O(n^2):
 #: coalescing pays up to about two packets' worth, then costs more than it saves.
 FLUSH_BATCH_FRAMES = 16
-
-#: Frames larger than a stream's window (see flow_control.FrameCredit) that
-#: a session lets in at once, counted at the largest frame size.
-FRAME_CREDIT_FRAMES = 16
 
 #: Socket buffer size asked for; bursts of thousands of commands overflow the
 #: kernel's small default and every dropped datagram costs a loss-recovery RTT.
@@ -238,7 +233,7 @@ class QuicSession:
         # Streams' credit by the frames they carry (a WindowedQuicConnection's;
         # a plain QuicConnection keeps aioquic's own flow control).
         self._credit = (
-            FrameCredit(FRAME_CREDIT_FRAMES * (max_frame_size + FRAME_HEADER_SIZE))
+            FrameCredit.for_frame_limit(max_frame_size)
             if isinstance(quic, WindowedQuicConnection)
             else None
         )

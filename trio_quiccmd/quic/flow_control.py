@@ -32,10 +32,15 @@ from aioquic.quic.packet import QuicFrameType
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.stream import QuicStream
 
+from ..wire import FRAME_HEADER_SIZE
+
 
 #: Each stream's credit before its reader grants more: what a peer can make
 #: the receiver hold on a stream without the reader's consent.
 STREAM_WINDOW = 64 * 1024
+#: Frames larger than a stream's window that a session lets in at once,
+#: counted at the largest frame size (see FrameCredit.for_frame_limit).
+LARGE_FRAMES_AT_ONCE = 16
 
 
 class WindowedQuicConnection(QuicConnection):
@@ -153,6 +158,12 @@ class FrameCredit:
         self._waiting: dict[int, tuple[int, int]] = {}
         # stream -> the offset granted so far (STREAM_WINDOW if absent)
         self._granted: dict[int, int] = {}
+
+    @classmethod
+    def for_frame_limit(cls, max_frame_size: int) -> "FrameCredit":
+        """The credit of a session whose frames are at most ``max_frame_size``
+        bytes (length prefix excluded)."""
+        return cls(LARGE_FRAMES_AT_ONCE * (max_frame_size + FRAME_HEADER_SIZE))
 
     def update(self, stream_id: int, consumed: int, pending: int | None) -> list[tuple[int, int]]:
         """Stream ``stream_id``'s reader has taken ``consumed`` bytes as
