@@ -17,6 +17,8 @@ class RecordingSession:
         self.can_open_stream = True
         self.peer_address = ("192.0.2.7", 4433)
         self.closed_with = None
+        #: Streams whose input the server dropped (gave up on their command).
+        self.discarded: set[int] = set()
 
     def lift_buffer_limit(self) -> None:
         pass  # a QuicSession's concern (tests/test_limits.py has it end to end)
@@ -32,6 +34,9 @@ class RecordingSession:
 
     def end_stream(self, stream_id) -> None:
         pass
+
+    def discard_stream_input(self, stream_id) -> None:
+        self.discarded.add(stream_id)
 
     def close(self, code, reason="") -> None:
         self.is_closing = True

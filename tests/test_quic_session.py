@@ -16,6 +16,8 @@ from aioquic.buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import pull_quic_header
+from aioquic.quic.rangeset import RangeSet
+from aioquic.quic.stream import QuicStreamReceiver
 
 from trio_quiccmd.quic.connection import QuicSession, SessionHandler
 from trio_quiccmd.quic.flow_control import STREAM_WINDOW, FrameCredit, WindowedQuicConnection
@@ -409,15 +411,22 @@ def test_the_aioquic_internals_the_receive_windows_replace_are_still_there():
         "_write_connection_limits",
         "_write_stream_limits",
         "_handle_reset_stream_frame",
+        "_handle_stream_frame",
         "_on_connection_limit_delivery",
         "_on_max_stream_data_delivery",
     ):
         assert hasattr(QuicConnection, name), name
     connection = WindowedQuicConnection(configuration=QuicConfiguration(is_client=True))
     assert connection._local_max_streams_uni.value == 0
-    # RESET_STREAM frames (type 0x04) reach the override.
+    # RESET_STREAM (0x04) and STREAM frames (0x08-0x0f) reach the overrides.
     handler, _epochs = connection._QuicConnection__frame_handlers[0x04]
     assert handler.__func__ is WindowedQuicConnection._handle_reset_stream_frame
+    for frame_type in range(0x08, 0x10):
+        handler, _epochs = connection._QuicConnection__frame_handlers[frame_type]
+        assert handler.__func__ is WindowedQuicConnection._handle_stream_frame
+    # What discard_stream_input resets on a stream's receiver.
+    receiver = QuicStreamReceiver(stream_id=1, readable=True)
+    assert isinstance(receiver._buffer, bytearray) and isinstance(receiver._ranges, RangeSet)
 
 
 async def test_unfinished_large_frames_wait_for_room_instead_of_filling_memory(dev_cert, autojump_clock):
@@ -481,4 +490,59 @@ async def test_a_progress_then_a_result_of_a_whole_window_both_arrive(dev_cert, 
         with trio.fail_after(60):
             await wait_until(lambda: len(handler.frames) == 2)
         assert handler.frames[-1][1] == result
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stream_whose_input_is_discarded_holds_nothing_and_gives_its_credit_back(
+    dev_cert, autojump_clock
+):
+    """The server gives up on a command (cancelled, timed out) but the agent
+    may never finish its stream. What the agent sent on it, and sends later,
+    must then cost the server nothing: not the unfinished frame its decoder
+    held, not what aioquic buffered beyond a gap, and not the connection's
+    credit (twenty such streams of 60 kB left less than the 900 kB a later
+    RESULT needs, for good)."""
+    servers: list[QuicSession] = []
+    handler = _Frames()
+    async with trio.open_nursery() as nursery:
+        client, to_server, to_client, collect = await _joined_sessions(nursery, dev_cert, handler, servers)
+        server = servers[0]
+        streams = [
+            server.open_stream(CommandFrame(command_id=f"c{n}", command_type="x", timeout=60), end_stream=True)
+            for n in range(20)
+        ]
+        with trio.fail_after(10):
+            await wait_until(lambda: len(collect.results) == 20)
+        unfinished = struct.pack("!I", 60_000) + b"x" * 50_000
+        for n, stream_id in enumerate(streams):
+            if n % 2:  # a gap: aioquic holds what lies beyond it
+                _skip_ahead(client.quic, stream_id, 10_000)
+                client.quic.send_stream_data(stream_id, b"y" * 50_000)
+            else:  # in order: the frame decoder holds the unfinished frame
+                client.quic.send_stream_data(stream_id, unfinished)
+        client._wake()
+        await trio.sleep(1)
+        receivers = [server.quic._streams[stream_id].receiver for stream_id in streams]
+        assert all(stream_id in server._decoders for stream_id in streams[::2])
+        assert all(len(receiver._buffer) >= 50_000 for receiver in receivers[1::2])
+
+        for stream_id in streams:
+            server.discard_stream_input(stream_id)
+        assert not any(stream_id in server._decoders for stream_id in streams)
+        assert all(len(receiver._buffer) == 0 for receiver in receivers)
+        assert server._buffered == 0
+
+        # More on those streams, some of it finishing them, is dropped too.
+        for n, stream_id in enumerate(streams):
+            client.quic.send_stream_data(stream_id, b"z" * 10_000, end_stream=n % 4 == 0)
+        client.open_stream(ResultFrame(command_id="after", status="completed", result="x" * 900_000), end_stream=True)
+        with trio.fail_after(30):
+            await wait_until(lambda: handler.frames)
+        assert [frame.command_id for _, frame in handler.frames] == ["after"]
+        assert all(len(receiver._buffer) == 0 for receiver in receivers)
+        assert not server.is_closing
+        # Every byte the peer sent counts against the credit on both sides:
+        # one counted by the peer only would shrink its window for good.
+        await trio.sleep(1)
+        assert server.quic._local_max_data.used == client.quic._remote_max_data_used
         nursery.cancel_scope.cancel()

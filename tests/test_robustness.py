@@ -42,6 +42,7 @@ from trio_quiccmd.wire import (
     Hello,
     ProtocolError,
     ProtocolErrorCode,
+    ResultFrame,
     decode_body,
     encode_frame,
 )
@@ -333,6 +334,61 @@ async def test_f5_commands_beyond_the_agents_stream_limit_stay_pending(cluster):
         await trio.sleep(0.6)
     assert 2 not in started, "a command the server had cancelled ran on the agent"
     assert third_status is CommandStatus.PENDING
+
+
+class _CommandsSeen(SessionHandler):
+    """A hand-driven agent: records on which stream each COMMAND came."""
+
+    def __init__(self) -> None:
+        self.stream_of: dict[str, int] = {}
+
+    def frame_received(self, session: QuicSession, stream_id: int, frame: Any) -> None:
+        if isinstance(frame, CommandFrame):
+            self.stream_of[frame.command_id] = stream_id
+
+
+@pytest.mark.parametrize("give_up", ["cancel", "timeout"])
+async def test_the_stream_of_a_command_given_up_on_holds_nothing_on_the_server(dev_cert, give_up):
+    """Once the server gives up on a command (cancelled, or its deadline
+    passed), it waits for nothing on the command's stream. An agent that
+    started a large RESULT there and never finishes it made the server hold
+    the unfinished frame (up to a stream window, 64 KiB) for as long as the
+    connection lasted, stream after stream. The server now drops what the
+    stream holds and what comes on it, and the agent's connection goes on."""
+    async with guarded_cluster(dev_cert) as cluster:
+        with trio.fail_after(15):
+            async with trio.open_nursery() as nursery:
+                agent = _CommandsSeen()
+                session = await connect(nursery, cluster.address, raw_client_configuration(cluster.cert), agent)
+                control = session.quic.get_next_available_stream_id()
+                session.send_frame(control, Hello(client_id="mallory"))
+                await wait_until(lambda: cluster.manager.registry.get("mallory") is not None)
+                server_session = cluster.manager.registry.get("mallory").session
+                command = await cluster.manager.send_command("mallory", "echo", timeout=2)
+                await wait_until(lambda: command.command_id in agent.stream_of)
+                stream_id = agent.stream_of[command.command_id]
+                result = encode_frame(
+                    ResultFrame(command_id=command.command_id, status="completed", result="x" * 60_000)
+                )
+                session.quic.send_stream_data(stream_id, result[:50_000])
+                session._wake()
+                await wait_until(lambda: server_session._buffered >= 50_000)
+                if give_up == "cancel":
+                    await cluster.manager.cancel(command.command_id)
+                final = await cluster.manager.wait(command.command_id)
+                assert server_session._buffered == 0
+                assert stream_id not in server_session._decoders
+                assert len(server_session.quic._streams[stream_id].receiver._buffer) == 0
+                # The rest of the RESULT, and its FIN, change nothing.
+                session.quic.send_stream_data(stream_id, result[50_000:], end_stream=True)
+                session._wake()
+                await wait_until(lambda: stream_id not in server_session.quic._discarding)
+                assert not server_session.is_closing
+                nursery.cancel_scope.cancel()
+        assert cluster.crashes == [], "server crashed: " + _describe(cluster.crashes)
+    expected = CommandStatus.CANCELLED if give_up == "cancel" else CommandStatus.TIMEOUT
+    assert final.status is expected
+    assert (await cluster.manager.get_command(command.command_id)).status is expected
 
 
 # -- F6: a freed window slot does not dispatch the queue -----------------------------

@@ -370,6 +370,18 @@ class QuicSession:
         self.send_frame(stream_id, frame, end_stream=end_stream)
         return stream_id
 
+    def discard_stream_input(self, stream_id: int) -> None:
+        """Take nothing more from ``stream_id``: what arrived of it and what
+        arrives later is dropped, and no frame from it reaches the handler.
+        For a stream whose answer is no longer wanted, so that a peer that
+        never finishes it holds nothing here (see
+        :meth:`WindowedQuicConnection.discard_stream_input`)."""
+        quic = self.quic
+        assert isinstance(quic, WindowedQuicConnection)
+        quic.discard_stream_input(stream_id)
+        self._drop_decoder(stream_id)
+        self._wake()  # the credit given back may be due to the peer now
+
     def close(self, error_code: int = ProtocolErrorCode.NO_ERROR, reason: str = "") -> None:
         """Close the connection; the handler hears ``connection_lost`` at once.
 

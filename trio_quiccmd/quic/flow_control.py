@@ -18,6 +18,7 @@ then bounded by its windows and its reader's grants, whatever the peer sends.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from aioquic.buffer import Buffer
@@ -30,7 +31,8 @@ from aioquic.quic.connection import (
 )
 from aioquic.quic.packet import QuicFrameType
 from aioquic.quic.packet_builder import QuicPacketBuilder
-from aioquic.quic.stream import QuicStream
+from aioquic.quic.rangeset import RangeSet
+from aioquic.quic.stream import QuicStream, QuicStreamReceiver
 
 from ..wire import FRAME_HEADER_SIZE
 
@@ -65,6 +67,9 @@ class WindowedQuicConnection(QuicConnection):
         # Bytes of stream data the peer has used credit for that are handed
         # to the application, or never will be (on streams it reset).
         self._delivered = 0
+        # Streams whose input is dropped as it comes (discard_stream_input),
+        # until the peer finishes them.
+        self._discarding: set[int] = set()
         uni = self._local_max_streams_uni
         uni.value = uni.sent = 0
 
@@ -81,14 +86,61 @@ class WindowedQuicConnection(QuicConnection):
             self._delivered += len(event.data)
         return event
 
+    def discard_stream_input(self, stream_id: int) -> None:
+        """Read nothing more of ``stream_id``: what it holds is dropped (its
+        events not yet handed out too), what arrives on it later is dropped
+        as it arrives, no more credit is granted on it, and its credit on the
+        connection is given back. For a stream whose answer nobody waits for
+        any more: a peer that never finishes it makes the receiver hold
+        nothing for it.
+
+        No STOP_SENDING: the peer may finish the stream as it meant to (an
+        agent's answer to a command given up on), and that costs nothing here.
+        The stream stays open until then, so that what comes on it is still
+        checked and counted against the connection's credit (aioquic ignores
+        frames of a stream it has forgotten, uncounted).
+        """
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.receiver.is_finished or stream_id in self._discarding:
+            return
+        self._discarding.add(stream_id)
+        kept = deque()
+        for event in self._events:
+            if isinstance(event, events.StreamDataReceived) and event.stream_id == stream_id:
+                self._delivered += len(event.data)
+            else:
+                kept.append(event)
+        self._events = kept
+        self._drop_received(stream_id, stream.receiver)
+
+    def _drop_received(self, stream_id: int, receiver: QuicStreamReceiver) -> None:
+        """Count as read what ``receiver`` has received and not handed out,
+        and drop it (aioquic's receiver cannot be told to stop buffering)."""
+        self._delivered += receiver.highest_offset - receiver.starting_offset()
+        receiver._buffer = bytearray()
+        receiver._ranges = RangeSet()
+        receiver._buffer_start = receiver.highest_offset
+        if receiver._final_size == receiver.highest_offset:
+            receiver.is_finished = True  # all of it has come: aioquic may forget the stream
+        if receiver.is_finished:
+            self._discarding.discard(stream_id)
+
+    def _handle_stream_frame(self, context: Any, frame_type: int, buf: Buffer) -> None:
+        if not self._discarding or (stream_id := _peek_stream_id(buf)) not in self._discarding:
+            super()._handle_stream_frame(context, frame_type, buf)
+            return
+        queued = len(self._events)
+        super()._handle_stream_frame(context, frame_type, buf)
+        if len(self._events) > queued:
+            self._events.pop()  # its data, which nobody will read
+        self._drop_received(stream_id, self._streams[stream_id].receiver)
+
     def _handle_reset_stream_frame(self, context: Any, frame_type: int, buf: Buffer) -> None:
         # A reset stream's final size counts against the connection's credit,
         # and what was not read of it never will be: count that as read, or
         # each reset would shrink the window for good (a stall, while the
         # keepalives still pass).
-        start = buf.tell()
-        stream_id = buf.pull_uint_var()
-        buf.seek(start)
+        stream_id = _peek_stream_id(buf)
         stream = self._streams.get(stream_id)
         was_finished = stream is not None and stream.receiver.is_finished
         super()._handle_reset_stream_frame(context, frame_type, buf)
@@ -96,6 +148,7 @@ class WindowedQuicConnection(QuicConnection):
         if stream is not None and stream.receiver.is_finished and not was_finished:
             receiver = stream.receiver
             self._delivered += receiver.highest_offset - receiver.starting_offset()
+            self._discarding.discard(stream_id)
 
     def _write_connection_limits(self, builder: QuicPacketBuilder, space: Any) -> None:
         max_data = self._local_max_data
@@ -130,6 +183,14 @@ class WindowedQuicConnection(QuicConnection):
             buf.push_uint_var(stream.stream_id)
             buf.push_uint_var(stream.max_stream_data_local)
             stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+
+def _peek_stream_id(buf: Buffer) -> int:
+    """The stream id a STREAM or RESET_STREAM frame starts with, left unread."""
+    start = buf.tell()
+    stream_id = buf.pull_uint_var()
+    buf.seek(start)
+    return stream_id
 
 
 class FrameCredit:

@@ -142,15 +142,24 @@ class AgentLink(SessionHandler):
 
         The control stream, not the command's: the command's stream is already
         ended on our side, and a command still running on the agent from an
-        earlier connection has no stream on this one.
+        earlier connection has no stream on this one. What comes on the
+        command's stream from now on (the agent's "cancelled" answer) is
+        dropped unread, so an agent that never finishes it holds nothing here.
         """
-        stream_id = self._stream_of.pop(command_id, None)
-        if stream_id is not None:
-            del self._command_on[stream_id]
+        self._give_up_stream(command_id)
         if self.session is not None and self._control_stream is not None:
             self.session.send_frame(
                 self._control_stream, CancelFrame(command_id=command_id, reason=reason)
             )
+
+    def _give_up_stream(self, command_id: str) -> None:
+        """Forget ``command_id``'s stream on this connection, if it has one,
+        and take nothing more from it."""
+        stream_id = self._stream_of.pop(command_id, None)
+        if stream_id is not None:
+            del self._command_on[stream_id]
+            if self.session is not None:
+                self.session.discard_stream_input(stream_id)
 
     def close(self, code: ProtocolErrorCode, reason: str) -> None:
         if self.session is not None:
@@ -207,9 +216,7 @@ class AgentLink(SessionHandler):
         # If the command was re-sent on this connection too, its stream
         # here is done with: free the window slot (the agent's answer on
         # that stream, if it comes, is then ignored).
-        resent_on = self._stream_of.pop(frame.command_id, None)
-        if resent_on is not None:
-            del self._command_on[resent_on]
+        self._give_up_stream(frame.command_id)
         logger.debug(
             "Held result received command_id=%s client_id=%s", frame.command_id, self.client_id
         )
