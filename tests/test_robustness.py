@@ -8,6 +8,7 @@ letting it tear down the test, so a regression reads as an assertion.
 
 from __future__ import annotations
 
+import math
 import select
 import socket
 from contextlib import asynccontextmanager
@@ -33,7 +34,9 @@ from trio_quiccmd.quic.connection import (
     QuicSession,
     SessionHandler,
     connect,
+    dial_order,
 )
+from trio_quiccmd.quic import connection as connection_module
 from trio_quiccmd.server.core import server_quic_configuration
 from trio_quiccmd.wire import (
     ALPN,
@@ -648,26 +651,81 @@ async def test_f15_timed_out_sync_handlers_do_not_starve_later_ones():
     assert frame.status == "completed", frame
 
 
-async def test_an_agent_tries_the_servers_next_address_when_the_first_does_not_answer(cluster, monkeypatch):
-    """A server name that resolves to several addresses, the first unusable
-    (``localhost`` as ``::1`` first, with the server on IPv4 only): the agent
-    dialled only the first, and timed out its handshake forever. It now
-    moves on to the next address after a failed dial."""
-    silent = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # takes datagrams, answers none
-    await silent.bind(("127.0.0.1", 0))
+def _silent_addresses_first(monkeypatch, address: tuple, silent: list) -> None:
+    """Make ``address`` resolve to the ``silent`` sockets' addresses, then its own."""
     real_getaddrinfo = trio.socket.getaddrinfo
 
-    async def silent_address_first(host, port, *args, **kwargs):
+    async def getaddrinfo(host, port, *args, **kwargs):
         found = await real_getaddrinfo(host, port, *args, **kwargs)
-        if (host, port) == cluster.address:
-            return await real_getaddrinfo(*silent.getsockname(), *args, **kwargs) + found
-        return found
+        if (host, port) != tuple(address):
+            return found
+        first = [info for sock in silent for info in await real_getaddrinfo(*sock.getsockname(), *args, **kwargs)]
+        return first + found
 
-    monkeypatch.setattr(trio.socket, "getaddrinfo", silent_address_first)
+    monkeypatch.setattr(trio.socket, "getaddrinfo", getaddrinfo)
+
+
+async def _silent_socket() -> trio.socket.SocketType:
+    """A UDP socket that takes datagrams and answers none."""
+    silent = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await silent.bind(("127.0.0.1", 0))
+    return silent
+
+
+async def test_an_agent_reaches_the_server_at_once_when_its_first_address_does_not_answer(
+    cluster, monkeypatch
+):
+    """A server name that resolves to several addresses, the first unusable
+    (``localhost`` as ``::1`` first, with the server on IPv4 only). The
+    agent dialled only the first, and later one address after another, each
+    costing a whole handshake timeout (10 s by default). It now dials the
+    next address a quarter of a second later, as RFC 8305 does, and the
+    first handshake to complete wins: with a 60 s handshake timeout it is
+    connected within seconds. A reconnect dials the address that worked
+    first, so it does not wait for the silent one again."""
+    silent = await _silent_socket()
+    _silent_addresses_first(monkeypatch, cluster.address, [silent])
     with silent, trio.fail_after(10):
-        await cluster.start_agent("two-addresses", handshake_timeout=0.5)
+        agent, _scope = await cluster.start_agent("two-addresses", handshake_timeout=60)
         command = await cluster.manager.send_and_wait("two-addresses", "echo", "via the second")
+        assert command.status is CommandStatus.COMPLETED
+        # Were the silent address dialled first again, this would wait for ever.
+        monkeypatch.setattr(connection_module, "NEXT_ADDRESS_DELAY", math.inf)
+        agent.session.close(ProtocolErrorCode.NO_ERROR, "network blip")
+        await wait_until(lambda: agent.sessions_established >= 2)
+        command = await cluster.manager.send_and_wait("two-addresses", "echo", "again")
     assert command.status is CommandStatus.COMPLETED
+
+
+async def test_a_dial_that_reaches_none_of_the_addresses_names_each_failure(dev_cert, monkeypatch):
+    silent = [await _silent_socket(), await _silent_socket()]
+    ports = [sock.getsockname()[1] for sock in silent]
+    real_getaddrinfo = trio.socket.getaddrinfo
+
+    async def only_the_silent_ones(host, port, *args, **kwargs):
+        assert host == "server.test"
+        return [info for p in ports for info in await real_getaddrinfo("127.0.0.1", p, *args, **kwargs)]
+
+    monkeypatch.setattr(trio.socket, "getaddrinfo", only_the_silent_ones)
+    with silent[0], silent[1], trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(ConnectionFailed) as failed:
+                await connect(
+                    nursery, ("server.test", 8474), raw_client_configuration(dev_cert[0]),
+                    SessionHandler(), handshake_timeout=1,
+                )
+    assert str(failed.value) == (
+        f"QUIC handshake with server.test:8474 failed: 127.0.0.1:{ports[0]}: no answer "
+        f"(handshake timed out); 127.0.0.1:{ports[1]}: no answer (handshake timed out)"
+    )
+
+
+def test_a_dial_tries_the_address_that_worked_last_first():
+    v6, v4, other = (socket.AF_INET6, ("::1", 8474, 0, 0)), (socket.AF_INET, ("127.0.0.1", 8474)), (
+        socket.AF_INET, ("192.0.2.1", 8474))
+    assert dial_order([v6, v4, other], None) == [v6, v4, other]
+    assert dial_order([v6, v4, other], ("127.0.0.1", 8474)) == [v4, v6, other]
+    assert dial_order([v6, v4], ("192.0.2.9", 8474)) == [v6, v4]  # no longer among them
 
 
 async def test_a_server_name_that_is_not_a_dns_name_is_a_failed_dial_not_a_crash():

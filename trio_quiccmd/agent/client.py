@@ -333,7 +333,8 @@ class Agent:
         self._keepalive_interval = keepalive_interval
         self._idle_timeout = idle_timeout
         self._handshake_timeout = handshake_timeout
-        self._address_choice = 0
+        # The server address the last dial reached (of those its name resolves to).
+        self._server_address: tuple | None = None
         self._reconnect_initial = reconnect_initial_delay
         self._reconnect_max = reconnect_max_delay
         self._max_frame_size = max_frame_size
@@ -567,14 +568,14 @@ class Agent:
                 peer_bidi_streams=self._max_concurrent,
                 keepalive_interval=self._keepalive_interval,
                 handshake_timeout=self._handshake_timeout,
-                address_choice=self._address_choice,
+                prefer=self._server_address,
             )
         except ConnectionFailed as exc:
             if link.pin_mismatch is not None:
                 raise link.pin_mismatch from exc
-            # The next dial tries the server's next address, if it has several.
-            self._address_choice += 1
             raise
+        # Dialled first next time, if the server's name still resolves to it.
+        self._server_address = session.peer_address
         self._current = session
         self._current_link = link
         link.session = session

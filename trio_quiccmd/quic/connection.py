@@ -20,6 +20,7 @@ The rules it keeps (see DESIGN.md, "Driving aioquic from trio"):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import socket
@@ -574,7 +575,8 @@ class QuicSession:
 
     def _process_events(self) -> None:
         quic = self.quic
-        handler = self.handler
+        # self.handler is read at each use: a dialling client's handler is
+        # replaced as its handshake completes (see connect).
         while (event := quic.next_event()) is not None:
             try:
                 if isinstance(event, events.StreamDataReceived):
@@ -588,16 +590,16 @@ class QuicSession:
                         self.quic.reset_stream(event.stream_id, event.error_code)
                     except (RuntimeError, ValueError):
                         pass  # already finished or reset
-                    handler.stream_stopped(self, event.stream_id, event.error_code)
+                    self.handler.stream_stopped(self, event.stream_id, event.error_code)
                 elif isinstance(event, events.StreamReset):
                     self._drop_decoder(event.stream_id)
-                    handler.stream_reset(self, event.stream_id, event.error_code)
+                    self.handler.stream_reset(self, event.stream_id, event.error_code)
                 elif isinstance(event, events.HandshakeCompleted):
                     self._fit_keepalive_to_idle_timeout()
                     self.handshake_done.set()
                     if self._on_handshake_completed is not None:
                         self._on_handshake_completed()
-                    handler.handshake_completed(self)
+                    self.handler.handshake_completed(self)
                 elif isinstance(event, events.ConnectionIdIssued):
                     if self._on_cid_issued is not None:
                         self._on_cid_issued(event.connection_id)
@@ -721,6 +723,56 @@ async def wait_any(*waitables: Callable[[], Awaitable[object]]) -> None:
             nursery.start_soon(first)
 
 
+#: How long a dial waits for the handshake with one of a name's addresses
+#: before it also dials the next (RFC 8305's "Connection Attempt Delay"):
+#: an address that takes datagrams but never answers (``localhost`` as
+#: ``::1``, with the server on IPv4 only) then costs a quarter of a second,
+#: not a handshake timeout.
+NEXT_ADDRESS_DELAY = 0.25
+
+
+def dial_order(
+    targets: list[tuple[int, NetworkAddress]], prefer: NetworkAddress | None
+) -> list[tuple[int, NetworkAddress]]:
+    """The order to dial a name's addresses in: the resolver's, with
+    ``prefer`` (the address a dial last reached) first if it is among them."""
+    return sorted(targets, key=lambda target: target[1] != prefer)
+
+
+def _format_address(sockaddr: NetworkAddress) -> str:
+    host, port = sockaddr[0], sockaddr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Race:
+    """The dials of one :func:`connect`: which session won, and why the others failed."""
+
+    def __init__(self) -> None:
+        self.winner: QuicSession | None = None
+        self.won = trio.Event()
+        self.failures: list[tuple[NetworkAddress, str, int | None]] = []
+
+
+class _Dial(SessionHandler):
+    """The handler of one dial while it races the others. The first whose
+    handshake completes wins: its session gets the caller's handler there
+    and then (so the caller hears of the handshake as it happens, before any
+    stream data). A loser's events go nowhere; it is closed."""
+
+    def __init__(self, race: _Race, handler: SessionHandler):
+        self._race = race
+        self._handler = handler
+
+    def handshake_completed(self, session: "QuicSession") -> None:
+        race = self._race
+        if race.winner is not None:
+            return
+        race.winner = session
+        race.won.set()
+        session.handler = self._handler
+        self._handler.handshake_completed(session)
+
+
 async def connect(
     nursery: trio.Nursery,
     address: tuple[str, int],
@@ -731,32 +783,83 @@ async def connect(
     peer_bidi_streams: int = 128,
     keepalive_interval: float | None = None,
     handshake_timeout: float = 10.0,
-    address_choice: int = 0,
+    prefer: NetworkAddress | None = None,
 ) -> QuicSession:
     """Dial ``address`` and return the session once the handshake is done.
 
     The session's socket and timer run as one task in ``nursery``; they end when
     the connection terminates (see :meth:`QuicSession.aclose`). Raises
-    :class:`ConnectionFailed` if the name does not resolve, or the handshake
-    fails or takes longer than ``handshake_timeout``. If cancelled while
-    connecting, the half-open connection is abandoned and its socket closed.
+    :class:`ConnectionFailed` if the name does not resolve, or no handshake
+    succeeds within ``handshake_timeout``. If cancelled while connecting,
+    every half-open connection is abandoned and its socket closed.
 
-    ``address_choice`` picks which of the addresses the host resolves to is
-    dialled (counting round): a caller that dials again after a failure
-    passes the next number, so that a name whose first address is unusable
-    (``localhost`` as ``::1``, with the server on IPv4 only) still connects.
+    A name with several addresses is dialled as RFC 8305 does: one address
+    at a time, the next one :data:`NEXT_ADDRESS_DELAY` later (or at once if
+    the one before failed), the first handshake to complete winning and the
+    other dials closed. ``prefer`` (the session's :attr:`~QuicSession.peer_address`
+    from an earlier dial) is dialled first.
     """
     host, port = address
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     except (OSError, UnicodeError) as exc:  # UnicodeError: not a valid DNS name
         raise ConnectionFailed(f"cannot resolve {host}: {exc}") from None
-    targets = list(dict.fromkeys((info[0], info[4]) for info in infos))
-    family, sockaddr = targets[address_choice % len(targets)]
+    targets = dial_order(list(dict.fromkeys((info[0], info[4]) for info in infos)), prefer)
+    race = _Race()
+    dial = functools.partial(
+        _dial,
+        nursery,
+        race,
+        configuration,
+        _Dial(race, handler),
+        max_frame_size=max_frame_size,
+        peer_bidi_streams=peer_bidi_streams,
+        keepalive_interval=keepalive_interval,
+        handshake_timeout=handshake_timeout,
+    )
+    async with trio.open_nursery() as dials:
+        for family, sockaddr in targets:
+            failed = trio.Event()
+            dials.start_soon(dial, family, sockaddr, failed)
+            with trio.move_on_after(NEXT_ADDRESS_DELAY):
+                await wait_any(failed.wait, race.won.wait)
+            if race.won.is_set():
+                break
+    session = race.winner
+    if session is None or not session.handshake_done.is_set() or session.terminated.is_set():
+        if session is not None:
+            race.failures.append((session.peer_address, session.close_reason or "closed", session.close_error_code))
+        reason = "; ".join(
+            f"{_format_address(sockaddr)}: {why}" if len(targets) > 1 else why
+            for sockaddr, why, _code in race.failures
+        )
+        code = next((code for _sockaddr, _why, code in race.failures if code is not None), None)
+        raise ConnectionFailed(f"QUIC handshake with {host}:{port} failed: {reason}", code)
+    return session
+
+
+async def _dial(
+    nursery: trio.Nursery,
+    race: _Race,
+    configuration: QuicConfiguration,
+    handler: _Dial,
+    family: int,
+    sockaddr: NetworkAddress,
+    failed: trio.Event,
+    *,
+    max_frame_size: int,
+    peer_bidi_streams: int,
+    keepalive_interval: float | None,
+    handshake_timeout: float,
+) -> None:
+    """One of :func:`connect`'s dials: the winner's session is left running
+    in ``nursery``; any other is closed, its failure noted in ``race``."""
     try:
         transport = DatagramSocket.bind("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
     except OSError as exc:
-        raise ConnectionFailed(f"cannot open a UDP socket for {host}: {exc}") from None
+        race.failures.append((sockaddr, f"cannot open a UDP socket: {exc}", None))
+        failed.set()
+        return
     quic = WindowedQuicConnection(configuration=configuration)
     allow_peer_bidi_streams(quic, peer_bidi_streams)
     session = QuicSession(
@@ -776,13 +879,15 @@ async def connect(
     nursery.start_soon(drive)
     try:
         with trio.move_on_after(handshake_timeout):
-            await wait_any(session.handshake_done.wait, session.terminated.wait)
+            await wait_any(session.handshake_done.wait, session.terminated.wait, race.won.wait)
     except BaseException:
         drive_scope.cancel()
         raise
-    if not session.handshake_done.is_set() or session.terminated.is_set():
-        reason = session.close_reason or "no answer (handshake timed out)"
-        code = session.close_error_code
-        drive_scope.cancel()
-        raise ConnectionFailed(f"QUIC handshake with {host}:{port} failed: {reason}", code)
-    return session
+    if race.winner is session:
+        return
+    drive_scope.cancel()
+    if not race.won.is_set():
+        race.failures.append(
+            (sockaddr, session.close_reason or "no answer (handshake timed out)", session.close_error_code)
+        )
+        failed.set()
