@@ -577,6 +577,8 @@ async def test_a_command_sent_at_once_that_the_store_cannot_take_ends_unsent(
 ):
     # Found in review: the agent was sent CANCEL for a command it never saw;
     # and with its deadline first, it ended timeout / execution_timeout.
+    # Then in a later review: a deadline shorter than a commit (0.001 s) ended
+    # failed / store_unavailable on a healthy disk; it was not delivered in time.
     with trio.fail_after(10):
         async with server_run(db, store_timeout=store_timeout) as manager:
             link, session = connect(manager, "c1", instance="i1")
@@ -585,7 +587,20 @@ async def test_a_command_sent_at_once_that_the_store_cannot_take_ends_unsent(
                     await manager.send_command("c1", "echo", timeout=timeout)
             await wait_all_stored(manager)
             (final,) = (await manager.list_commands()).commands
-            assert_ended_unsent(final, CommandStatus.FAILED, "store_unavailable")
+            if store_timeout < timeout:
+                assert_ended_unsent(final, CommandStatus.FAILED, "store_unavailable")
+            else:
+                assert_ended_unsent(final, CommandStatus.TIMEOUT, "delivery_timeout")
+            assert sent_ids(session) == [] and cancels(session) == []
+
+
+async def test_a_deadline_shorter_than_a_commit_is_a_delivery_timeout_not_store_trouble(db):
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            link, session = connect(manager, "c1", instance="i1")
+            command = await manager.send_command("c1", "echo", timeout=1e-9)
+            final = await manager.wait(command.command_id)
+            assert_ended_unsent(final, CommandStatus.TIMEOUT, "delivery_timeout")
             assert sent_ids(session) == [] and cancels(session) == []
 
 
@@ -600,7 +615,7 @@ async def test_a_queued_command_whose_deadline_passes_before_it_is_stored_as_exe
             async with held_commits(monkeypatch):
                 answer(link, session, first.command_id)  # its slot frees: queued is staged
                 final = await manager.wait(queued.command_id)
-            assert_ended_unsent(final, CommandStatus.FAILED, "store_unavailable")
+            assert_ended_unsent(final, CommandStatus.TIMEOUT, "delivery_timeout")
             await wait_all_stored(manager)
             assert await manager.get_command(queued.command_id) == final
             assert sent_ids(session) == [first.command_id] and cancels(session) == []
