@@ -307,3 +307,36 @@ async def test_an_agent_notices_a_server_that_died_without_a_word_long_before_it
             # keepalive (0.5 s) + the liveness timeout (2 s), with room to spare
             assert trio.current_time() - lost_at < 5
             nursery.cancel_scope.cancel()
+
+
+async def test_a_shutdown_with_the_memory_store_stops_the_work_on_the_agent(dev_cert):
+    # The commands left unfinished end failed / server_shutdown, and their
+    # agents are sent CANCEL. The CANCEL was written just before the
+    # connection's close, which aioquic sends alone: the agent never got it
+    # and ran the work to its end (found by following the docs).
+    cert, key = dev_cert
+    server = CommandServer(CommandManager(), server_quic_configuration(cert, key))
+    registry = builtin_executor()
+    started, cancelled = trio.Event(), trio.Event()
+
+    @registry.register("hang")
+    async def hang(payload):
+        started.set()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.set()
+            raise
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(server.serve, "127.0.0.1", 0)
+            agent = Agent("busy", ("127.0.0.1", address[1]), ca_file=cert, executor=registry)
+            await nursery.start(agent.run)
+            command = await server.manager.send_command("busy", "hang", timeout=60)
+            await started.wait()
+            await server.shutdown(grace=0.1)
+            final = await server.manager.get_command(command.command_id)
+            assert (final.status, final.error_code) == (CommandStatus.FAILED, "server_shutdown")
+            await cancelled.wait()
+            nursery.cancel_scope.cancel()

@@ -263,6 +263,8 @@ class QuicSession:
         # Datagrams the kernel had no room for; sent by the timer task first.
         self._backlog: list[tuple[bytes, NetworkAddress]] = []
         self._lost_notified = False
+        # Set (and dropped) at the next datagram or loss: see wait_acknowledged.
+        self._heard_from_peer: trio.Event | None = None
         #: Set once the handshake completed.
         self.handshake_done = trio.Event()
         #: Set once the connection is over (closed by either side, or idle).
@@ -328,6 +330,9 @@ class QuicSession:
                 self.handler.streams_available(self)
             except Exception as exc:
                 self._failed(exc)
+        if self._heard_from_peer is not None:
+            self._heard_from_peer.set()
+            self._heard_from_peer = None
         self._wake()
 
     # -- output (each ends in a wake; the timer task flushes) ------------------
@@ -370,6 +375,25 @@ class QuicSession:
         stream_id = self.quic.get_next_available_stream_id()
         self.send_frame(stream_id, frame, end_stream=end_stream)
         return stream_id
+
+    async def wait_acknowledged(self) -> None:
+        """Return once the peer has acknowledged everything written on this
+        connection so far, or the connection is over. For a polite close:
+        once closing, aioquic sends nothing but the CONNECTION_CLOSE, so a
+        frame written just before (a CANCEL) would otherwise never arrive.
+
+        If cancelled, only the wait ends.
+        """
+        while not (self._lost_notified or self._all_acknowledged()):
+            self._heard_from_peer = heard = trio.Event()
+            await heard.wait()
+
+    def _all_acknowledged(self) -> bool:
+        # aioquic's loss recovery and stream senders have no public accessor.
+        quic = self.quic
+        return quic._loss.bytes_in_flight == 0 and all(
+            stream.sender.buffer_is_empty for stream in quic._streams.values()
+        )
 
     def discard_stream_input(self, stream_id: int) -> None:
         """Take nothing more from ``stream_id``: what arrived of it and what
@@ -686,6 +710,9 @@ class QuicSession:
         if self._lost_notified:
             return
         self._lost_notified = True
+        if self._heard_from_peer is not None:
+            self._heard_from_peer.set()
+            self._heard_from_peer = None
         self._ping_at = math.inf
         self._unanswered_since = math.inf
         self.close_error_code = error_code

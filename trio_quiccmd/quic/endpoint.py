@@ -109,12 +109,18 @@ class QuicEndpoint:
     async def close_all(
         self, error_code: int = ProtocolErrorCode.SHUTTING_DOWN, reason: str = "", *, grace: float = 1.0
     ) -> None:
-        """Close every session and wait (at most ``grace`` s, shielded) for the closes to go out."""
+        """Close every session, once what was written on it is acknowledged
+        (a CANCEL just sent, say), and wait for the closes to go out: at most
+        ``grace`` s in all (shielded), half of it for the acknowledgements."""
         self.stop_accepting()
         sessions = self.sessions
+        with trio.move_on_after(grace / 2, shield=True):
+            async with trio.open_nursery() as nursery:
+                for session in sessions:
+                    nursery.start_soon(session.wait_acknowledged)
         for session in sessions:
             session.close(error_code, reason)
-        with trio.move_on_after(grace, shield=True):
+        with trio.move_on_after(grace / 2, shield=True):
             for session in sessions:
                 await session.terminated.wait()
 
