@@ -279,3 +279,19 @@ def test_transition_keeps_every_field_it_does_not_change():
             assert getattr(done, field.name) == getattr(command, field.name), field.name
     assert (executing.sent_at, done.sent_at, done.completed_at) == (101.0, 101.0, 102.0)
     assert (done.result, done.error, done.error_code) == ([1], "e", "x")
+
+
+def test_every_error_the_api_raises_is_importable_from_the_package():
+    # The docs promise the QuicCmdErrors are importable from trio_quiccmd;
+    # PayloadTooLarge, which send_command raises, was not.
+    import inspect
+
+    import trio_quiccmd
+    from trio_quiccmd import errors
+
+    raised = {
+        name for name, value in vars(errors).items()
+        if inspect.isclass(value) and issubclass(value, errors.QuicCmdError)
+    }
+    assert raised <= set(trio_quiccmd.__all__)
+    assert all(getattr(trio_quiccmd, name) is getattr(errors, name) for name in raised)

@@ -16,6 +16,7 @@ from .errors import Forbidden as Forbidden
 from .errors import InvalidCommand as InvalidCommand
 from .errors import InvalidPayload as InvalidPayload
 from .errors import LimitExceeded as LimitExceeded
+from .errors import PayloadTooLarge as PayloadTooLarge
 from .errors import PolicyDenied as PolicyDenied
 from .errors import QueueFull as QueueFull
 from .errors import QuicCmdError as QuicCmdError
@@ -56,6 +57,7 @@ __all__ = [
     "LimitExceeded",
     "ManagerSettings",
     "MemoryStore",
+    "PayloadTooLarge",
     "PolicyDenied",
     "QueueFull",
     "QuicCmdError",
