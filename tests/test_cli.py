@@ -119,9 +119,11 @@ async def test_send_get_list_cancel_and_clients(tmp_path: Path):
             assert (block["priority"], block["payload"]) == ("3", '{"seconds": 30}')
             assert block["completed_at"] == "-"
 
-            # A long poll that ends before the command does shows it as it is.
+            # A long poll that ends before the command does shows it as it is,
+            # and says so by its status.
             polled = await run_cli(stack, "get", command_id, "--wait", "0.2", "--json")
             assert json.loads(polled.stdout)["status"] == "executing"
+            assert polled.status == cli.EXIT_STILL_RUNNING, polled
 
             quick = await run_cli(stack, "send", CLIENT_ID, "echo")
             listed = await run_cli(stack, "list", "--client", CLIENT_ID)
@@ -142,6 +144,13 @@ async def test_send_get_list_cancel_and_clients(tmp_path: Path):
             assert "status        cancelled" in cancelled.stdout
             assert "error         cancelled: wrong host" in cancelled.stdout
             assert (await api_command(stack, command_id))["status"] == "cancelled"
+            # Shown, a command that did not complete is exit 1, as for send;
+            # one that did is 0, waited for or not.
+            shown = await run_cli(stack, "get", command_id, "--wait", "5")
+            assert shown.status == cli.EXIT_COMMAND_NOT_COMPLETED, shown
+            assert "status        cancelled" in shown.stdout
+            done = await run_cli(stack, "get", quick.stdout.strip(), "--wait", "5")
+            assert done.status == 0, done
             again = await run_cli(stack, "cancel", command_id)
             assert again.status == cli.EXIT_REFUSED, again
             assert "already_finished: command " in again.stderr and "(HTTP 409)" in again.stderr
@@ -175,8 +184,22 @@ async def test_bad_input_gets_a_clear_error_and_sends_nothing(tmp_path: Path):
                 (("send", CLIENT_ID, "echo", "[" * 100_000), "is nested too deeply"),
                 (("send", CLIENT_ID, "echo", "{}", "--payload", "{}"), "give the payload once"),
                 (("send", CLIENT_ID, "echo", "{}", "extra"), "unrecognized arguments: extra"),
-                (("send", CLIENT_ID, "echo", "--priority", "high"), "invalid int value"),
+                (("send", CLIENT_ID, "echo", "--priority", "high"), "'high': must be an integer from"),
+                (("send", CLIENT_ID, "echo", "--priority", str(2**31)), "must be an integer from -2147483648"),
                 (("list", "--status", "done"), "invalid choice: 'done'"),
+                # Found in review: what the API refuses whatever its settings
+                # was a refusal (3), and an empty filter listed everything.
+                (("list", "--limit", "0"), "argument --limit: '0': must be an integer from 1 to 1000"),
+                (("list", "--limit", "5000"), "must be an integer from 1 to 1000"),
+                (("audit", "--limit", "ten"), "must be an integer from 1 to 1000"),
+                (("list", "--created-after", "yesterday"), "'yesterday': must be an RFC 3339 time with an offset"),
+                (("list", "--created-before", "2026-11-31T00:00:00Z"), "must be an RFC 3339 time"),
+                (("list", "--cursor", "bad"), "'bad': must be a cursor that list printed"),
+                (("audit", "--cursor", "-1"), "'-1': must be a cursor that audit printed"),
+                (("list", "--client", ""), "argument --client: '': must not be empty"),
+                (("list", "--type", ""), "argument --type: '': must not be empty"),
+                (("audit", "--actor", ""), "argument --actor: '': must not be empty"),
+                (("audit", "--command-id", ""), "argument --command-id: '': must not be empty"),
                 (("clients", "--api-url", "ftp://localhost"), "the scheme must be http or https"),
             ]:
                 result = await run_cli(stack, *args)
@@ -196,8 +219,9 @@ async def test_bad_input_gets_a_clear_error_and_sends_nothing(tmp_path: Path):
             unknown = await run_cli(stack, "get", "no-such-id")
             assert unknown.status == cli.EXIT_REFUSED
             assert "not_found: no command with id 'no-such-id' (HTTP 404)" in unknown.stderr
-            limit = await run_cli(stack, "list", "--limit", "5000")
-            assert limit.status == cli.EXIT_REFUSED and "invalid_request: limit must be" in limit.stderr
+            # A time with an offset goes as it is, its "+" encoded.
+            offset = await run_cli(stack, "list", "--created-after", "2026-11-28T10:00:00+01:00")
+            assert offset.status == 0, offset
 
             assert (await stack.request("GET", "/api/commands")).json()["commands"] == []
 
@@ -362,6 +386,44 @@ def test_a_send_without_a_clear_answer_may_have_been_accepted(answer, why):
     ) in result.stderr
 
 
+def command_answer(http_status: int, **fields: object) -> Callable[[socket.socket], None]:
+    """A fake server's answer: HTTP ``http_status`` with a command of ``fields``."""
+    command = {
+        "command_id": "01a2-1", "client_id": "a", "command_type": "echo", "payload": {},
+        "status": "completed", "result": None, "error": None, "error_code": None,
+        "priority": 0, "timeout": 30.0, "connect_timeout": 0.0, "created_at": "t", "sent_at": "t",
+        "completed_at": "t", **fields,
+    }
+
+    def answer(connection: socket.socket) -> None:
+        body = json.dumps(command).encode()
+        connection.sendall(
+            b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (http_status, len(body), body)
+        )
+
+    return answer
+
+
+@pytest.mark.parametrize("answer, exit_status, stdout", [
+    # Found in review: the API answers 200 for a command that ended before
+    # its send was answered; the CLI took it for no answer of the API.
+    (command_answer(200, status="timeout", error="not delivered in time", error_code="delivery_timeout"),
+     cli.EXIT_COMMAND_NOT_COMPLETED, ""),
+    (command_answer(200, status="cancelled", error="wrong host", error_code="cancelled"),
+     cli.EXIT_COMMAND_NOT_COMPLETED, ""),
+    (command_answer(200, result={"x": 1}), 0, "01a2-1\n"),
+    (command_answer(202, status="executing"), 0, "01a2-1\n"),
+])
+def test_a_send_without_wait_exits_by_the_command_it_is_answered(answer, exit_status, stdout):
+    with fake_server(answer) as port:
+        result = run_main("--api-url", f"127.0.0.1:{port}", "send", "a", "echo")
+    assert (result.status, result.stdout) == (exit_status, stdout), result
+    if exit_status:
+        assert result.stderr.startswith("Command "), result.stderr
+        assert "command_id=01a2-1 client_id=a error_code=" in result.stderr
+
+
 def test_an_answer_that_trickles_is_cut_at_the_deadline():
     def trickle(connection: socket.socket) -> None:
         connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n")
@@ -383,20 +445,7 @@ def test_an_answer_that_trickles_is_cut_at_the_deadline():
 def test_a_result_that_is_not_text_is_printed_escaped():
     # An agent may answer a lone surrogate (the server passes it on escaped):
     # printing it must not fail the CLI.
-    command = {
-        "command_id": "01a2-1", "client_id": "a", "command_type": "echo", "payload": {},
-        "status": "completed", "result": {"text": "x\ud800"}, "error": None, "error_code": None,
-        "priority": 0, "timeout": 30.0, "connect_timeout": 0.0, "created_at": "t", "sent_at": "t",
-        "completed_at": "t",
-    }
-
-    def answer(connection: socket.socket) -> None:
-        body = json.dumps(command).encode()
-        connection.sendall(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (len(body), body)
-        )
-
+    answer = command_answer(200, result={"text": "x\ud800"})
     for json_flag in ([], ["--json"]):
         with fake_server(answer) as port:
             result = run_main("--api-url", f"127.0.0.1:{port}", "get", "01a2-1", *json_flag)

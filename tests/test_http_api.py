@@ -8,6 +8,7 @@ agent signals when it starts and waits until the test opens it.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import defaultdict
 from contextlib import asynccontextmanager
@@ -22,7 +23,8 @@ import trio
 from .httpclient import NO_BODY, HttpResponse, check_openapi, http, read_response, samples
 from trio_quiccmd import Agent, builtin_executor
 from trio_quiccmd.config import ServerSettings
-from trio_quiccmd.model import Command, CommandStatus, transition
+from trio_quiccmd.errors import InvalidPayload, PolicyDenied, StoreUnavailable
+from trio_quiccmd.model import Command, CommandStatus, ErrorCode, transition
 from trio_quiccmd.server import http_api, service
 from trio_quiccmd.server.http_api import rfc3339
 from trio_quiccmd.server.openapi import openapi_document
@@ -283,6 +285,56 @@ async def test_wait_true_returns_the_final_state_of_each_outcome(tmp_path):
                 await h.gates.cancelled["t"].wait()  # and the agent was told to stop
 
 
+class GatedStore(MemoryStore):
+    """The memory store made durable, whose commits wait while the test holds
+    its gate shut: a command can then end before its send is answered."""
+
+    durable = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = trio.Event()
+        self.gate.set()
+        self.held = trio.Event()  # a commit is waiting at the shut gate
+
+    def shut(self) -> None:
+        self.gate, self.held = trio.Event(), trio.Event()
+
+    async def flush(self) -> None:
+        if not self.gate.is_set():
+            self.held.set()
+            await self.gate.wait()
+        await super().flush()
+
+
+async def test_a_send_answered_after_its_command_ended_is_200_with_the_final_command(tmp_path):
+    # Found in review: a command whose deadline came before the store's
+    # commit was answered 202, which says "executing or pending".
+    store = GatedStore()
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path, command_store=store) as h:
+            store.shut()
+            answers: list[HttpResponse] = []
+
+            async def send() -> None:
+                answers.append(await h.request(
+                    "POST", "/api/command", {"client_id": "late", "command_type": "echo", "connect_timeout": 0.1}
+                ))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                await store.held.wait()
+                (queued,) = (await h.request("GET", "/api/commands")).json()["commands"]
+                ended = await h.request("GET", f"/api/command/{queued['command_id']}?wait=10")
+                assert ended.json()["status"] == "timeout", ended.body
+                store.gate.set()
+            (answer,) = answers
+            assert answer.status == 200, answer.body
+            command = answer.json()
+            assert (command["status"], command["error_code"]) == ("timeout", "delivery_timeout")
+            check_openapi(h.document, "POST", "/api/command", answer)
+
+
 async def test_non_finite_numbers_in_a_result_fail_the_command_clearly(tmp_path):
     # NaN and Infinity are not JSON: the agent will not put them on the wire
     # (a non-Python peer could not read them), and says why instead.
@@ -410,6 +462,10 @@ async def test_bad_query_parameters_are_400(tmp_path):
                 ("/api/commands?created_after=2026-11-28T10:00:00", "/api/commands", "with an offset"),
                 ("/api/commands?created_before=2026-11-28", "/api/commands", "RFC 3339"),
                 ("/api/commands?created_before=1795866808", "/api/commands", "RFC 3339"),
+                # An unencoded "+" arrives as a space: the message says how to send it.
+                ("/api/commands?created_after=2026-11-29T00:00:00+00:00", "/api/commands",
+                 "not '2026-11-29T00:00:00 00:00'; a '+' in a URL query means a space: "
+                 "send the offset's '+' as %2B"),
                 (url + "?wait=-1", "/api/command/{command_id}", "wait"),
                 (url + "?wait=soon", "/api/command/{command_id}", "wait"),
                 (url + "?wait=nan", "/api/command/{command_id}", "wait"),
@@ -450,10 +506,19 @@ async def test_unknown_query_parameters_on_a_post_are_refused_not_ignored(tmp_pa
     with trio.fail_after(TEST_TIMEOUT):
         async with running_server(tmp_path) as h:
             await h.start_agent("a")
-            for target in ["/api/command?wait=true", "/api/command/x/cancel?force=1"]:
+            for target, message in [
+                ("/api/command?wait=true", "unknown query parameter 'wait': POST /api/command takes no "
+                 'query parameters; to wait, put "wait": true in the JSON body'),
+                ("/api/command/x/cancel?force=1", "unknown query parameter 'force': "
+                 "POST /api/command/x/cancel takes no query parameters"),
+            ]:
                 response = await h.request("POST", target, {"client_id": "a", "command_type": "echo"})
                 assert response.status == 400, (target, response.body)
-                assert "unknown query parameter" in response.json()["error"]["message"]
+                assert response.json()["error"]["message"] == message
+            clients = await h.request("GET", "/api/clients?verbose=1")
+            assert clients.json()["error"]["message"] == (
+                "unknown query parameter 'verbose': GET /api/clients takes no query parameters"
+            )
             assert (await h.request("GET", "/api/commands")).json()["commands"] == []
 
 
@@ -498,6 +563,25 @@ async def test_unknown_ids_are_404_and_unknown_routes_are_json(tmp_path):
             assert "POST" in wrong_method.headers["allow"]
 
 
+async def test_a_method_an_endpoint_does_not_take_is_a_documented_json_405(tmp_path):
+    # Found in review: OPTIONS answered 200 with an empty text/html body, and
+    # no 405 was in the document.
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path) as h:
+            for path, operations in h.document["paths"].items():
+                target = path.replace("{command_id}", "x")
+                takes = {method.upper() for method in operations}
+                for method in ["OPTIONS", "DELETE", "PUT", "POST" if "POST" not in takes else "GET"]:
+                    response = await h.request(method, target)
+                    assert response.status == 405, (method, target, response.status, response.body)
+                    error = response.json()["error"]
+                    assert error["code"] == "method_not_allowed"
+                    assert error["message"].startswith(f"method {method} is not allowed on {target}; allowed: ")
+                    assert takes <= set(response.headers["allow"].split(", ")), (target, response.headers)
+                    for operation in operations:
+                        check_openapi(h.document, operation, path, response)
+
+
 # -- 413 --------------------------------------------------------------------------------------
 
 
@@ -511,6 +595,11 @@ async def test_bodies_over_the_limit_are_413(tmp_path):
             assert response.status == 413
             assert response.json()["error"]["code"] == "payload_too_large"
             check_openapi(h.document, "POST", "/api/command", response)
+            # A cancel's body too.
+            response = await h.request("POST", "/api/command/x/cancel", {"reason": "x" * limit})
+            assert response.status == 413
+            assert response.json()["error"]["code"] == "payload_too_large"
+            check_openapi(h.document, "POST", "/api/command/{command_id}/cancel", response)
             # A Content-Length that announces a huge body the client never sends:
             # refused from the header alone.
             response = await h.request(
@@ -723,6 +812,28 @@ async def test_healthz_and_openapi_document(tmp_path):
         "/api/command", "/api/command/{command_id}", "/api/command/{command_id}/cancel",
         "/api/commands", "/api/clients", "/api/audit", "/healthz", "/metrics", "/openapi.json",
     }
+
+
+def test_every_error_code_a_command_can_end_with_is_published():
+    # Found in review: API.md and the README listed 7 codes, the document 13,
+    # and none had store_unavailable, or policy_denied / invalid_payload (a
+    # recovered command today's policy refuses).
+    codes = {code.value for code in ErrorCode} | {
+        StoreUnavailable.code, PolicyDenied.code, InvalidPayload.code,
+    }
+    described = openapi_document()["components"]["schemas"]["Command"]["properties"]["error_code"]["description"]
+    assert set(re.findall(r"[a-z]+(?:_[a-z]+)+|cancelled", described)) == codes, described
+    assert described.endswith(", or a code a custom executor chose")
+
+    root = Path(__file__).parent.parent
+    api_md = (root / "docs" / "API.md").read_text()
+    (row,) = [line for line in api_md.splitlines() if line.startswith("| `error`, `error_code` |")]
+    listed = row.partition("is one of")[2].partition("or a code a custom executor chose")[0]
+    assert set(re.findall(r"`([a-z_]+)`", listed)) == codes, row
+    readme = " ".join((root / "README.md").read_text().split())
+    listed = readme.partition("every failure has an `error_code` (")[2].partition(")")[0]
+    assert set(re.findall(r"`([a-z_]+)`", listed)) == codes, listed
+    assert listed.endswith("or a code a custom executor chose")
 
 
 async def test_metrics_count_commands_by_outcome(tmp_path):

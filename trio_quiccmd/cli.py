@@ -19,11 +19,13 @@ script is the likely reader: ``send`` prints the command id, and ``send
 --wait`` prints the command's result (JSON), so ``... send --wait | jq`` works.
 
 Exit status: 0 done (for ``send --wait``: the command completed); 1 the
-command ended but did not complete (failed, timeout or cancelled, including
-an agent that was offline); 2 bad usage (a flag, the payload); 3 the server
-refused the request (its error code and message are printed); 4 the server
-could not be reached or gave no answer of the API; 5 an error of this program;
-130 interrupted; 141 stdout's reader went away (as for SIGPIPE).
+command ``send`` or ``get`` shows ended but did not complete (failed, timeout
+or cancelled, including an agent that was offline); 2 bad usage (a flag, the
+payload); 3 the server refused the request (its error code and message are
+printed); 4 the server could not be reached or gave no answer of the API; 5
+an error of this program; 6 ``get --wait``'s wait ran out with the command
+still pending or executing; 130 interrupted; 141 stdout's reader went away
+(as for SIGPIPE).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from typing import Any, Callable, Sequence, TextIO
 
 import attrs
 
-from .model import TERMINAL_STATUSES, CommandStatus
+from .model import COMMAND_ID_PATTERN, PRIORITY_RANGE, TERMINAL_STATUSES, CommandStatus, parse_rfc3339
 from .wire import finite_float, reject_constant
 
 PROG = "python -m trio_quiccmd.cli"
@@ -58,6 +60,7 @@ EXIT_USAGE = 2
 EXIT_REFUSED = 3
 EXIT_UNREACHABLE = 4
 EXIT_INTERNAL = 5
+EXIT_STILL_RUNNING = 6
 EXIT_INTERRUPTED = 130
 
 #: How long one request may take, beyond the wait it asked the server for.
@@ -447,16 +450,17 @@ def cmd_send(args: argparse.Namespace, api: ApiClient, io: Io) -> int:
     # Sent without the API's own wait, then followed by long polls: the id is
     # known at once, so an interrupted or broken wait can say which command
     # it was (the command itself goes on).
-    status, command = _post(
-        api, "/api/command", body, accept=(202, 409),
+    _, command = _post(
+        api, "/api/command", body, accept=(200, 202, 409),
         unsure="the command may have been accepted: look for it with "
         f"'{_again(args, 'list', '--client', args.client_id, '--limit', '5')}'",
     )
-    if status == 202 and args.wait:
+    if args.wait and command["status"] not in TERMINAL:
         command = _follow(args, api, command, io)
     completed = command["status"] == CommandStatus.COMPLETED.value
-    # An offline agent (409) fails the command at once, waited for or not.
-    failed = status == 409 or (args.wait and not completed)
+    # Waited for or not, a command can be final in the answer: failed at once
+    # for an offline agent (409), or ended before the send was answered (200).
+    failed = command["status"] in TERMINAL and not completed
     # The verdict first: if stdout's reader goes away, stderr has said it.
     if failed:
         print(_not_completed(command), file=io.stderr)
@@ -499,6 +503,11 @@ def cmd_get(args: argparse.Namespace, api: ApiClient, io: Io) -> int:
         query={"wait": f"{wait:g}" if wait else None}, answer_within=wait + ANSWER_MARGIN,
     )
     print(_dump(command) if args.json else _command_block(command), file=io.stdout)
+    if command["status"] not in TERMINAL:
+        # Shown as it is: only a wait that ran out is a status of its own.
+        return EXIT_STILL_RUNNING if wait else EXIT_OK
+    if command["status"] != CommandStatus.COMPLETED.value:
+        return EXIT_COMMAND_NOT_COMPLETED
     return EXIT_OK
 
 
@@ -590,6 +599,48 @@ def _seconds(minimum: float, *, inclusive: bool) -> Callable[[str], float]:
     return parse
 
 
+# What the API takes whatever the server's configuration (docs/API.md), checked
+# here so that a mistake on the command line is bad usage (2), not a refusal (3).
+LIST_LIMIT = (1, 1000)
+
+
+def _argument(check: Callable[[str], bool], expected: str) -> Callable[[str], str]:
+    """An argparse type: the text as given, if ``check`` accepts it."""
+
+    def parse(text: str) -> str:
+        if not check(text):
+            raise argparse.ArgumentTypeError(f"{text!r}: {expected}")
+        return text
+
+    return parse
+
+
+def _in_range(low: int, high: int) -> Callable[[str], bool]:
+    def check(text: str) -> bool:
+        digits = text[1:] if text.startswith("-") else text
+        # (The length before int(): thousands of digits are refused, and slow.)
+        return digits.isascii() and digits.isdigit() and len(digits) <= 20 and low <= int(text) <= high
+
+    return check
+
+
+def _is_audit_cursor(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
+# An empty filter would be sent as none at all, and list everything.
+_FILTER = _argument(bool, "must not be empty")
+_TIME = _argument(lambda text: parse_rfc3339(text) is not None, "must be an RFC 3339 time with an offset, e.g. 2026-11-28T10:00:00Z")
+_LIMIT = _argument(_in_range(*LIST_LIMIT), f"must be an integer from {LIST_LIMIT[0]} to {LIST_LIMIT[1]}")
+
+
+def _priority(text: str) -> int:
+    low, high = PRIORITY_RANGE
+    if not _in_range(low, high)(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer from {low} to {high}")
+    return int(text)
+
+
 def _connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     # The same options before or after the subcommand: the subcommand's copy
     # has no default, so it only overrides what was given before it.
@@ -619,9 +670,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Send commands to agents, follow them and look up the history, "
         "through the server's HTTP API.",
-        epilog="Exit status: 0 done; 1 the command failed, timed out or was cancelled; "
-        "2 bad usage; 3 the server refused the request; 4 the server did not answer; "
-        "5 an error of this program; 130 interrupted.",
+        epilog="Exit status: 0 done; 1 the command sent or shown failed, timed out or was "
+        "cancelled; 2 bad usage; 3 the server refused the request; 4 the server did not "
+        "answer; 5 an error of this program; 6 get --wait ran out, the command unfinished; "
+        "130 interrupted.",
     )
     _connection_options(parser, defaults=True)
     commands = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
@@ -645,23 +697,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the command's deadline once sent (default: the server's, 30)")
     send.add_argument("--connect-timeout", type=_seconds(0, inclusive=True), metavar="SECONDS",
                       help="how long to wait for an offline agent (default 0: fail at once)")
-    send.add_argument("--priority", type=int, metavar="N", help="higher goes first when the agent is busy")
+    send.add_argument("--priority", type=_priority, metavar="N", help="higher goes first when the agent is busy")
     send.add_argument("--wait", action="store_true",
                       help="wait for the command to finish; print its result, exit 1 unless it completed")
 
     get = add("get", cmd_get, "show one command")
     get.add_argument("command_id", metavar="COMMAND_ID")
     get.add_argument("--wait", type=_seconds(0, inclusive=True), metavar="SECONDS",
-                     help="wait up to SECONDS for the command to finish first")
+                     help="wait up to SECONDS for the command to finish first (exit 6 if it does not)")
 
     list_ = add("list", cmd_list, "list commands, newest first")
-    list_.add_argument("--client", metavar="CLIENT_ID")
+    list_.add_argument("--client", type=_FILTER, metavar="CLIENT_ID")
     list_.add_argument("--status", choices=[s.value for s in CommandStatus])
-    list_.add_argument("--type", metavar="COMMAND_TYPE")
-    list_.add_argument("--created-after", metavar="TIME", help="RFC 3339, e.g. 2026-11-28T10:00:00Z")
-    list_.add_argument("--created-before", metavar="TIME")
-    list_.add_argument("--limit", type=int, metavar="N", help="at most N (1-1000, default 100)")
-    list_.add_argument("--cursor", metavar="CURSOR", help="the page after this one (printed with the list)")
+    list_.add_argument("--type", type=_FILTER, metavar="COMMAND_TYPE")
+    list_.add_argument("--created-after", type=_TIME, metavar="TIME", help="RFC 3339, e.g. 2026-11-28T10:00:00Z")
+    list_.add_argument("--created-before", type=_TIME, metavar="TIME")
+    list_.add_argument("--limit", type=_LIMIT, metavar="N", help="at most N (1-1000, default 100)")
+    list_.add_argument("--cursor", type=_argument(COMMAND_ID_PATTERN.fullmatch, "must be a cursor that list printed"),
+                       metavar="CURSOR", help="the page after this one (printed with the list)")
 
     cancel = add("cancel", cmd_cancel, "cancel a pending or executing command")
     cancel.add_argument("command_id", metavar="COMMAND_ID")
@@ -670,13 +723,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("clients", cmd_clients, "list the connected agents")
 
     audit = add("audit", cmd_audit, "the audit log of sends and cancels, newest first")
-    audit.add_argument("--actor", metavar="NAME", help="an API token's name, or anonymous")
+    audit.add_argument("--actor", type=_FILTER, metavar="NAME", help="an API token's name, or anonymous")
     audit.add_argument("--action", choices=["send", "cancel"])
-    audit.add_argument("--client", metavar="CLIENT_ID")
-    audit.add_argument("--command-id", metavar="COMMAND_ID")
+    audit.add_argument("--client", type=_FILTER, metavar="CLIENT_ID")
+    audit.add_argument("--command-id", type=_FILTER, metavar="COMMAND_ID")
     audit.add_argument("--outcome", choices=["accepted", "refused"])
-    audit.add_argument("--limit", type=int, metavar="N")
-    audit.add_argument("--cursor", metavar="CURSOR")
+    audit.add_argument("--limit", type=_LIMIT, metavar="N", help="at most N (1-1000, default 100)")
+    audit.add_argument("--cursor", type=_argument(_is_audit_cursor, "must be a cursor that audit printed"),
+                       metavar="CURSOR")
     return parser
 
 

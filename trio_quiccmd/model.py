@@ -6,9 +6,11 @@ applies transitions; the store keeps the resulting snapshots.
 
 from __future__ import annotations
 
+import datetime
 import enum
 import itertools
 import os
+import re
 import time
 from typing import Any
 
@@ -178,6 +180,27 @@ def transition(
         sent_at=at if executing else command.sent_at,
         completed_at=None if executing else at,
     )
+
+
+#: What new_command_id makes (a page of the command list names the next by one).
+COMMAND_ID_PATTERN = re.compile(r"[0-9a-f]{12}-[0-9a-f]{8}-[0-9a-f]{8}", re.ASCII)
+#: RFC 3339's date-time (any number of fraction digits: fromisoformat keeps six).
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
+)
+
+
+def parse_rfc3339(text: str) -> float | None:
+    """An RFC 3339 date-time with an offset, as the API writes and takes
+    them, in epoch seconds; None if ``text`` is not one."""
+    # fromisoformat also takes forms RFC 3339 does not (week dates, basic
+    # format, a comma): only RFC 3339's own shape is handed to it.
+    if not _RFC3339.fullmatch(text):
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.upper()).timestamp()  # RFC 3339 allows "t" and "z"
+    except ValueError:  # a month 13, a day 31 in November
+        return None
 
 
 _sequence = itertools.count()

@@ -17,7 +17,6 @@ import json
 import logging
 import ipaddress
 import math
-import re
 from typing import Any, Iterable, Mapping
 from urllib.parse import urlsplit
 
@@ -40,7 +39,7 @@ from ..errors import (
     StoreUnavailable,
     Unauthorized,
 )
-from ..model import PRIORITY_RANGE, Command, CommandStatus, ErrorCode
+from ..model import COMMAND_ID_PATTERN, PRIORITY_RANGE, Command, CommandStatus, ErrorCode, parse_rfc3339
 from ..wire import check_unicode, finite_float, reject_constant
 from .audit import ACTIONS, OUTCOMES, AuditEntry, AuditLog
 from .auth import ANONYMOUS, ApiAuthenticator
@@ -463,9 +462,20 @@ def _priority_field(body: Mapping[str, Any]) -> int:
 _FREE_TEXT_QUERY_PARAMETERS = frozenset({"client_id", "command_type", "cursor", "actor", "command_id"})
 
 
-def _query(allowed: frozenset[str]) -> dict[str, str]:
-    """The query parameters, each at most once, empty ones dropped."""
+def _query(allowed: frozenset[str], hint: str = "") -> dict[str, str]:
+    """The query parameters, each at most once, empty ones dropped.
+
+    ``hint`` is added to the refusal of an unknown parameter.
+    """
     args = request.args
+    if not allowed and args:
+        # "allowed: " and nothing after it read like a server bug.
+        unknown = ", ".join(map(repr, sorted(args.keys())))
+        raise _invalid(
+            f"unknown query parameter {unknown}: {request.method} {request.path} "
+            f"takes no query parameters{hint}",
+            "invalid_request",
+        )
     _check_unknown(args.keys(), allowed, "query parameter", "invalid_request")
     params: dict[str, str] = {}
     for key in args:
@@ -502,33 +512,20 @@ def _query_int(params: Mapping[str, str], name: str, default: int, low: int, hig
     return int(text)
 
 
-#: RFC 3339's date-time (any number of fraction digits: fromisoformat keeps six).
-_RFC3339 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
-)
-#: What new_command_id makes: a list cursor is one of them.
-_COMMAND_ID = re.compile(r"[0-9a-f]{12}-[0-9a-f]{8}-[0-9a-f]{8}", re.ASCII)
-
-
 def _query_time(params: Mapping[str, str], name: str) -> float | None:
     """An RFC 3339 time with an offset (as the API writes them) -> epoch seconds."""
     text = params.get(name)
     if text is None:
         return None
-    moment = None
-    # fromisoformat also takes forms RFC 3339 does not (week dates, basic
-    # format, a comma): only RFC 3339's own shape is handed to it.
-    if _RFC3339.fullmatch(text):
-        try:
-            moment = datetime.datetime.fromisoformat(text.upper())  # RFC 3339 allows "t" and "z"
-        except ValueError:  # a month 13, a day 31 in November
-            pass
+    moment = parse_rfc3339(text)
     if moment is None:
-        raise _invalid(
-            f"{name} must be an RFC 3339 time with an offset, e.g. 2026-11-28T10:00:00Z, not {text!r}",
-            "invalid_request",
-        )
-    return moment.timestamp()
+        message = f"{name} must be an RFC 3339 time with an offset, e.g. 2026-11-28T10:00:00Z, not {text!r}"
+        if parse_rfc3339(text.replace(" ", "+")) is not None:
+            # A URL's query decodes an unencoded "+" to a space. Refused, not
+            # read as "+": such a client mangles its other values too.
+            message += "; a '+' in a URL query means a space: send the offset's '+' as %2B, or use Z"
+        raise _invalid(message, "invalid_request")
+    return moment
 
 
 def _wait_bound(command: Command) -> float:
@@ -666,6 +663,10 @@ def create_app(
     limits = limits or ApiLimits()
     max_timeout = manager.settings.max_timeout
     app = QuartTrio(__name__)
+    # Not Quart's automatic OPTIONS (200, an empty text/html body): OPTIONS
+    # gets the JSON 405 of any method a route does not take, as the API
+    # grants no CORS preflight anyway (see _read_json_object).
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.config["MAX_CONTENT_LENGTH"] = limits.max_payload_bytes
     app.config["BODY_TIMEOUT"] = BODY_TIMEOUT
     app.asgi_app = end_connections_left_unread(app.asgi_app)
@@ -730,7 +731,7 @@ def create_app(
     async def send_command() -> Response:
         refuse_if_shutting_down()
         # (``?wait=true`` is a field of the body here: refused, not ignored.)
-        _query(frozenset())
+        _query(frozenset(), '; to wait, put "wait": true in the JSON body' if "wait" in request.args else "")
         body = await _read_json_object(required=True)
         _check_unknown(body.keys(), _SEND_FIELDS, "field", "invalid_command")
         client_id = _string_field(body, "client_id")
@@ -768,11 +769,11 @@ def create_app(
         )
         if command.status is CommandStatus.FAILED and command.error_code == ErrorCode.AGENT_OFFLINE.value:
             return json_response(command_json(command), 409)
-        if not wait:
-            return json_response(command_json(command), 202)
-        if not command.is_terminal:
+        if wait and not command.is_terminal:
             command = await manager.wait(command.command_id, _wait_bound(command))
-        # 200 means "final"; should the bound ever be hit, say "still running".
+        # 200 means "final", with or without wait: a command can end before
+        # its send is answered (a deadline shorter than the store's commit, a
+        # cancel meanwhile). 202: still pending or executing.
         return json_response(command_json(command), 200 if command.is_terminal else 202)
 
     @app.get("/api/command/<command_id>")
@@ -799,7 +800,7 @@ def create_app(
             params, "limit", limits.default_list_limit, 1, limits.max_list_limit
         )
         cursor = params.get("cursor")
-        if cursor is not None and not _COMMAND_ID.fullmatch(cursor):
+        if cursor is not None and not COMMAND_ID_PATTERN.fullmatch(cursor):
             raise _invalid(f"cursor must be a next_cursor from an earlier page, not {cursor!r}", "invalid_request")
         page = await manager.list_commands(
             client_id=params.get("client_id"),

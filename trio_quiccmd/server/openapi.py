@@ -12,9 +12,21 @@ import functools
 import sys
 from typing import Any
 
-from ..model import PRIORITY_RANGE, CommandStatus
+from ..errors import InvalidPayload, PolicyDenied, StoreUnavailable
+from ..model import PRIORITY_RANGE, CommandStatus, ErrorCode
 
 API_VERSION = "1.0.0"
+
+#: Every error_code a command can end with, besides one a custom executor
+#: chooses: the model's, and the server's own (the store did not take a send;
+#: after a restart, today's policy refused a recovered command). Built from
+#: the code definitions so that the published list cannot miss one.
+COMMAND_ERROR_CODES: tuple[str, ...] = (
+    *(code.value for code in ErrorCode),
+    StoreUnavailable.code,
+    PolicyDenied.code,
+    InvalidPayload.code,
+)
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -87,6 +99,10 @@ def openapi_document(
         "(error unsupported_media_type)"
     )
     not_found = _error("No command with this id (or it was purged from the history)")
+    method_not_allowed = _error(
+        "A method this path does not take, OPTIONS included (error method_not_allowed; "
+        "the Allow header lists the methods it takes)"
+    )
     body_too_slow = _error(
         "The body did not arrive in time (error request_timeout); the connection is closed"
     )
@@ -110,11 +126,8 @@ def openapi_document(
                 "error": {"type": ["string", "null"], "description": "Human-readable reason, when not completed"},
                 "error_code": {
                     "type": ["string", "null"],
-                    "description": "Machine-readable reason: agent_offline, delivery_timeout, "
-                    "execution_timeout, unknown_command_type, executor_error, cancelled, "
-                    "server_shutdown, agent_shutdown, agent_shutting_down, agent_error, "
-                    "result_unavailable, invalid_result, result_too_large, or one an "
-                    "executor chose",
+                    "description": "Machine-readable reason, null when completed: "
+                    + ", ".join(COMMAND_ERROR_CODES) + ", or a code a custom executor chose",
                 },
                 "priority": {"type": "integer"},
                 "timeout": {"type": "number"},
@@ -267,8 +280,17 @@ def openapi_document(
                     "content": {"application/json": {"schema": _ref("SendCommand")}},
                 },
                 "responses": {
-                    "200": _json(_ref("Command"), "wait was true: the command in its final state"),
-                    "202": _json(_ref("Command"), "Accepted: executing or pending"),
+                    "200": _json(
+                        _ref("Command"),
+                        "The command in its final state: wait was true, or it was already final "
+                        "when answered (e.g. its deadline came before the store's commit, or it "
+                        "was cancelled meanwhile)",
+                    ),
+                    "202": _json(
+                        _ref("Command"),
+                        "Accepted and not final yet: executing or pending (with wait, only when "
+                        "the server began a graceful shutdown first)",
+                    ),
                     "400": bad_request,
                     "409": _json(
                         _ref("Command"),
@@ -334,6 +356,7 @@ def openapi_document(
                     "404": not_found,
                     "408": body_too_slow,
                     "409": _error("Already finished; the error carries the command"),
+                    "413": _error(f"The body is over {max_payload_bytes} bytes (payload_too_large)"),
                     "415": unsupported,
                     "503": _error("The cancel took effect but the command store did not store it "
                                   "in time (store_unavailable)"),
@@ -469,6 +492,8 @@ def openapi_document(
         if path not in ("/healthz", "/openapi.json"):
             for operation in operations.values():
                 operation["security"] = [{"bearerAuth": []}, {}]
+        for operation in operations.values():
+            operation["responses"]["405"] = method_not_allowed
 
     return {
         "openapi": "3.1.0",
