@@ -45,6 +45,20 @@ def private(path: Path) -> bool:
     return stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+async def test_a_token_created_says_where_and_warns_of_a_data_dir_no_server_used(tmp_path):
+    # Found following the docs: run from a directory with no server, token
+    # create made a new ./.quiccmd and said nothing; the server never saw it.
+    with trio.fail_after(TIMEOUT):
+        code, out, err = await server_cli(tmp_path, "token", "create", "web-09")
+        assert code == 0 and out.startswith("qca_")
+        assert f"Written to {Path('.quiccmd') / AGENT_TOKENS_FILE}." in err
+        assert "warning: the data dir .quiccmd did not exist and was created" in err
+        code, out, err = await server_cli(tmp_path, "api-token", "create", "ops", "--role", "operate")
+        assert code == 0 and out.startswith("qco_")
+        assert f"Written to {Path('.quiccmd') / API_TOKENS_FILE}." in err
+        assert "warning" not in err  # the data dir exists now
+
+
 async def test_agent_tokens_are_printed_once_and_stored_as_hashes(tmp_path):
     data = tmp_path / ".quiccmd"
     with trio.fail_after(TIMEOUT):

@@ -342,7 +342,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("max_handshakes", _integer, f"QUIC handshakes in progress at once; agents dialling beyond it wait a moment (default {DEFAULT_MAX_HANDSHAKES})", "N"),
     _Option("gc_freeze_agents", _integer, "from this many connected agents on, keep their state out of full garbage collections; 0: never (default 1000)", "N"),
     _Option("require_api_token", _boolean, "require an API bearer token on loopback too", switch=True),
-    _Option("allow_unauthenticated_http", _boolean, "serve HTTP off loopback with no API token (not advised)", switch=True),
+    _Option("allow_unauthenticated_http", _boolean, "serve HTTP off loopback with no API token (not advised; bind the address clients use, not 0.0.0.0: a request without a token must be addressed to it)", switch=True),
 )
 _BY_NAME = {option.name: option for option in _OPTIONS}
 

@@ -31,6 +31,8 @@ from typing import Sequence
 
 from ..config import ConfigError, load_settings
 from ..tokens import (
+    AGENT_TOKENS_FILE,
+    API_TOKENS_FILE,
     ROLES,
     TokenExists,
     TokenFileError,
@@ -128,10 +130,22 @@ def main(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    # A token written into a data dir no server uses (the command run from
+    # the wrong directory) would be refused with no hint why: say where.
+    new_directory = args.action == "create" and not directory.exists()
     try:
         if args.command == "token":
-            return _agent_command(parser, args, directory)
-        return _api_command(parser, args, directory)
+            code = _agent_command(parser, args, directory)
+        else:
+            code = _api_command(parser, args, directory)
+        if code == 0 and args.action == "create":
+            file = directory / (AGENT_TOKENS_FILE if args.command == "token" else API_TOKENS_FILE)
+            print(f"Written to {file}.", file=sys.stderr)
+            if new_directory:
+                print(f"{PROG}: warning: the data dir {directory} did not exist and was created: "
+                      "a server reads tokens from its own data dir (--data-dir, data_dir, "
+                      "QUICCMD_DATA_DIR; by default ./.quiccmd where it was started)", file=sys.stderr)
+        return code
     except (TokenFileError, TokenExists, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
