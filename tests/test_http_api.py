@@ -8,6 +8,7 @@ agent signals when it starts and waits until the test opens it.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections import defaultdict
@@ -1013,6 +1014,24 @@ async def test_an_oversized_upload_gets_its_413_and_a_trickle_is_cut_off(tmp_pat
                     nursery.start_soon(trickle)
                     await client.assert_closed_by_server(within=1.0 + 2, reset_ok=True)
                     nursery.cancel_scope.cancel()
+
+
+async def test_a_client_that_hangs_up_as_its_413_arrives_is_no_error_in_the_log(tmp_path, caplog):
+    # Found in review: hypercorn closing the socket of a client that left
+    # raced the app's send of the answer, and logged "Error in ASGI Framework"
+    # with a BusyResourceError traceback, for 132 of 200 such clients.
+    head = [("Content-Type", "application/json"), ("Content-Length", str(10**6))]
+    with trio.fail_after(TEST_TIMEOUT), caplog.at_level("DEBUG", logger="hypercorn.error"):
+        async with running_server(tmp_path, max_payload_bytes=4096) as h:
+            for _ in range(40):
+                client = await RawConnection.open(h.http_address)
+                async with client.stream:
+                    await client.send_head("POST", "/api/command", head)
+                    await client.send_body(b"{" * 1000)
+                    await client.stream.receive_some(65536)  # the 413 begins; hang up
+            assert (await h.request("GET", "/healthz")).status == 200
+    errors = [r for r in caplog.records if r.name == "hypercorn.error" and r.levelno >= logging.ERROR]
+    assert errors == [], errors[0].getMessage()
 
 
 async def test_a_long_poll_outlasts_the_keep_alive_timeout_and_an_idle_connection_does_not(
