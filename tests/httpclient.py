@@ -4,7 +4,7 @@ responses against the OpenAPI document the server serves."""
 from __future__ import annotations
 
 import json
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Iterable
 
 import attrs
 import h11
@@ -41,14 +41,11 @@ async def http(
     headers: Iterable[tuple[str, str]] = (),
     chunks: list[bytes] | None = None,
     finish_body: bool = True,
-    before_close: Callable[[int], Awaitable[None]] | None = None,
 ) -> HttpResponse:
     """One request on a fresh connection (``Connection: close``), as curl sends it.
 
     ``chunks`` sends a chunked body; ``finish_body=False`` sends the headers
     (and ``body``) but never ends the request (a Content-Length that lies).
-    ``before_close(local_port)`` runs once the response is in, before the
-    client closes its end.
     """
     host, port = address
     host_header = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -77,8 +74,6 @@ async def http(
         if finish_body:
             await stream.send_all(conn.send(h11.EndOfMessage()))
         response = await read_response(conn, stream, closing_ends_it=True)
-        if before_close is not None:
-            await before_close(stream.socket.getsockname()[1])
     return response
 
 
