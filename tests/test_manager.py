@@ -277,6 +277,22 @@ async def test_shutdown_refuses_new_and_drains(manager, autojump_clock):
     assert trio.current_time() - start == pytest.approx(5.0, abs=0.01)
 
 
+async def test_a_drain_ends_once_no_connected_agent_can_finish_anything(manager, autojump_clock):
+    # Queued for an agent that is not connected, executing on one that left:
+    # neither can finish while the server shuts down, so the drain does not
+    # wait the grace period out for them (it did, for every restart).
+    link, session = connect_agent(manager, "c1")
+    left_behind = await manager.send_command("c1", "sleep", timeout=100)
+    link.connection_lost(session, 0, "gone")
+    offline = await manager.send_command("c9", "echo", timeout=100, connect_timeout=100)
+    start = trio.current_time()
+    assert await manager.drain(60.0) == 2
+    assert trio.current_time() - start < 1
+    for command in (left_behind, offline):
+        final = await manager.get_command(command.command_id)
+        assert (final.status, final.error_code) == (CommandStatus.FAILED, "server_shutdown")
+
+
 def _deep(levels: int):
     value: object = 1
     for _ in range(levels):

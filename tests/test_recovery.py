@@ -207,6 +207,34 @@ async def test_a_durable_drain_gives_executing_commands_the_grace_to_finish(db):
             assert (await manager.get_command(queued.command_id)).status is CommandStatus.PENDING
 
 
+async def test_a_durable_drain_does_not_wait_for_commands_whose_agent_is_gone(db):
+    # Found in review: a command executing on an agent that had left (and a
+    # shutting-down server takes no new connections) held every drain for
+    # the whole grace period, so each restart of a real fleet took it.
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            gone_link, gone_session = connect(manager, "gone", instance="i1")
+            orphan = await manager.send_command("gone", "sleep", timeout=3000)
+            gone_link.connection_lost(gone_session, 0, "network lost")
+            link, session = connect(manager, "c1", instance="i1")
+            running = await manager.send_command("c1", "sleep", timeout=3000)
+            async with trio.open_nursery() as nursery:
+
+                async def drain():
+                    assert await manager.drain(600) == 1  # the orphan, still executing
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(drain)
+                await trio.testing.wait_all_tasks_blocked()
+                answer(link, session, running.command_id, "done")  # the last one that could finish
+                await trio.sleep_forever()
+            # Waits after the drain return the command as it is, at once.
+            assert (await manager.wait(orphan.command_id)).status is CommandStatus.EXECUTING
+        async with server_run(db) as manager:
+            assert (await manager.get_command(running.command_id)).result == "done"
+            assert (await manager.get_command(orphan.command_id)).status is CommandStatus.EXECUTING
+
+
 async def test_history_is_queryable_after_a_restart(db):
     with trio.fail_after(10):
         async with server_run(db) as manager:

@@ -226,12 +226,14 @@ class CommandManager:
         self._policy_recheck: set[str] = set()
         self._staging_wake = trio.Event()
         self._staged_round = _StagingRound()
-        # Set when nothing is executing any more, while a durable drain waits for that.
-        self._executing_settled: trio.Event | None = None
+        # While a drain waits: the agents some of whose commands can still
+        # finish (see _can_finish_now), and set once there are none.
+        self._draining: set[str] | None = None
+        self._drained = trio.Event()
+        # After a durable drain: waits return the command as it is at once.
+        self._waits_released = False
         self._shutting_down = False
         self._dispatch_stopped = False
-        self._idle = trio.Event()
-        self._idle.set()
 
     def add_observer(self, observer: CommandObserver) -> None:
         self._observers.append(observer)
@@ -259,22 +261,25 @@ class CommandManager:
         return self._shutting_down
 
     async def drain(self, grace: float) -> int:
-        """Wait up to ``grace`` seconds for unfinished commands to finish;
-        returns how many are left unfinished.
+        """Wait up to ``grace`` seconds for unfinished commands to finish,
+        as long as some can (their agent is connected); returns how many are
+        left unfinished.
 
         With a durable store, queued commands are not sent any more and stay
         pending; executing ones get ``grace`` to finish, and those that do not
         stay executing (their agents keep their results for the next start).
-        Everyone waiting for a command is then answered with its current state.
-        With a store that is not durable, unfinished commands (queued ones are
-        still sent) get ``grace``, then end ``failed`` with ``server_shutdown``.
+        Everyone waiting for a command is then answered with its current
+        state, and every later wait at once. With a store that is not
+        durable, unfinished commands (queued ones are still sent) get
+        ``grace``, then end ``failed`` with ``server_shutdown``. Commands of
+        agents not connected are not waited for: an agent that connects
+        meanwhile is, but a server shutting down takes no new connections.
         If cancelled, nothing is failed.
         """
         self.begin_shutdown()
         if self.store.durable:
             return await self._drain_durable(grace)
-        with trio.move_on_after(grace):
-            await self._idle.wait()
+        await self._wait_while_commands_can_finish(grace)
         # Nothing more goes out: failing an executing command must not hand its
         # window slot to a queued one only to fail that too.
         self._dispatch_stopped = True
@@ -291,15 +296,56 @@ class CommandManager:
 
     async def _drain_durable(self, grace: float) -> int:
         self._dispatch_stopped = True
-        if self._executing:
-            self._executing_settled = trio.Event()
-            with trio.move_on_after(grace):
-                await self._executing_settled.wait()
-        # Long-polls end now with "still unfinished" instead of at their bound.
+        await self._wait_while_commands_can_finish(grace)
+        # Long-polls end now with "still unfinished" instead of at their bound,
+        # and those that come later at once.
+        self._waits_released = True
         for promise in self._waiters.values():
             promise.settled.set()
         await self._flush_for_shutdown()
         return len(self._live)
+
+    async def _wait_while_commands_can_finish(self, grace: float) -> None:
+        """Wait, at most ``grace`` seconds, while a command can still finish
+        with the agents connected now. One whose agent is gone cannot (a
+        server shutting down takes no new connections): waiting for it would
+        only make every restart take the whole grace period."""
+        clients = set(self._executing) | set(self._queues)
+        self._draining = {client_id for client_id in clients if self._can_finish_now(client_id)}
+        self._drained = trio.Event()
+        if not self._draining:
+            self._drained.set()
+        try:
+            with trio.move_on_after(grace):
+                await self._drained.wait()
+        finally:
+            self._draining = None
+
+    def _can_finish_now(self, client_id: str) -> bool:
+        """Whether some command of ``client_id`` can still finish: executing
+        on the agent process connected now (its result can come, on its
+        stream or held), or queued for a connected agent while the queues
+        are still sent."""
+        link = self.registry.get(client_id)
+        if link is None or link.hello is None:
+            return False
+        executing = self._executing.get(client_id)
+        if executing and _instance_of(link) in executing.values():
+            return True
+        return not self._dispatch_stopped and bool(self._queues.get(client_id))
+
+    def _drain_recheck(self, client_id: str) -> None:
+        """A command of ``client_id`` finished, or its agent came or went:
+        while draining, see whether it still has a command that can finish."""
+        draining = self._draining
+        if draining is None:
+            return
+        if self._can_finish_now(client_id):
+            draining.add(client_id)
+        else:
+            draining.discard(client_id)
+            if not draining:
+                self._drained.set()
 
     async def _flush_bounded(self) -> bool:
         """Wait for the store to commit what was saved, at most ``store_timeout``;
@@ -354,8 +400,6 @@ class CommandManager:
                 self._policy_recheck.add(command_id)
             if record.deadline_at <= wall_now:
                 expired.append(command)
-        if self._live and self._idle.is_set():
-            self._idle = trio.Event()
         for command in expired:
             self._expire(command)
         if stored:
@@ -527,8 +571,6 @@ class CommandManager:
                 trio.current_time() + (timeout if link is not None else connect_timeout),
             )
             self._update(command)
-            if self._idle.is_set():
-                self._idle = trio.Event()
             if link is None:
                 logger.info(
                     "Command queued for offline agent command_id=%s client_id=%s connect_timeout=%s",
@@ -810,10 +852,8 @@ class CommandManager:
 
     async def _settled(self, command_id: str, promise: _Promise, timeout: float | None) -> Command:
         """The command once ``promise`` settles or ``timeout`` passes."""
-        if timeout is None:
-            await promise.settled.wait()
-        else:
-            with trio.move_on_after(timeout):
+        if not self._waits_released:
+            with trio.move_on_after(math.inf if timeout is None else timeout):
                 await promise.settled.wait()
         if promise.command is not None:
             return promise.command
@@ -936,6 +976,7 @@ class CommandManager:
                     client_id, elsewhere,
                 )
         self._dispatch(client_id)
+        self._drain_recheck(client_id)
 
     def agent_disconnected(self, link: AgentLink) -> None:
         # Executing commands keep their deadlines: the agent may reconnect and
@@ -943,6 +984,7 @@ class CommandManager:
         client_id = link.client_id
         if client_id is not None and self.registry.get(client_id) is None:
             self._resend.pop(client_id, None)
+            self._drain_recheck(client_id)
 
     def result_received(self, link: AgentLink, frame: ResultFrame) -> None:
         command = self._live.get(frame.command_id)
@@ -1228,8 +1270,7 @@ class CommandManager:
             promise.settled.set()
         self._log_finished(command)
         self._notify_finished(command)
-        if not self._live:
-            self._idle.set()
+        self._drain_recheck(command.client_id)
         return command
 
     def _reached_no_agent(self, command: Command) -> bool:
@@ -1254,8 +1295,6 @@ class CommandManager:
         if executing is not None and executing.pop(command_id, None) is not None:
             if not executing:
                 del self._executing[client_id]
-                if not self._executing and self._executing_settled is not None:
-                    self._executing_settled.set()
         resend = self._resend.get(client_id)
         if resend is not None:
             resend.pop(command_id, None)
