@@ -545,4 +545,7 @@ async def test_a_stream_whose_input_is_discarded_holds_nothing_and_gives_its_cre
         # one counted by the peer only would shrink its window for good.
         await trio.sleep(1)
         assert server.quic._local_max_data.used == client.quic._remote_max_data_used
+        # ...and what the receiver took credit for is all counted as read:
+        # what was not would shrink the window the peer gets, for good.
+        assert server.quic._delivered == server.quic._local_max_data.used
         nursery.cancel_scope.cancel()

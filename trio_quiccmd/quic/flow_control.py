@@ -111,12 +111,13 @@ class WindowedQuicConnection(QuicConnection):
             else:
                 kept.append(event)
         self._events = kept
-        self._drop_received(stream_id, stream.receiver)
-
-    def _drop_received(self, stream_id: int, receiver: QuicStreamReceiver) -> None:
-        """Count as read what ``receiver`` has received and not handed out,
-        and drop it (aioquic's receiver cannot be told to stop buffering)."""
+        receiver = stream.receiver
         self._delivered += receiver.highest_offset - receiver.starting_offset()
+        self._forget_received(stream_id, receiver)
+
+    def _forget_received(self, stream_id: int, receiver: QuicStreamReceiver) -> None:
+        """Drop what ``receiver`` holds (aioquic's receiver cannot be told to
+        stop buffering); the caller has counted it as read."""
         receiver._buffer = bytearray()
         receiver._ranges = RangeSet()
         receiver._buffer_start = receiver.highest_offset
@@ -129,11 +130,13 @@ class WindowedQuicConnection(QuicConnection):
         if not self._discarding or (stream_id := _peek_stream_id(buf)) not in self._discarding:
             super()._handle_stream_frame(context, frame_type, buf)
             return
+        used = self._local_max_data.used
         queued = len(self._events)
         super()._handle_stream_frame(context, frame_type, buf)
         if len(self._events) > queued:
             self._events.pop()  # its data, which nobody will read
-        self._drop_received(stream_id, self._streams[stream_id].receiver)
+        self._delivered += self._local_max_data.used - used
+        self._forget_received(stream_id, self._streams[stream_id].receiver)
 
     def _handle_reset_stream_frame(self, context: Any, frame_type: int, buf: Buffer) -> None:
         # A reset stream's final size counts against the connection's credit,
