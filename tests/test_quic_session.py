@@ -549,3 +549,71 @@ async def test_a_stream_whose_input_is_discarded_holds_nothing_and_gives_its_cre
         # what was not would shrink the window the peer gets, for good.
         assert server.quic._delivered == server.quic._local_max_data.used
         nursery.cancel_scope.cancel()
+
+
+async def test_an_answer_larger_than_the_window_still_finishes_a_discarded_stream(dev_cert, autojump_clock):
+    """The agent may have written its whole answer before the server gave up
+    on the command. Without more credit on the discarded stream, a 200 kB
+    RESULT stayed stuck at the first 64 KiB for good, and the stream open
+    on both sides (one of the agent's stream slots, and its drain waiting)."""
+    servers: list[QuicSession] = []
+    async with trio.open_nursery() as nursery:
+        client, to_server, to_client, collect = await _joined_sessions(nursery, dev_cert, _Frames(), servers)
+        server = servers[0]
+        stream_id = server.open_stream(CommandFrame(command_id="c", command_type="x", timeout=60), end_stream=True)
+        with trio.fail_after(10):
+            await wait_until(lambda: collect.results)
+        server.discard_stream_input(stream_id)
+        client.send_frame(stream_id, ResultFrame(command_id="c", status="completed", result="x" * 200_000), end_stream=True)
+        with trio.fail_after(30):
+            await wait_until(lambda: stream_id not in server.quic._discarding)
+        await trio.sleep(1)  # the last acknowledgements
+        assert stream_id not in client.quic._streams or client.quic._streams[stream_id].sender.is_finished
+        assert server.quic._delivered == server.quic._local_max_data.used
+        nursery.cancel_scope.cancel()
+
+
+class _GiveUpOnAnotherStream(_Frames):
+    """As AgentLink does with a held result: a frame on one stream makes it
+    give up on another (the re-sent command's), while events are handled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.give_up: int | None = None
+
+    def frame_received(self, session: QuicSession, stream_id: int, frame: Frame) -> None:
+        super().frame_received(session, stream_id, frame)
+        if self.give_up is not None and stream_id != self.give_up:
+            session.discard_stream_input(self.give_up)
+
+
+async def test_a_stream_given_up_on_while_its_end_waits_in_the_same_datagram_is_not_misread(
+    dev_cert, autojump_clock
+):
+    """The rest of a frame and the FIN came in the datagram whose earlier
+    frame made the server give up on the stream: the stream was finished
+    already, its data event was left queued, and read by a new decoder
+    from the middle of the frame (a FRAME_TOO_LARGE close)."""
+    servers: list[QuicSession] = []
+    handler = _GiveUpOnAnotherStream()
+    async with trio.open_nursery() as nursery:
+        client, to_server, to_client, collect = await _joined_sessions(nursery, dev_cert, handler, servers)
+        server = servers[0]
+        held_stream = client.quic.get_next_available_stream_id()
+        client.quic.send_stream_data(held_stream, b"")  # opened first: its frames go first in a packet
+        command_stream = server.open_stream(CommandFrame(command_id="c", command_type="x", timeout=60), end_stream=True)
+        with trio.fail_after(10):
+            await wait_until(lambda: collect.results)
+        handler.give_up = command_stream
+        answer = encode_frame(ResultFrame(command_id="c", status="completed", result="x" * 5_000))
+        client.quic.send_stream_data(command_stream, answer[:-50])
+        client._wake()
+        await trio.sleep(1)
+        assert server._decoders[command_stream].has_partial_frame
+        client.quic.send_stream_data(held_stream, encode_frame(ResultFrame(command_id="held", status="completed")))
+        client.quic.send_stream_data(command_stream, answer[-50:], end_stream=True)
+        client._wake()
+        await trio.sleep(1)
+        assert not handler.lost and not server.is_closing
+        assert [frame.command_id for _, frame in handler.frames] == ["held"]
+        nursery.cancel_scope.cancel()

@@ -32,7 +32,7 @@ from aioquic.quic.connection import (
 from aioquic.quic.packet import QuicFrameType
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.rangeset import RangeSet
-from aioquic.quic.stream import QuicStream, QuicStreamReceiver
+from aioquic.quic.stream import QuicStream
 
 from ..wire import FRAME_HEADER_SIZE
 
@@ -100,10 +100,9 @@ class WindowedQuicConnection(QuicConnection):
         checked and counted against the connection's credit (aioquic ignores
         frames of a stream it has forgotten, uncounted).
         """
-        stream = self._streams.get(stream_id)
-        if stream is None or stream.receiver.is_finished or stream_id in self._discarding:
-            return
-        self._discarding.add(stream_id)
+        # Its events not handed out yet go first, even if the stream is
+        # finished (its FIN came in the same datagram) or already forgotten:
+        # one reaching the reader now would be read from the middle of a frame.
         kept = deque()
         for event in self._events:
             if isinstance(event, events.StreamDataReceived) and event.stream_id == stream_id:
@@ -111,20 +110,32 @@ class WindowedQuicConnection(QuicConnection):
             else:
                 kept.append(event)
         self._events = kept
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.receiver.is_finished or stream_id in self._discarding:
+            return
+        self._discarding.add(stream_id)
         receiver = stream.receiver
         self._delivered += receiver.highest_offset - receiver.starting_offset()
-        self._forget_received(stream_id, receiver)
+        self._forget_received(stream)
 
-    def _forget_received(self, stream_id: int, receiver: QuicStreamReceiver) -> None:
-        """Drop what ``receiver`` holds (aioquic's receiver cannot be told to
-        stop buffering); the caller has counted it as read."""
+    def _forget_received(self, stream: QuicStream) -> None:
+        """Drop what the stream holds (aioquic's receiver cannot be told to
+        stop buffering; the caller has counted it as read), and keep its
+        window a STREAM_WINDOW ahead of what came: a peer must be able to
+        finish a stream (an answer written before the server gave up on it,
+        of any size), or the stream would stay open on both sides for good."""
+        receiver = stream.receiver
         receiver._buffer = bytearray()
         receiver._ranges = RangeSet()
         receiver._buffer_start = receiver.highest_offset
         if receiver._final_size == receiver.highest_offset:
             receiver.is_finished = True  # all of it has come: aioquic may forget the stream
         if receiver.is_finished:
-            self._discarding.discard(stream_id)
+            self._discarding.discard(stream.stream_id)
+        else:
+            stream.max_stream_data_local = max(
+                stream.max_stream_data_local, receiver.highest_offset + STREAM_WINDOW
+            )
 
     def _handle_stream_frame(self, context: Any, frame_type: int, buf: Buffer) -> None:
         if not self._discarding or (stream_id := _peek_stream_id(buf)) not in self._discarding:
@@ -136,7 +147,7 @@ class WindowedQuicConnection(QuicConnection):
         if len(self._events) > queued:
             self._events.pop()  # its data, which nobody will read
         self._delivered += self._local_max_data.used - used
-        self._forget_received(stream_id, self._streams[stream_id].receiver)
+        self._forget_received(self._streams[stream_id])
 
     def _handle_reset_stream_frame(self, context: Any, frame_type: int, buf: Buffer) -> None:
         # A reset stream's final size counts against the connection's credit,
