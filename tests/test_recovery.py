@@ -30,6 +30,7 @@ from trio_quiccmd.server.store import sqlite as sqlite_store
 from trio_quiccmd.server.store.sqlite import SqliteStore, open_sqlite_store
 from trio_quiccmd.wire import CancelFrame
 
+from .conftest import wait_until
 from .httpclient import samples
 from .test_http_api import running_server
 from .test_redelivery import answer, answer_on, connect, sent_ids
@@ -233,6 +234,32 @@ async def test_a_durable_drain_does_not_wait_for_commands_whose_agent_is_gone(db
         async with server_run(db) as manager:
             assert (await manager.get_command(running.command_id)).result == "done"
             assert (await manager.get_command(orphan.command_id)).status is CommandStatus.EXECUTING
+
+
+async def test_a_drain_stops_waiting_for_a_command_that_can_no_longer_go_out(db, monkeypatch):
+    # Staged to go out as the drain began, it found the agent's stream limit
+    # reached once stored: it will not be sent (the drain stopped sending),
+    # so nothing is left that can finish.
+    with trio.fail_after(10):
+        async with server_run(db) as manager:
+            link, session = connect(manager, "c1", instance="i1")
+            async with trio.open_nursery() as nursery:
+                async with held_commits(monkeypatch) as held:
+                    nursery.start_soon(manager.send_command, "c1", "sleep", None)
+                    await wait_until(lambda: held.rows)
+                    session.can_open_stream = False
+                    drained = trio.Event()
+
+                    async def drain():
+                        assert await manager.drain(600) == 1
+                        drained.set()
+
+                    nursery.start_soon(drain)
+                    await trio.testing.wait_all_tasks_blocked()
+                    held.release.set()
+                    with trio.fail_after(5):
+                        await drained.wait()
+            assert sent_ids(session) == []
 
 
 async def test_history_is_queryable_after_a_restart(db):

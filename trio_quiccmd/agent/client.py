@@ -574,14 +574,14 @@ class Agent:
             if link.pin_mismatch is not None:
                 raise link.pin_mismatch from exc
             raise
-        # Dialled first next time, if the server's name still resolves to it.
-        self._server_address = session.peer_address
         self._current = session
         self._current_link = link
         link.session = session
         try:
             if link.pin_mismatch is not None:
                 raise link.pin_mismatch
+            # Dialled first next time, if the server's name still resolves to it.
+            self._server_address = session.peer_address
             if self._stopping:
                 return
             link.control_stream = session.open_stream(

@@ -312,12 +312,13 @@ class CommandManager:
         only make every restart take the whole grace period."""
         clients = set(self._executing) | set(self._queues)
         self._draining = {client_id for client_id in clients if self._can_finish_now(client_id)}
-        self._drained = trio.Event()
-        if not self._draining:
-            self._drained.set()
         try:
             with trio.move_on_after(grace):
-                await self._drained.wait()
+                # (Emptied for a moment, it may fill again: an agent's process
+                # replaced by another one leaves before the new one is there.)
+                while self._draining:
+                    self._drained = trio.Event()
+                    await self._drained.wait()
         finally:
             self._draining = None
 
@@ -722,6 +723,7 @@ class CommandManager:
         self._never_sent.setdefault(client_id, set()).add(command_id)
         self._executing[client_id][command_id] = NEVER_SENT
         self._update(command)
+        self._drain_recheck(client_id)
 
     def _restage(self, command: Command, link: AgentLink) -> None:
         """Send ``command``, which no agent process has seen, to ``link``'s
@@ -852,7 +854,9 @@ class CommandManager:
 
     async def _settled(self, command_id: str, promise: _Promise, timeout: float | None) -> Command:
         """The command once ``promise`` settles or ``timeout`` passes."""
-        if not self._waits_released:
+        if self._waits_released:
+            await trio.lowlevel.checkpoint()  # a caller's loop of waits must not hold the event loop
+        else:
             with trio.move_on_after(math.inf if timeout is None else timeout):
                 await promise.settled.wait()
         if promise.command is not None:
