@@ -617,3 +617,22 @@ async def test_a_stream_given_up_on_while_its_end_waits_in_the_same_datagram_is_
         assert not handler.lost and not server.is_closing
         assert [frame.command_id for _, frame in handler.frames] == ["held"]
         nursery.cancel_scope.cancel()
+
+
+async def test_wait_acknowledged_returns_once_the_peer_has_what_was_written(dev_cert, autojump_clock):
+    """What a polite close waits for (QuicEndpoint.close_all): everything
+    written on the connection acknowledged by the peer, a frame just written
+    on a stream that stays open included (a CANCEL on the control stream)."""
+    servers: list[QuicSession] = []
+    async with trio.open_nursery() as nursery:
+        client, to_server, to_client, collect = await _joined_sessions(nursery, dev_cert, _Frames(), servers)
+        server = servers[0]
+        await server.wait_acknowledged()  # nothing written yet: at once
+        stream_id = server.open_stream(CommandFrame(command_id="c", command_type="x", timeout=60))
+        server.send_frame(stream_id, CommandFrame(command_id="d", command_type="x", timeout=60))
+        assert not server._all_acknowledged()
+        with trio.fail_after(5):
+            await server.wait_acknowledged()
+        assert [frame.command_id for frame in collect.results] == ["c", "d"]
+        assert server.quic._streams[stream_id].sender._buffer_fin is None  # still open
+        nursery.cancel_scope.cancel()

@@ -389,11 +389,18 @@ class QuicSession:
             await heard.wait()
 
     def _all_acknowledged(self) -> bool:
-        # aioquic's loss recovery and stream senders have no public accessor.
-        quic = self.quic
-        return quic._loss.bytes_in_flight == 0 and all(
-            stream.sender.buffer_is_empty for stream in quic._streams.values()
-        )
+        # From the stream senders' acknowledged ranges, which aioquic updates
+        # as ACKs arrive (its buffer_is_empty only at the next packet built);
+        # they have no public accessor.
+        for stream in self.quic._streams.values():
+            sender = stream.sender
+            if sender.is_finished:
+                continue  # its FIN or RESET_STREAM acknowledged
+            if sender._reset_error_code is not None or sender._buffer_fin is not None:
+                return False  # its RESET_STREAM or FIN not acknowledged yet
+            if sender._buffer_start != sender._buffer_stop:
+                return False  # written data not acknowledged yet
+        return True
 
     def discard_stream_input(self, stream_id: int) -> None:
         """Take nothing more from ``stream_id``: what arrived of it and what
