@@ -87,19 +87,26 @@ async def test_slow_command_times_out_and_is_cancelled_on_agent(cluster):
     assert (await cluster.manager.get_command(command.command_id)).status is CommandStatus.TIMEOUT
 
 
-async def test_cancel_executing_command_reaches_the_executor(cluster):
-    started = trio.Event()
-    cancelled = trio.Event()
-    registry = builtin_executor()
+def hang_until_cancelled(registry: ExecutorRegistry, command_type: str) -> tuple[trio.Event, trio.Event]:
+    """Register ``command_type`` as work that runs until cancelled; returns
+    the events set when it starts and when it is cancelled."""
+    started, cancelled = trio.Event(), trio.Event()
 
-    @registry.register("long")
-    async def long(payload):
+    @registry.register(command_type)
+    async def hang(payload):
         started.set()
         try:
             await trio.sleep_forever()
         except trio.Cancelled:
             cancelled.set()
             raise
+
+    return started, cancelled
+
+
+async def test_cancel_executing_command_reaches_the_executor(cluster):
+    registry = builtin_executor()
+    started, cancelled = hang_until_cancelled(registry, "long")
 
     with trio.fail_after(10):
         await cluster.start_agent("a", executor=registry)
@@ -317,16 +324,7 @@ async def test_a_shutdown_with_the_memory_store_stops_the_work_on_the_agent(dev_
     cert, key = dev_cert
     server = CommandServer(CommandManager(), server_quic_configuration(cert, key))
     registry = builtin_executor()
-    started, cancelled = trio.Event(), trio.Event()
-
-    @registry.register("hang")
-    async def hang(payload):
-        started.set()
-        try:
-            await trio.sleep_forever()
-        except trio.Cancelled:
-            cancelled.set()
-            raise
+    started, cancelled = hang_until_cancelled(registry, "hang")
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
