@@ -140,14 +140,22 @@ def test_the_audit_log_keeps_the_newest_entries_in_memory_and_skips_bad_lines(tm
         '{"id": 9, "at": "noon", "actor": "a", "action": "send", "client_id": null, "command_type": null, "command_id": null, "outcome": "accepted"}',
         '{"id": 9, "at": 1, "actor": ["a"], "action": "send", "client_id": 5, "command_type": null, "command_id": null, "outcome": "accepted"}',
         "[1, 2]",
+        # Found in review: these stopped the server's start (the first two) or
+        # made every GET /api/audit a 500 (the times beyond any date).
+        b"\xff\xfe garbage",
+        "[" * 100_000 + "]" * 100_000,
+        '{"id": 9, "at": NaN, "actor": "a", "action": "send", "client_id": null, "command_type": null, "command_id": null, "outcome": "accepted"}',
+        '{"id": 9, "at": 1e300, "actor": "a", "action": "send", "client_id": null, "command_type": null, "command_id": null, "outcome": "accepted"}',
+        '{"id": 9, "at": 1, "actor": "a", "action": "delete", "client_id": null, "command_type": null, "command_id": null, "outcome": "accepted"}',
     ],
+    ids=["id-text", "id-bool", "at-text", "wrong-types", "not-object", "not-utf8", "deep", "at-nan", "at-1e300", "action"],
 )
 def test_a_damaged_audit_line_is_skipped_with_a_warning_not_a_crash(tmp_path, caplog, bad_line):
     path = tmp_path / "audit.jsonl"
     log = AuditLog(path)
     log.record(actor="a", action="send", client_id="c", command_type="echo", command_id=None, outcome="accepted")
-    with path.open("a") as f:
-        f.write(bad_line + "\n")
+    with path.open("ab") as f:
+        f.write((bad_line if isinstance(bad_line, bytes) else bad_line.encode()) + b"\n")
     with caplog.at_level(logging.WARNING, logger="trio_quiccmd.audit"):
         reloaded = AuditLog(path)
     entries, _ = reloaded.query(limit=10)
@@ -155,6 +163,32 @@ def test_a_damaged_audit_line_is_skipped_with_a_warning_not_a_crash(tmp_path, ca
     assert any("skipped" in r.getMessage() and "count=1" in r.getMessage() for r in caplog.records)
     # It goes on numbering after the good entries.
     assert reloaded.record(actor="a", action="send", client_id="d", command_type="echo", command_id=None, outcome="accepted").id == 2
+
+
+def test_an_entry_after_a_line_cut_short_is_not_lost(tmp_path):
+    # Found in review: a crash or a full disk mid-write leaves part of a line;
+    # the next entry was appended to it, and both were skipped at the next start.
+    path = tmp_path / "audit.jsonl"
+    AuditLog(path).record(actor="a", action="send", client_id="c1", command_type="echo", command_id=None, outcome="accepted")
+    with path.open("a") as f:
+        f.write('{"id":2,"at":1,"actor":"a","action":"send","cli')
+    log = AuditLog(path)
+    log.record(actor="a", action="send", client_id="c3", command_type="echo", command_id=None, outcome="accepted")
+    entries, _ = AuditLog(path).query(limit=10)
+    assert [e.client_id for e in entries] == ["c3", "c1"]
+
+
+def test_an_over_long_value_is_kept_cut_short(tmp_path):
+    # Found in review: a URL's command id of 60,000 characters, refused 403
+    # for a cross-origin request without a token, was kept whole in memory,
+    # the file and the log: 2,000 such requests took 120 MB of file and 120 MB of memory.
+    path = tmp_path / "audit.jsonl"
+    entry = AuditLog(path).record(
+        actor="anonymous", action="cancel", client_id=None, command_type=None, command_id="D" * 60_000,
+        outcome="refused", error_code="forbidden",
+    )
+    assert entry.command_id == "D" * 256 + "… (60000 characters in all)"
+    assert path.stat().st_size < 1_000
 
 
 def test_caller_chosen_values_cannot_split_or_forge_audit_log_lines(tmp_path, caplog):

@@ -90,3 +90,27 @@ async def test_a_newline_in_a_url_path_stays_in_its_log_line(tmp_path, caplog):
     rejected = [line for line in lines if "Operator rejected" in line]
     assert len(rejected) == 1 and "path='/api/command/x\\n2026" in rejected[0]
     assert not any(line.startswith("2026-11-28T10:00:00.000Z") for line in lines)
+
+
+async def test_a_url_path_cannot_forge_the_access_logs_fields_or_flood_it(tmp_path, caplog):
+    # Found in review: hypercorn passes the access log's values as a mapping,
+    # which the quoting did not look at: a path "abc%20status=200" logged a
+    # status=200 for a 401. And a 60,000-character path went whole into two
+    # log lines per request.
+    caplog.set_level(logging.INFO)
+    issue_api_token(tmp_path / "data", "ops", role="operate")
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(tmp_path, require_api_token=True) as h:
+            assert (await h.request("GET", "/api/command/abc%20status=200%20bytes=0")).status == 401
+            assert (await h.request("GET", "/api/command/" + "D" * 60_000)).status == 401
+    formatter = KeyValueFormatter()
+    access = [formatter.format(r) for r in caplog.records if r.name == "trio_quiccmd.http.access"]
+    forged = [line for line in access if "abc" in line]
+    assert forged and all("path='/api/command/abc status=200 bytes=0' " in line for line in forged)
+    after_the_path = [line.split("bytes=0' ", 1)[1] for line in forged]
+    # (hypercorn may log the request a first time with status=-, see docs/command-system.md.)
+    assert all("status=200" not in rest for rest in after_the_path), after_the_path
+    assert any("status=401" in rest for rest in after_the_path), after_the_path
+    lines = [formatter.format(r) for r in caplog.records]
+    long_ones = [line for line in lines if "DDDD" in line]
+    assert long_ones and all(len(line) < 1_500 and "(60013 characters in all)" in line for line in long_ones)

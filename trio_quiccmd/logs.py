@@ -16,6 +16,7 @@ import functools
 import logging
 import re
 import sys
+from collections.abc import Iterator, Mapping
 from typing import TextIO
 
 
@@ -69,6 +70,49 @@ def _needs_quotes(value: object) -> bool:
     return not isinstance(value, (int, float)) and _SPACE.search(str(value)) is not None
 
 
+def clip(text: str, limit: int) -> str:
+    """``text`` cut at ``limit`` characters, saying how long it was: for a
+    value a peer chose, which may be of any length (a URL's path)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters in all)"
+
+
+#: Longest value a ``key=%(name)s`` of a mapping-style message keeps.
+LONGEST_NAMED_VALUE = 1024
+_NAMED_VALUE = re.compile(r"=%\((\w+)\)s")
+
+
+@functools.lru_cache(maxsize=64)
+def _named_value_slots(msg: str) -> frozenset[str]:
+    """Which names of ``msg`` are written by a ``key=%(name)s``."""
+    return frozenset(_NAMED_VALUE.findall(msg))
+
+
+class _QuotingArgs(Mapping[str, object]):
+    """The arguments of a ``%(name)s`` message (hypercorn's access log
+    passes them so), with each ``key=%(name)s`` value quoted as needed and
+    cut at LONGEST_NAMED_VALUE: a URL path of ``a%20status=200`` is decoded
+    to a space before it gets here."""
+
+    def __init__(self, args: Mapping[str, object], names: frozenset[str]):
+        self._args = args
+        self._names = names
+
+    def __getitem__(self, key: str) -> object:
+        value = self._args[key]
+        if key not in self._names or isinstance(value, (int, float)):
+            return value
+        text = clip(str(value), LONGEST_NAMED_VALUE)
+        return _Quoted(text) if _needs_quotes(text) else text
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._args)
+
+    def __len__(self) -> int:
+        return len(self._args)
+
+
 class KeyValueFormatter(logging.Formatter):
     """One line per record, RFC 3339 UTC timestamp first; tracebacks indented below.
 
@@ -94,6 +138,11 @@ class KeyValueFormatter(logging.Formatter):
                     _Quoted(str(arg)) if i in value_slots and _needs_quotes(arg) else arg
                     for i, arg in enumerate(args)
                 )
+        elif isinstance(args, Mapping) and isinstance(record.msg, str):
+            names = _named_value_slots(record.msg)
+            if names:
+                record = copy.copy(record)
+                record.args = _QuotingArgs(args, names)  # type: ignore[assignment]
         return super().format(record)
 
     def formatMessage(self, record: logging.LogRecord) -> str:

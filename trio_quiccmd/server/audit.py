@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterable
 
 import attrs
 
+from ..logs import clip
+
 logger = logging.getLogger("trio_quiccmd.audit")
 
 AUDIT_FILE = "audit.jsonl"
@@ -59,14 +61,28 @@ def _entry_from(document: Any) -> AuditEntry:
     entry = AuditEntry(**document)
     if isinstance(entry.id, bool) or not isinstance(entry.id, int):
         raise ValueError("id must be an integer")
-    if isinstance(entry.at, bool) or not isinstance(entry.at, (int, float)):
-        raise ValueError("at must be a number")
+    if isinstance(entry.at, bool) or not isinstance(entry.at, (int, float)) or not 0 <= entry.at < _LATEST:
+        raise ValueError("at must be a time (epoch seconds)")
+    if entry.action not in ACTIONS or entry.outcome not in OUTCOMES:
+        raise ValueError(f"action must be one of {ACTIONS}, outcome one of {OUTCOMES}")
     if not all(isinstance(v, str) for v in (entry.actor, entry.action, entry.outcome, entry.remote)):
         raise ValueError("actor, action, outcome and remote must be strings")
     if not all(v is None or isinstance(v, str)
                for v in (entry.client_id, entry.command_type, entry.command_id, entry.error_code)):
         raise ValueError("client_id, command_type, command_id and error_code must be strings or null")
     return entry
+
+
+#: Past the last time the API can write (year 9999): a damaged "at" beyond it
+#: would make every page of GET /api/audit fail.
+_LATEST = 253402300800.0
+#: Longest text an entry keeps of a caller-chosen value (the ids the API
+#: takes are at most 256 characters; a URL's command id is any length).
+MAX_FIELD = 256
+
+
+def _clipped(text: str | None) -> str | None:
+    return None if text is None else clip(text, MAX_FIELD)
 
 
 def _value(text: str | None) -> str:
@@ -93,20 +109,26 @@ class AuditLog:
         self._wall = wall_clock
         self._entries: collections.deque[AuditEntry] = collections.deque(maxlen=max_entries)
         self._next_id = 1
+        # The file ends in part of a line (a crash or a full disk mid-write):
+        # the next entry starts on a line of its own, not glued to it.
+        self._torn_tail = False
         if path is not None:
             self._load(path)
 
     def _load(self, path: Path) -> None:
         try:
-            with path.open("r", encoding="utf-8") as f:
+            # Bytes that are not UTF-8 (a damaged line) become U+FFFD and fail
+            # as JSON below, instead of failing the start.
+            with path.open("r", encoding="utf-8", errors="replace") as f:
                 lines: Iterable[str] = collections.deque(f, maxlen=self._entries.maxlen)
         except FileNotFoundError:
             return
+        self._torn_tail = bool(lines) and not lines[-1].endswith("\n")  # type: ignore[index]
         skipped = 0
         for line in lines:
             try:
                 entry = _entry_from(json.loads(line))
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, RecursionError):
                 skipped += 1
                 continue
             self._entries.append(entry)
@@ -127,19 +149,20 @@ class AuditLog:
         error_code: str | None = None,
         remote: str = "",
     ) -> AuditEntry:
-        """Add an entry: in memory, to the file and as a log line."""
+        """Add an entry: in memory, to the file and as a log line. A value
+        longer than :data:`MAX_FIELD` is kept cut there."""
         entry = AuditEntry(
-            id=self._next_id, at=self._wall(), actor=actor, action=action, client_id=client_id,
-            command_type=command_type, command_id=command_id, outcome=outcome,
-            error_code=error_code, remote=remote,
+            id=self._next_id, at=self._wall(), actor=actor, action=action,
+            client_id=_clipped(client_id), command_type=_clipped(command_type),
+            command_id=_clipped(command_id), outcome=outcome, error_code=error_code, remote=remote,
         )
         self._next_id += 1
         self._entries.append(entry)
         logger.info(
             "Audit action=%s actor=%s client_id=%s command_type=%s command_id=%s outcome=%s "
             "error_code=%s remote=%s",
-            action, actor, _value(client_id), _value(command_type), _value(command_id), outcome,
-            error_code, remote or "-",
+            action, actor, _value(entry.client_id), _value(entry.command_type),
+            _value(entry.command_id), outcome, error_code, remote or "-",
         )
         if self.path is not None:
             # Written, not fsync'd: an fsync per send would cost more than the
@@ -149,7 +172,9 @@ class AuditLog:
                 # was rotated (moved away) since the last entry.
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 with os.fdopen(fd, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(entry.to_json(), separators=(",", ":")) + "\n")
+                    line = json.dumps(entry.to_json(), separators=(",", ":")) + "\n"
+                    f.write("\n" + line if self._torn_tail else line)
+                self._torn_tail = False
             except OSError as exc:
                 # The log line above still holds the entry; refusing the
                 # command over a full disk would take the fleet down with it.

@@ -39,6 +39,7 @@ from ..errors import (
     StoreUnavailable,
     Unauthorized,
 )
+from ..logs import LONGEST_NAMED_VALUE, clip
 from ..model import COMMAND_ID_PATTERN, PRIORITY_RANGE, Command, CommandStatus, ErrorCode, parse_rfc3339
 from ..wire import check_unicode, finite_float, reject_constant
 from .audit import ACTIONS, OUTCOMES, AuditEntry, AuditLog
@@ -717,7 +718,7 @@ def create_app(
     def refused(exc: QuicCmdError) -> None:
         logger.warning(
             "Operator rejected remote=%s method=%s path=%s reason=%r",
-            request.remote_addr, request.method, request.path, str(exc),
+            request.remote_addr, request.method, clip(request.path, LONGEST_NAMED_VALUE), str(exc),
         )
         action = _AUDITED_ROUTES.get(request.endpoint or "")
         if action is not None and isinstance(exc, Forbidden):
