@@ -28,12 +28,12 @@ from trio_quiccmd.server.policy import AllowRule, CommandPolicy
 from trio_quiccmd.server.store import CommandQuery
 from trio_quiccmd.server.store import sqlite as sqlite_store
 from trio_quiccmd.server.store.sqlite import SqliteStore, open_sqlite_store
-from trio_quiccmd.wire import CancelFrame
+from trio_quiccmd.wire import CancelFrame, Hello
 
 from .conftest import wait_until
 from .httpclient import samples
 from .test_http_api import running_server
-from .test_redelivery import answer, answer_on, connect, sent_ids
+from .test_redelivery import AckingSession, answer, answer_on, connect, sent_ids
 
 
 @asynccontextmanager
@@ -557,6 +557,38 @@ async def test_a_queued_command_the_new_policy_forbids_is_not_sent_after_a_resta
             refused = await manager.get_command(allowed.command_id)
             assert (refused.status, refused.error_code) == (CommandStatus.FAILED, "policy_denied")
             assert manager.queued_count("c1") == 0
+
+
+async def test_a_queued_command_is_judged_again_by_the_labels_of_the_process_that_connects(db):
+    # Found in review: accepted for an agent labelled role=web, it was sent to
+    # the agent's next process, labelled role=db, which the policy does not let
+    # have it (a restart of the server would have refused it).
+    web_only = CommandPolicy(rules=(
+        AllowRule(labels={"role": "web"}, command_types=frozenset({"sleep", "echo"})),
+        AllowRule(labels={}, command_types=frozenset({"echo"})),
+    ))
+    with trio.fail_after(10):
+        async with server_run(db, policy=web_only, max_in_flight_per_agent=1) as manager:
+            link, session = connect_labelled(manager, "b1", {"role": "web"}, instance="i1")
+            running = await manager.send_command("b1", "sleep", {"seconds": 20})
+            queued = await manager.send_command("b1", "sleep", {"seconds": 1})
+            echo = await manager.send_command("b1", "echo", "e")
+            await wait_all_stored(manager)
+            assert sent_ids(session) == [running.command_id]
+            link.connection_lost(session, 0, "restarted")
+            link, session = connect_labelled(manager, "b1", {"role": "db"}, instance="i2")
+            await wait_all_stored(manager)
+            refused = await manager.get_command(queued.command_id)
+            assert (refused.status, refused.error_code) == (CommandStatus.FAILED, "policy_denied")
+            assert sent_ids(session) == [echo.command_id]
+
+
+def connect_labelled(manager: CommandManager, client_id: str, labels: dict, *, instance: str) -> tuple:
+    link = manager.registry.new_link()
+    session = AckingSession()
+    link.handshake_completed(session)
+    link.frame_received(session, 0, Hello(client_id=client_id, labels=labels, instance_id=instance))
+    return link, session
 
 
 # -- a store that cannot write -----------------------------------------------------

@@ -945,6 +945,12 @@ class CommandManager:
         client_id = link.client_id
         assert client_id is not None and link.hello is not None
         self._resend.pop(client_id, None)
+        queue = self._queues.get(client_id)
+        if self.policy is not None and queue:
+            # Judged when accepted by the labels the agent had then (its
+            # bound ones, or its last HELLO's): a new process, or a replaced
+            # token, may carry others.
+            self._policy_recheck.update(command_id for *_, command_id in queue)
         executing = self._executing.get(client_id)
         instance = _instance_of(link)
         for command_id in list(self._never_sent.get(client_id, ())):
@@ -1216,15 +1222,16 @@ class CommandManager:
         _discard(self._never_sent, client_id, command_id)
 
     def _allowed_now(self, command: Command, link: AgentLink) -> bool:
-        """A recovered command, judged by today's policy before it is sent;
-        one refused now ends ``failed`` with the policy's code."""
+        """A recovered command, or one queued before its agent connected,
+        judged by today's policy and the agent's labels now, before it is
+        sent; one refused now ends ``failed`` with the policy's code."""
         self._policy_recheck.discard(command.command_id)
         assert self.policy is not None and link.hello is not None
         try:
             self.policy.check(command.client_id, command.command_type, command.payload, link.hello.labels)
         except CommandRefused as exc:
             logger.warning(
-                "Recovered command refused by the policy command_id=%s client_id=%s error_code=%s",
+                "Queued command refused by the policy command_id=%s client_id=%s error_code=%s",
                 command.command_id, command.client_id, exc.code,
             )
             self._finish(command, CommandStatus.FAILED, error=str(exc), error_code=exc.code)
