@@ -114,3 +114,21 @@ async def test_a_url_path_cannot_forge_the_access_logs_fields_or_flood_it(tmp_pa
     lines = [formatter.format(r) for r in caplog.records]
     long_ones = [line for line in lines if "DDDD" in line]
     assert long_ones and all(len(line) < 1_500 and "(60013 characters in all)" in line for line in long_ones)
+
+
+async def test_a_label_value_cannot_pass_for_more_labels_in_the_log(caplog):
+    # Found in review: --label "zone=eu,role=web" was logged
+    # labels=role=web,zone=eu,role=web, as if the agent had role=web twice.
+    from trio_quiccmd import CommandManager
+    from trio_quiccmd.wire import Hello
+
+    from .recording import RecordingSession
+
+    caplog.set_level(logging.INFO, logger="trio_quiccmd.server")
+    manager = CommandManager()
+    link = manager.registry.new_link()
+    session = RecordingSession()
+    link.handshake_completed(session)
+    link.frame_received(session, 0, Hello(client_id="b1", labels={"zone": "eu,role=web", "role": "db"}))
+    [connected] = [r.getMessage() for r in caplog.records if "Agent connected" in r.getMessage()]
+    assert connected.endswith("labels=role=db,zone='eu,role=web'")

@@ -59,7 +59,12 @@ class ClientInfo:
 
 
 def _format_labels(labels: Mapping[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    # A key or value with "," or "=" is quoted: "zone=eu,role=web" as a value
+    # would otherwise read as two labels.
+    def part(text: str) -> str:
+        return repr(text) if "," in text or "=" in text else text
+
+    return ",".join(f"{part(k)}={part(v)}" for k, v in sorted(labels.items()))
 
 
 def _is_client_bidi(stream_id: int) -> bool:
