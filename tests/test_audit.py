@@ -11,6 +11,7 @@ import pytest
 
 import trio
 
+from trio_quiccmd.logs import KeyValueFormatter
 from trio_quiccmd.server.audit import AuditLog
 from trio_quiccmd.server.policy import AllowRule, CommandPolicy
 from trio_quiccmd.tokens import issue_api_token
@@ -197,9 +198,11 @@ def test_caller_chosen_values_cannot_split_or_forge_audit_log_lines(tmp_path, ca
         actor="alice", action="send", client_id="a b", command_type="x\nAudit action=cancel",
         command_id=None, outcome="refused", error_code="forbidden",
     )
-    [line] = [r.getMessage() for r in caplog.records]
-    assert "\n" not in line
-    assert "client_id='a b' command_type='x\\nAudit action=cancel'" in line
+    [record] = caplog.records
+    # Quoted once, by any formatter, ours too (it quoted the quotes again).
+    for line in (record.getMessage(), KeyValueFormatter().format(record)):
+        assert "\n" not in line
+        assert "client_id='a b' command_type='x\\nAudit action=cancel'" in line, line
 
 
 async def test_sends_and_cancels_through_the_python_api_are_audited_too(autojump_clock):

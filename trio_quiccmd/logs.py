@@ -45,6 +45,12 @@ class _Quoted(str):
         return repr(self)
 
 
+def quoted(text: str) -> str:
+    """``text`` to log as a ``key=%s`` value, quoted (``%r``) by any
+    formatter, ours included, which then does not quote it again."""
+    return _Quoted(text)
+
+
 _SPACE = re.compile(r"\s")
 #: A %-conversion (or an escaped %).
 _CONVERSION = re.compile(r"%(?:\(\w+\))?[-#0 +]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[a-zA-Z%]")
@@ -67,7 +73,9 @@ def _value_slots(msg: str) -> frozenset[int]:
 
 def _needs_quotes(value: object) -> bool:
     # Not only strings: a path, or an exception whose text a peer chose.
-    return not isinstance(value, (int, float)) and _SPACE.search(str(value)) is not None
+    return (
+        not isinstance(value, (int, float, _Quoted)) and _SPACE.search(str(value)) is not None
+    )
 
 
 def clip(text: str, limit: int) -> str:

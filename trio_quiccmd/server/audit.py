@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 import attrs
 
-from ..logs import clip
+from ..logs import clip, quoted
 
 logger = logging.getLogger("trio_quiccmd.audit")
 
@@ -91,7 +91,7 @@ def _value(text: str | None) -> str:
     key=value pairs nor start a forged line."""
     if text is None:
         return "None"
-    return text if text.isprintable() and " " not in text and text else repr(text)
+    return text if text.isprintable() and " " not in text and text else quoted(text)
 
 
 class AuditLog:
