@@ -103,6 +103,7 @@ async def test_a_bad_store_setting_is_a_configuration_error(tmp_path):
 
 
 async def test_the_server_says_where_its_store_is_as_an_absolute_path(tmp_path):
+    (tmp_path / "history").mkdir()
     with trio.fail_after(TIMEOUT):
         async with spawn(server_argv("--store", "sqlite:///history/c.db"), cwd=tmp_path, name="server") as server:
             await server.stdout.wait_for("quiccmd server listening ")
@@ -111,3 +112,14 @@ async def test_the_server_says_where_its_store_is_as_an_absolute_path(tmp_path):
             assert (tmp_path / "history" / "c.db").is_file()
             server.process.terminate()
             assert await server.process.wait() == 0
+
+
+async def test_a_store_path_in_a_directory_that_does_not_exist_is_refused(tmp_path):
+    # Found in review: --store sqlite:////missing/dir/x.db made the missing
+    # directories and started an empty history there, a typo unnoticed.
+    with trio.fail_after(TIMEOUT):
+        code, stderr = await refused(tmp_path, "--store", "sqlite:///typo/commands.db")
+    assert code == 1
+    line = the_error_line(stderr)
+    assert "the directory of the command store typo/commands.db does not exist" in line, line
+    assert not (tmp_path / "typo").exists()

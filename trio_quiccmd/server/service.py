@@ -127,6 +127,13 @@ async def open_store(settings: ServerSettings) -> AsyncIterator[Store]:
         logger.info("Command store kind=memory durable=false")
         yield MemoryStore()
         return
+    if settings.store != "sqlite" and not path.parent.is_dir():
+        # A path given by hand: a typo in its directory would start an empty
+        # history somewhere new. (The data dir's own store makes the data dir.)
+        raise StoreError(
+            f"the directory of the command store {path} does not exist: create it, or check "
+            "the --store path"
+        )
     async with open_sqlite_store(path, synchronous=settings.store_sync) as store:  # type: ignore[arg-type]
         # Absolute, because sqlite:///x.db is relative (the SQLAlchemy spelling;
         # sqlite:////x.db is absolute) and the difference is easy to miss.
