@@ -36,7 +36,8 @@ OUTCOMES = ("accepted", "refused")
 
 @attrs.frozen(kw_only=True)
 class AuditEntry:
-    #: Increasing, never reused (continues from the file after a restart).
+    #: Increasing within the file (continues from it after a restart; a file
+    #: moved away starts the numbering again at 1).
     id: int
     #: Epoch seconds.
     at: float
