@@ -424,20 +424,9 @@ async def test_a_command_never_sent_goes_to_the_agents_next_process(db, monkeypa
     # Its agent left while it was being stored and came back restarted (a new
     # instance): nobody ever had it, so the new process gets it.
     with trio.fail_after(10):
-        async with server_run(db) as manager, held_commits(monkeypatch) as held:
-            link, session = connect(manager, "c1", instance="i1")
-            async with trio.open_nursery() as nursery:
-                await send_then_lose_the_agent(manager, nursery, link, session)
-                held.release.set()
-            await wait_all_stored(manager)
-            link, session = connect(manager, "c1", instance=next_instance)
-            await wait_all_stored(manager)
-            (command,) = (await manager.list_commands()).commands
-            assert sent_ids(session) == [command.command_id]
-            # The store knows where it went (a restart re-sends it there only).
-            assert [u.sent_to for u in await manager.store.unfinished()] == [next_instance]
-            answer(link, session, command.command_id, "done")
-            assert (await manager.get_command(command.command_id)).result == "done"
+        async with server_run(db) as manager:
+            await never_sent_command(manager, monkeypatch)
+            await the_next_process_gets_it(manager, next_instance)
 
 
 @pytest.mark.parametrize("next_instance", ["i2", ""])
@@ -454,14 +443,21 @@ async def test_a_command_never_sent_goes_to_the_agents_next_process_after_a_rest
             await manager.drain(0)
 
         async with server_run(db) as manager:
-            link, session = connect(manager, "c1", instance=next_instance)
-            await wait_all_stored(manager)
-            (command,) = (await manager.list_commands()).commands
-            assert sent_ids(session) == [command.command_id]
-            assert [u.sent_to for u in await manager.store.unfinished()] == [next_instance]
-            answer(link, session, command.command_id, "done")
-            assert (await manager.get_command(command.command_id)).result == "done"
+            await the_next_process_gets_it(manager, next_instance)
     assert "earlier agent instance" not in caplog.text
+
+
+async def the_next_process_gets_it(manager: CommandManager, next_instance: str) -> None:
+    """c1's one command, never sent, goes to the process that connects now,
+    the store records it went there (a restart re-sends it there only), and
+    its answer is taken."""
+    link, session = connect(manager, "c1", instance=next_instance)
+    await wait_all_stored(manager)
+    (command,) = (await manager.list_commands()).commands
+    assert sent_ids(session) == [command.command_id]
+    assert [u.sent_to for u in await manager.store.unfinished()] == [next_instance]
+    answer(link, session, command.command_id, "done")
+    assert (await manager.get_command(command.command_id)).result == "done"
 
 
 async def test_a_command_the_stream_limit_held_back_goes_out_once_stored_as_sent_there(db, monkeypatch):
