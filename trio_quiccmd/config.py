@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import attrs
 
 from .quic.admission import DEFAULT_MAX_HANDSHAKES
+from .quic.connection import format_address
 from .server.policy import CommandPolicy, parse_policy
 
 ENV_PREFIX = "QUICCMD_"
@@ -65,7 +66,7 @@ def parse_host_port(text: str) -> tuple[str, int]:
 
 def format_host_port(host: str, port: int) -> str:
     """The inverse of :func:`parse_host_port` (brackets around IPv6 hosts)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_address((host, port))
 
 
 def _port(port_text: str, whole: str) -> int:

@@ -773,7 +773,8 @@ def dial_order(
     return sorted(targets, key=lambda target: target[1] != prefer)
 
 
-def _format_address(sockaddr: NetworkAddress) -> str:
+def format_address(sockaddr: NetworkAddress) -> str:
+    """``host:port``, or ``[host]:port`` for IPv6, as the logs and the API show addresses."""
     host, port = sockaddr[0], sockaddr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -864,7 +865,7 @@ async def connect(
         if session is not None:
             race.failures.append((session.peer_address, session.close_reason or "closed", session.close_error_code))
         reason = "; ".join(
-            f"{_format_address(sockaddr)}: {why}" if len(targets) > 1 else why
+            f"{format_address(sockaddr)}: {why}" if len(targets) > 1 else why
             for sockaddr, why, _code in race.failures
         )
         code = next((code for _sockaddr, _why, code in race.failures if code is not None), None)

@@ -12,7 +12,7 @@ import attrs
 import trio
 
 from ..model import Command
-from ..quic.connection import QuicSession, SessionHandler
+from ..quic.connection import QuicSession, SessionHandler, format_address
 from ..wire import (
     PROTOCOL_VERSION,
     CancelFrame,
@@ -114,10 +114,7 @@ class AgentLink(SessionHandler):
     @property
     def remote_address(self) -> str:
         addr = self.session.peer_address if self.session else None
-        if not addr:
-            return ""
-        host, port = addr[0], addr[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_address(addr) if addr else ""
 
     def has_command(self, command_id: str) -> bool:
         """Whether ``command_id`` has a stream open on this connection."""
