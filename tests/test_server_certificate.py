@@ -184,3 +184,33 @@ def test_the_development_key_is_written_0600_and_never_through_a_link(tmp_path: 
     assert not key.is_symlink() and _mode(key) == 0o600
     ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)  # a pair
     assert sorted(p.name for p in data.iterdir()) == ["server-cert.pem", "server-key.pem"]
+
+
+def _first_start(data: Path, barrier, results) -> None:  # type: ignore[no-untyped-def]
+    barrier.wait()
+    cert, _, created = ensure_dev_certificate(data)
+    results.put((created, fingerprint_of_pem_file(cert)))
+
+
+def test_servers_starting_at_once_on_a_new_data_dir_share_one_matching_pair(tmp_path: Path):
+    # Four servers (processes) started together on an empty data dir: one
+    # makes the certificate, the others use it, and the key on disk is its
+    # key. Unlocked, each wrote a pair of its own over the others'.
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    data = tmp_path / "data"
+    barrier, results = context.Barrier(4), context.Queue()
+    starts = [context.Process(target=_first_start, args=(data, barrier, results)) for _ in range(4)]
+    for process in starts:
+        process.start()
+    outcomes = [results.get(timeout=TIMEOUT) for _ in starts]
+    for process in starts:
+        process.join(TIMEOUT)
+        assert process.exitcode == 0
+    assert sorted(created for created, _ in outcomes) == [False, False, False, True]
+    assert {fp for _, fp in outcomes} == {fingerprint_of_pem_file(data / "server-cert.pem")}
+    ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+        data / "server-cert.pem", data / "server-key.pem"
+    )
+    assert sorted(p.name for p in data.iterdir()) == ["server-cert.pem", "server-key.pem"]

@@ -388,11 +388,13 @@ def _keep_owner(fd: int, dir_fd: int, path: Path) -> None:
         ) from None
 
 
-def _write_private_at(dir_fd: int, path: Path, text: str) -> None:
+def write_at(dir_fd: int, path: Path, text: str, *, mode: int = 0o600) -> None:
+    """Write ``text`` to ``path``, a file in the open directory ``dir_fd``, as
+    :func:`write_private` does; ``mode`` for a file others may read."""
     # O_CREAT | O_EXCL never follows a link: the file is a new one, ours, so
     # it is the only one given an owner below.
     temporary = f".{path.name}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             _keep_owner(f.fileno(), dir_fd, path)
@@ -413,7 +415,7 @@ def write_private(path: Path, text: str) -> None:
     written through. Creates the directory (0700) if missing."""
     dir_fd = _open_directory(path.parent, create=True)
     try:
-        _write_private_at(dir_fd, path, text)
+        write_at(dir_fd, path, text)
     finally:
         os.close(dir_fd)
 
@@ -456,9 +458,11 @@ def _api_document(tokens: ApiTokens) -> str:
 
 
 @contextlib.contextmanager
-def _locked(data_dir: Path) -> Iterator[int]:
+def locked_data_dir(data_dir: Path) -> Iterator[int]:
     """The data dir, open (its descriptor) and locked for a read-modify-write
-    of a token file: two CLI invocations at once must not lose each other's token.
+    of a token file (two CLI invocations at once must not lose each other's
+    token), or for making the development certificate (two servers starting
+    at once must not write a key and a certificate of different pairs).
 
     The lock is on the directory itself, not on a lock file in it: its owner
     (the server's user) could make such a file a link to any file, which a
@@ -489,7 +493,7 @@ def issue_agent_token(
     if labels is not None:
         labels = check_labels(labels)
     path = data_dir / AGENT_TOKENS_FILE
-    with _locked(data_dir) as dir_fd:
+    with locked_data_dir(data_dir) as dir_fd:
         tokens = _agent_tokens(_read_json_at(dir_fd, path), path)
         if client_id in tokens.agents and not replace:
             raise TokenExists(f"{client_id} already has a token (use --replace to issue a new one)")
@@ -501,41 +505,41 @@ def issue_agent_token(
             client_id=client_id, hash=token_hash(secret),
             labels=dict(labels) if labels else None, created_at=_now(),
         )
-        _write_private_at(dir_fd, path, _agent_document(attrs.evolve(tokens, agents=agents)))
+        write_at(dir_fd, path, _agent_document(attrs.evolve(tokens, agents=agents)))
     return secret
 
 
 def revoke_agent_token(data_dir: Path, client_id: str) -> None:
     """Remove the token of ``client_id``. Raises KeyError if it has none."""
     path = data_dir / AGENT_TOKENS_FILE
-    with _locked(data_dir) as dir_fd:
+    with locked_data_dir(data_dir) as dir_fd:
         tokens = _agent_tokens(_read_json_at(dir_fd, path), path)
         if client_id not in tokens.agents:
             raise KeyError(client_id)
         agents = {k: v for k, v in tokens.agents.items() if k != client_id}
-        _write_private_at(dir_fd, path, _agent_document(attrs.evolve(tokens, agents=agents)))
+        write_at(dir_fd, path, _agent_document(attrs.evolve(tokens, agents=agents)))
 
 
 def issue_enrollment_token(data_dir: Path) -> str:
     """Create (or replace) the enrollment token; returns the secret."""
     path = data_dir / AGENT_TOKENS_FILE
-    with _locked(data_dir) as dir_fd:
+    with locked_data_dir(data_dir) as dir_fd:
         tokens = _agent_tokens(_read_json_at(dir_fd, path), path)
         secret = new_token(ENROLLMENT_PREFIX)
         tokens = attrs.evolve(tokens, enrollment_hash=token_hash(secret), enrollment_created_at=_now())
-        _write_private_at(dir_fd, path, _agent_document(tokens))
+        write_at(dir_fd, path, _agent_document(tokens))
     return secret
 
 
 def revoke_enrollment_token(data_dir: Path) -> bool:
     """Remove the enrollment token; False if there was none."""
     path = data_dir / AGENT_TOKENS_FILE
-    with _locked(data_dir) as dir_fd:
+    with locked_data_dir(data_dir) as dir_fd:
         tokens = _agent_tokens(_read_json_at(dir_fd, path), path)
         if tokens.enrollment_hash is None:
             return False
         tokens = attrs.evolve(tokens, enrollment_hash=None, enrollment_created_at=None)
-        _write_private_at(dir_fd, path, _agent_document(tokens))
+        write_at(dir_fd, path, _agent_document(tokens))
     return True
 
 
@@ -564,7 +568,7 @@ def issue_api_token(
     if labels is not None:
         labels = check_labels(labels)
     path = data_dir / API_TOKENS_FILE
-    with _locked(data_dir) as dir_fd:
+    with locked_data_dir(data_dir) as dir_fd:
         tokens = _api_tokens(_read_json_at(dir_fd, path), path)
         old = tokens.tokens.get(name)
         if old is not None and not replace:
@@ -582,19 +586,19 @@ def issue_api_token(
             command_types=tuple(command_types) if command_types else None,
             labels=dict(labels) if labels else None, created_at=_now(),
         )
-        _write_private_at(dir_fd, path, _api_document(ApiTokens(tokens=records)))
+        write_at(dir_fd, path, _api_document(ApiTokens(tokens=records)))
     return secret
 
 
 def revoke_api_token(data_dir: Path, name: str) -> None:
     """Remove the operator token ``name``. Raises KeyError if there is none."""
     path = data_dir / API_TOKENS_FILE
-    with _locked(data_dir) as dir_fd:
+    with locked_data_dir(data_dir) as dir_fd:
         tokens = _api_tokens(_read_json_at(dir_fd, path), path)
         if name not in tokens.tokens:
             raise KeyError(name)
         records = {k: v for k, v in tokens.tokens.items() if k != name}
-        _write_private_at(dir_fd, path, _api_document(ApiTokens(tokens=records)))
+        write_at(dir_fd, path, _api_document(ApiTokens(tokens=records)))
 
 
 # -- the development credential ---------------------------------------------------------------

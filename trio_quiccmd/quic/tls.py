@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ..tokens import write_private
+from ..tokens import locked_data_dir, write_at
 
 DEV_CERT_NAME = "server-cert.pem"
 DEV_KEY_NAME = "server-key.pem"
@@ -68,18 +68,29 @@ def generate_self_signed(
 def ensure_dev_certificate(data_dir: Path) -> tuple[Path, Path, bool]:
     """The data dir's development certificate and key, created if missing.
 
-    Returns (cert path, key path, created). The key is written 0600,
-    atomically and never through a link (:func:`~trio_quiccmd.tokens.write_private`),
-    a missing data dir created 0700. Raises OSError.
+    Returns (cert path, key path, created). Both files are written
+    atomically and never through a link (:func:`~trio_quiccmd.tokens.write_at`),
+    the key 0600, with the data dir locked: of servers starting at once on a
+    new data dir, one makes the pair and the others use it. A missing data
+    dir is created 0700. Raises OSError.
     """
     cert_path = data_dir / DEV_CERT_NAME
     key_path = data_dir / DEV_KEY_NAME
-    if cert_path.exists() and key_path.exists():
-        return cert_path, key_path, False
-    cert_pem, key_pem = generate_self_signed()
-    write_private(key_path, key_pem.decode("ascii"))
-    cert_path.write_bytes(cert_pem)
+    with locked_data_dir(data_dir) as dir_fd:
+        if _exists_at(dir_fd, cert_path) and _exists_at(dir_fd, key_path):
+            return cert_path, key_path, False
+        cert_pem, key_pem = generate_self_signed()
+        write_at(dir_fd, key_path, key_pem.decode("ascii"))
+        write_at(dir_fd, cert_path, cert_pem.decode("ascii"), mode=0o644)
     return cert_path, key_path, True
+
+
+def _exists_at(dir_fd: int, path: Path) -> bool:
+    try:
+        os.stat(path.name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def fingerprint(cert: x509.Certificate | bytes) -> str:
