@@ -21,6 +21,7 @@ from typing import AsyncIterator, Callable
 import pytest
 import trio
 
+from .conftest import wait_until
 from .processes import REPO, clean_env, spawn
 from trio_quiccmd import (
     Agent,
@@ -679,3 +680,43 @@ def test_the_agent_class_refuses_an_id_or_labels_the_server_would_refuse_at_ever
         Agent("x" * 257, ("127.0.0.1", 8474))
     with pytest.raises(ValueError, match="labels must be printable"):
         Agent("a", ("127.0.0.1", 8474), labels={"role": "web\r\nforged"})
+
+
+async def test_a_ca_file_damaged_while_connected_is_retried_and_a_rotated_one_used(cluster, agent_log, tmp_path):
+    # The CA file is read at each dial: one emptied while the agent was
+    # connected fails the next dials with its name (aioquic, left to read it
+    # mid-handshake, raised out of the agent), and the file put back (a
+    # rotation) is used from the next dial on.
+    failures = agent_log("Connection to server failed")
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(cluster.cert.read_bytes())
+    with trio.fail_after(TIMEOUT):
+        agent, scope = await cluster.start_agent("rotating", ca_file=ca_file)
+        ca_file.write_bytes(b"")
+        agent.session.close(reason="test: reconnect")
+        await failures.wait(2)
+        assert f"cannot use the CA file {ca_file}: not a PEM certificate file" in failures.messages[0]
+        ca_file.write_bytes(cluster.cert.read_bytes())
+        await wait_until(lambda: agent.sessions_established == 2)
+        command = await cluster.manager.send_and_wait("rotating", "echo", {"after": "rotation"})
+        assert command.status is CommandStatus.COMPLETED
+        scope.cancel()
+
+
+async def test_a_system_ca_file_openssl_cannot_load_fails_the_dial_not_the_agent(server, tmp_path):
+    # aioquic loads the system CA file only during the handshake, and raised
+    # out of its packet handling, and the agent, if it could not: the dial
+    # fails, saying why, and the agent goes on retrying.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    env = {"SSL_CERT_FILE": str(garbage), "SSL_CERT_DIR": str(tmp_path / "none")}
+    with trio.fail_after(TIMEOUT):
+        async with agent_cli("--id", "bad-system-ca", "--server", server.address,
+                             cwd=elsewhere, env=env) as agent:
+            failure = await agent.stderr.wait_for("Connection to server failed", count=2)
+            assert f"cannot use the system CA file {garbage}" in failure
+            assert agent.process.returncode is None
+            assert "Traceback" not in str(agent.stderr)
+            assert server.manager.connects == []

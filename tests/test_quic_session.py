@@ -78,15 +78,18 @@ async def _joined_sessions(
     server_handler: SessionHandler | None = None,
     servers: list[QuicSession] | None = None,
     keepalive_interval: float | None = None,
+    client_cafile: str | None = None,
 ) -> tuple[QuicSession, _Wire, _Wire, _Collect]:
     """A connected (client, server) pair; returns the client session, both
     wires (to the server, to the client) and the client's handler. The
     server session (an echoing agent unless ``server_handler`` is given, on
-    the connection class the endpoint uses) is added to ``servers``."""
+    the connection class the endpoint uses) is added to ``servers``. With
+    ``client_cafile`` (instead of the certificate), returns once the client
+    has started its handshake."""
     cert, key = dev_cert
     to_server, to_client = _Wire(), _Wire()
     client_configuration = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name="localhost")
-    client_configuration.load_verify_locations(cafile=str(cert))
+    client_configuration.load_verify_locations(cafile=client_cafile or str(cert))
     collect = _Collect()
     client = QuicSession(
         QuicConnection(configuration=client_configuration), to_server, collect,
@@ -119,6 +122,8 @@ async def _joined_sessions(
     nursery.start_soon(feed_client)
     client.quic.connect(SERVER_ADDRESS, now=trio.current_time())
     nursery.start_soon(client.run)
+    if client_cafile is not None:
+        return client, to_server, to_client, collect
     await client.handshake_done.wait()
     await trio.sleep(1)  # the handshake's last ACKs and HANDSHAKE_DONE settle
     return client, to_server, to_client, collect
@@ -321,6 +326,21 @@ async def test_an_error_in_connection_lost_ends_only_that_session(dev_cert, auto
         with trio.fail_after(10):
             await servers[0].terminated.wait()
         assert handler.lost
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_error_raised_inside_aioquic_ends_only_that_connection(dev_cert, autojump_clock, tmp_path):
+    """aioquic loads a client's CA file only when the server's certificate
+    arrives, and raises out of ``receive_datagram`` if it cannot: that
+    closed the endpoint's receive loop (every connection) or the agent."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    async with trio.open_nursery() as nursery:
+        client, *_ = await _joined_sessions(nursery, dev_cert, client_cafile=str(garbage))
+        with trio.fail_after(10):
+            await client.terminated.wait()
+        assert not client.handshake_done.is_set()
+        assert client.close_reason == "internal error"
         nursery.cancel_scope.cancel()
 
 

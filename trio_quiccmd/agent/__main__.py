@@ -56,10 +56,9 @@ from typing import Mapping, Sequence
 import attrs
 import idna  # trio's own dependency: the IDNA 2008 encoder its getaddrinfo uses
 import trio
-from cryptography import x509
 
 from ..logs import configure_logging
-from ..quic.tls import DEV_CERT_NAME, parse_fingerprint
+from ..quic.tls import DEV_CERT_NAME, parse_fingerprint, read_ca_file
 from ..tokens import DEV_AGENT_TOKEN_FILE, read_token_file
 from .client import Agent, AgentRejected, AgentUnauthorized
 from .executor import ExecutorRegistry, builtin_executor
@@ -187,17 +186,9 @@ def parse_label(text: str) -> tuple[str, str]:
 
 def _check_ca_file(path: Path, source: str) -> Path:
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"{source} {path}: no such file") from None
-    except OSError as exc:
-        raise UsageError(f"{source} {path}: cannot read it: {exc.strerror}") from None
-    try:
-        certificates = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        certificates = []
-    if not certificates:
-        raise UsageError(f"{source} {path}: not a PEM certificate file")
+        read_ca_file(path)
+    except ValueError as exc:
+        raise UsageError(f"{source} {path}: {exc}") from None
     return path
 
 

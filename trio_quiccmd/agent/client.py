@@ -14,7 +14,13 @@ from aioquic.quic.configuration import QuicConfiguration
 
 from ..model import ErrorCode
 from ..quic.connection import ConnectionFailed, QuicSession, SessionHandler, connect, wait_any
-from ..quic.tls import fingerprint, fingerprint_matches, parse_fingerprint, system_ca_locations
+from ..quic.tls import (
+    fingerprint,
+    fingerprint_matches,
+    parse_fingerprint,
+    read_ca_file,
+    system_ca_locations,
+)
 from ..wire import (
     ALPN,
     DEFAULT_MAX_FRAME_SIZE,
@@ -83,6 +89,20 @@ class ServerFingerprintMismatch(ConnectionFailed):
         )
         self.expected = expected
         self.presented = presented
+
+
+def _read_ca_file(path: str) -> bytes:
+    try:
+        return read_ca_file(path)
+    except ValueError as exc:
+        raise ConnectionFailed(f"cannot use the CA file {path}: {exc}") from None
+
+
+def _check_system_ca_file(path: str) -> None:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConnectionFailed(f"cannot use the system CA file {path}: {exc}") from None
 
 
 def _is_server_bidi(stream_id: int) -> bool:
@@ -379,7 +399,9 @@ class Agent:
             else:
                 await event.wait()
 
-    def _configuration(self) -> QuicConfiguration:
+    async def _configuration(self) -> QuicConfiguration:
+        """The TLS settings of one dial. Raises ConnectionFailed if ``ca_file``
+        (or the system's CA file) cannot be used now."""
         configuration = QuicConfiguration(
             is_client=True,
             alpn_protocols=[ALPN],
@@ -387,13 +409,25 @@ class Agent:
             idle_timeout=self._idle_timeout,
         )
         if self._ca_file is not None or self._ca_data is not None:
-            configuration.load_verify_locations(cafile=self._ca_file, cadata=self._ca_data)
+            cadata = self._ca_data + b"\n" if self._ca_data else b""
+            if self._ca_file is not None:
+                # Read at each dial, not left for aioquic to read during the
+                # handshake: a file replaced meanwhile (a rotated CA) is used
+                # from the next connection on, and one that is gone or damaged
+                # fails this dial with its name (retried) instead of raising
+                # out of the middle of the handshake.
+                cadata += await trio.to_thread.run_sync(_read_ca_file, self._ca_file)
+            configuration.load_verify_locations(cadata=cadata)
         elif self._server_fingerprint is not None:
             # Authenticated by the pin instead: see the class docstring and
             # _AgentSession.handshake_completed.
             configuration.verify_mode = ssl.CERT_NONE
         else:
             cafile, capath = system_ca_locations()
+            if cafile is not None:
+                # Checked as OpenSSL will load it during the handshake, for the
+                # same reasons as a ca_file (SSL_CERT_FILE may name anything).
+                await trio.to_thread.run_sync(_check_system_ca_file, cafile)
             if cafile is not None or capath is not None:
                 configuration.load_verify_locations(cafile=cafile, capath=capath)
             # else aioquic falls back to certifi's bundle.
@@ -562,7 +596,7 @@ class Agent:
             session = await connect(
                 connection_nursery,
                 self.server,
-                self._configuration(),
+                await self._configuration(),
                 link,
                 max_frame_size=self._max_frame_size,
                 peer_bidi_streams=self._max_concurrent,

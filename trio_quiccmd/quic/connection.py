@@ -313,7 +313,14 @@ class QuicSession:
             return
         quic = self.quic
         idle_deadline = quic._close_at
-        quic.receive_datagram(data, addr, trio.current_time())
+        try:
+            quic.receive_datagram(data, addr, trio.current_time())
+        except Exception as exc:
+            # aioquic raises out of its packet handling only for what it did
+            # not foresee (a CA file it cannot load, met mid-handshake): this
+            # connection ends, the endpoint and its other connections do not.
+            self._failed(exc)
+            return
         if quic._close_at != idle_deadline:
             # aioquic restarted its idle timer: it accepted a packet. One that
             # fails to decrypt (anyone can send those) says nothing of the peer.

@@ -93,6 +93,25 @@ def _exists_at(dir_fd: int, path: Path) -> bool:
     return True
 
 
+def read_ca_file(path: Path | str) -> bytes:
+    """The PEM certificates in ``path``, to verify a server with. Raises
+    ValueError with a message fit for an operator (which starts with the
+    problem: the caller says whose file it is)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ValueError("no such file") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read it: {exc.strerror or exc}") from None
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certificates = []
+    if not certificates:
+        raise ValueError("not a PEM certificate file")
+    return data
+
+
 def fingerprint(cert: x509.Certificate | bytes) -> str:
     """``sha256:<hex>`` of a certificate (DER bytes or a parsed certificate)."""
     der = (
