@@ -271,7 +271,10 @@ async def test_a_second_signal_stops_at_once(server):
             await agent.stderr.wait_for("Draining before shutdown")
             agent.process.send_signal(signal.SIGTERM)
             assert await agent.process.wait() == 0, str(agent.stderr)
-            assert agent.stderr.matching("Second signal, stopping now signal=SIGTERM")
+            # The command it abandons is counted.
+            assert agent.stderr.matching(
+                "Second signal, stopping now signal=SIGTERM client_id=cli-twice running=1 held_results=0"
+            )
             assert not agent.stderr.matching("Traceback"), str(agent.stderr)
 
 

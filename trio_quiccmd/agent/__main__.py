@@ -496,9 +496,12 @@ async def run_agent(settings: AgentSettings) -> int:
                         )
                         agent.stop(grace=settings.shutdown_grace)
                     else:  # a second signal: stop at once
+                        # Said here: run() is cancelled, and reports nothing.
                         logger.warning(
-                            "Second signal, stopping now signal=%s client_id=%s",
+                            "Second signal, stopping now signal=%s client_id=%s "
+                            "running=%d held_results=%d",
                             signal.Signals(signum).name, settings.client_id,
+                            agent.running_commands, len(agent.held_results),
                         )
                         nursery.cancel_scope.cancel()
 

@@ -384,6 +384,11 @@ class Agent:
         return self._session
 
     @property
+    def running_commands(self) -> int:
+        """How many commands are running here now."""
+        return self._in_flight
+
+    @property
     def held_results(self) -> list[str]:
         """Ids of results waiting to be delivered (the next HELLO lists them)."""
         return self._outbox.ids()
@@ -632,7 +637,11 @@ class Agent:
             with trio.move_on_after(self._handshake_timeout):
                 await _wait_any_event(link.welcomed, session.terminated)
             if link.welcome is None:
-                reason = session.close_reason or "no WELCOME from the server"
+                if not session.terminated.is_set():
+                    raise ConnectionFailed(
+                        f"no WELCOME from the server within {self._handshake_timeout:g} s"
+                    )
+                reason = session.close_reason or "the server closed the connection"
                 code = session.close_error_code
                 self._raise_if_fatal(code, reason)
                 raise ConnectionFailed(f"session refused: {reason}", code)
@@ -775,7 +784,9 @@ class Agent:
             # it, at most until the command's deadline (the server waits no
             # longer).
             logger.info(
-                "Result held: its connection is gone command_id=%s", command.command_id
+                "Result held: its %s command_id=%s",
+                "connection is gone" if session.is_closing else "stream takes no more",
+                command.command_id,
             )
             self._outbox.add(result, expires_at=received_at + command.timeout)
             if self._link is not None:
