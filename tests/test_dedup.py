@@ -81,6 +81,42 @@ def test_recent_forgetting_a_command_past_its_timeout_is_no_warning(caplog):
     assert recent.evicted_early == 0 and caplog.records == []
 
 
+def test_a_long_command_is_not_forgotten_for_space_while_expired_ones_are_kept(caplog):
+    # One command with an hour's timeout, then a steady three short commands a
+    # second: only ~1,800 ids are unexpired at any time, far under the cap,
+    # yet the expired ones queued behind the long one filled it, and the long
+    # one was forgotten after 3,333 s, before its deadline; re-sent, it would
+    # have run twice (and the warning claimed >10,000 were within timeouts).
+    clock = FakeClock()
+    start = clock.now
+    recent = RecentCommands(clock=clock)
+    with caplog.at_level(logging.WARNING, logger="trio_quiccmd.agent"):
+        recent.remember(done("backup"), timeout=3600)
+        n = 0
+        while clock.now < start + 3599:
+            clock.now += 1
+            for _ in range(3):
+                recent.remember(done(f"short-{n}"), timeout=30)
+                n += 1
+            assert "backup" in recent, f"forgotten at t={clock.now - start:g}s"
+    assert recent.evicted_early == 0
+    assert not [r for r in caplog.records if "Forgot a finished command" in r.message]
+    assert len(recent) <= 1 + 3 * 600
+
+
+def test_recent_over_its_bound_forgets_the_nearest_deadline_first(caplog):
+    clock = FakeClock()
+    recent = RecentCommands(max_entries=2, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="trio_quiccmd.agent"):
+        recent.remember(done("long"), timeout=3600)
+        recent.remember(done("short"), timeout=10)
+        recent.remember(done("middle"), timeout=60)
+    assert "long" in recent and "middle" in recent and "short" not in recent
+    assert recent.evicted_early == 1
+    (warning,) = [r.message for r in caplog.records if "Forgot a finished command" in r.message]
+    assert "command_id=short" in warning
+
+
 def test_recent_expired_entries_are_pruned_without_counting_as_early():
     clock = FakeClock()
     recent = RecentCommands(max_entries=2, remember_for=10, clock=clock)

@@ -14,6 +14,8 @@ See docs/protocol.md, "Reconnects".
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 from collections import OrderedDict
 from typing import Callable
@@ -75,12 +77,13 @@ class RecentCommands:
     An entry is kept ``max(timeout, remember_for)`` seconds after the command
     finished: the server re-sends a command only before its deadline (at most
     ``timeout`` after the agent first got it), so within that time a re-sent
-    command is always recognised. At most ``max_entries`` ids are kept (the
-    oldest go first, with a warning if the server could still re-send them,
-    i.e. their ``timeout`` has not passed); results
-    beyond ``max_result_bytes`` in total are dropped oldest first, keeping the
-    id: such a command is then answered ``failed`` / ``result_unavailable``
-    instead of being run again.
+    command is always recognised. At most ``max_entries`` ids are kept: past
+    that, ids whose time is up go first, then those whose ``timeout`` passes
+    soonest (with a warning if the server could still re-send them, i.e.
+    more than ``max_entries`` finished commands are still within their
+    timeouts); results beyond ``max_result_bytes`` in total are dropped
+    oldest first, keeping the id: such a command is then answered
+    ``failed`` / ``result_unavailable`` instead of being run again.
     """
 
     def __init__(
@@ -97,7 +100,15 @@ class RecentCommands:
         self.remember_for = remember_for
         self.max_result_bytes = max_result_bytes
         self._clock = clock
-        self._entries: OrderedDict[str, _Finished] = OrderedDict()
+        self._entries: dict[str, _Finished] = {}
+        # Finishing order says nothing about when an entry expires (timeouts
+        # range up to a day), so expiry and eviction each keep a heap:
+        # (expires_at | needed_until, tie-break, id, entry). An item whose
+        # entry is no longer the id's current one is stale and skipped.
+        self._by_expiry: list[tuple[float, int, str, _Finished]] = []
+        self._by_need: list[tuple[float, int, str, _Finished]] = []
+        # Equal times go oldest first, and the entry itself is never compared.
+        self._sequence = itertools.count()
         # Ids whose entry still holds its result, oldest first.
         self._with_result: OrderedDict[str, None] = OrderedDict()
         self._bytes = 0
@@ -136,9 +147,11 @@ class RecentCommands:
             self._drop(command_id)
         if size is None:
             size = result_size(result)
-        self._entries[command_id] = _Finished(
-            result, size, now + max(timeout, self.remember_for), now + timeout
-        )
+        entry = _Finished(result, size, now + max(timeout, self.remember_for), now + timeout)
+        self._entries[command_id] = entry
+        seq = next(self._sequence)
+        heapq.heappush(self._by_expiry, (entry.expires_at, seq, command_id, entry))
+        heapq.heappush(self._by_need, (entry.needed_until, seq, command_id, entry))
         self._with_result[command_id] = None
         self._bytes += size
         self._prune(now)
@@ -148,18 +161,25 @@ class RecentCommands:
         self._with_result.pop(command_id, None)
         self._bytes -= entry.size  # 0 once its result was dropped
 
+    def _is_current(self, command_id: str, entry: _Finished) -> bool:
+        return self._entries.get(command_id) is entry
+
     def _prune(self, now: float) -> None:
         entries = self._entries
-        # Expired entries at the front (entries are in finishing order; one
-        # with a long timeout may shield shorter-lived ones behind it until
-        # it expires, which only costs memory within the bounds).
-        while entries:
-            command_id, entry = next(iter(entries.items()))
-            if entry.expires_at > now:
-                break
-            self._drop(command_id)
+        # Everything expired goes before anything is evicted for space: the
+        # count bound must never cost a command that can still be re-sent its
+        # place while expired ones hold theirs.
+        by_expiry = self._by_expiry
+        while by_expiry and by_expiry[0][0] <= now:
+            _, _, command_id, entry = heapq.heappop(by_expiry)
+            if self._is_current(command_id, entry):
+                self._drop(command_id)
+        # The nearest deadline goes first: the server stops being able to
+        # re-send it soonest, and one already past it is no loss at all.
         while len(entries) > self.max_entries:
-            command_id, entry = next(iter(entries.items()))
+            _, _, command_id, entry = heapq.heappop(self._by_need)
+            if not self._is_current(command_id, entry):
+                continue
             self._drop(command_id)
             if entry.needed_until <= now:
                 continue
@@ -183,6 +203,21 @@ class RecentCommands:
                 error_code=RESULT_UNAVAILABLE,
             )
             entry.size = 0
+        # An entry dropped one way (expiry, eviction, get(), remembered
+        # again) leaves stale items behind in the heaps; rebuilding a heap
+        # once they outnumber the live ones keeps it within about twice the
+        # entries, at O(1) amortised cost per command.
+        if len(self._by_expiry) > 2 * len(entries) + 64:
+            self._by_expiry = self._live(self._by_expiry)
+        if len(self._by_need) > 2 * len(entries) + 64:
+            self._by_need = self._live(self._by_need)
+
+    def _live(
+        self, heap: list[tuple[float, int, str, _Finished]]
+    ) -> list[tuple[float, int, str, _Finished]]:
+        live = [item for item in heap if self._is_current(item[2], item[3])]
+        heapq.heapify(live)
+        return live
 
 
 class _Held:
