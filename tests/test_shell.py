@@ -132,6 +132,11 @@ async def test_the_agent_token_is_not_in_the_programs_environment(monkeypatch):
         ({}, 'exactly one of "argv" and "command"'),
         ({"argv": []}, "argv must be a non-empty array of strings"),
         ({"command": " "}, "command must be a non-empty string"),
+        # A NUL cannot reach the OS (it ends a C string); it failed with
+        # "executor_error: ValueError: embedded null byte".
+        ({"argv": ["echo", "a\0b"]}, "argv must not contain a NUL character"),
+        ({"command": "echo a\0b"}, "command must not contain a NUL character"),
+        ({"argv": ["true"], "cwd": "/tmp\0/x"}, "cwd must not contain a NUL character"),
     ],
 )
 async def test_bad_payloads_fail_clearly(payload, message):
@@ -143,6 +148,21 @@ async def test_bad_payloads_fail_clearly(payload, message):
 async def test_a_program_that_cannot_start_fails_the_command():
     with pytest.raises(CommandFailed, match="shell: cannot start '/no/such/program'"):
         await ShellExecutor().run({"argv": ["/no/such/program"]})
+
+
+async def test_a_bad_working_directory_is_named_not_the_program(tmp_path: Path):
+    # It said "cannot start 'true': No such file or directory", as if the
+    # program were missing.
+    missing = str(tmp_path / "missing")
+    with pytest.raises(CommandFailed) as info:
+        await ShellExecutor().run({"argv": ["true"], "cwd": missing})
+    assert str(info.value) == f"shell: cannot use working directory {missing!r}: No such file or directory"
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(CommandFailed) as info:
+        await ShellExecutor().run({"command": "true", "cwd": str(a_file)})
+    assert str(info.value) == f"shell: cannot use working directory {str(a_file)!r}: Not a directory"
+    assert info.value.error_code == "executor_error"
 
 
 async def test_a_program_that_outlives_its_kill_does_not_hold_the_cancel(monkeypatch, tmp_path: Path, caplog):

@@ -9,7 +9,10 @@ may send it commands can then run anything as the agent's user). Payload::
 
 Result: ``{"exit_code": n, "stdout": "...", "stderr": "...", "truncated": bool}``.
 A non-zero exit code is still a completed command (the program did run); a
-program that cannot be started fails the command (``executor_error``).
+program that cannot be started, or a ``cwd`` it cannot be started in, fails
+the command (``executor_error``, the message naming which of the two).
+A payload that is not one of the above, or whose strings hold a NUL
+character (no program or path can), fails with ``invalid_payload``.
 Output is decoded as UTF-8 (bad bytes replaced) and each stream is capped at
 ``max_output_bytes``; the program keeps running past the cap, its further
 output is read and dropped. The program runs in a process group of its own;
@@ -59,6 +62,8 @@ class ShellExecutor:
         cwd = payload.get("cwd")
         if cwd is not None and not isinstance(cwd, str):
             raise CommandFailed("shell: cwd must be a string", "invalid_payload")
+        if cwd is not None and "\0" in cwd:
+            raise CommandFailed("shell: cwd must not contain a NUL character", "invalid_payload")
         outputs = [bytearray(), bytearray()]
         truncated = False
 
@@ -84,7 +89,13 @@ class ShellExecutor:
                 start_new_session=True,
             )
         except OSError as exc:
-            raise CommandFailed(f"shell: cannot start {argv[0]!r}: {exc.strerror or exc}") from None
+            reason = exc.strerror or exc
+            # subprocess reports a failed chdir with the cwd as the filename;
+            # "No such file or directory" otherwise blames the program. (When
+            # the program has the same name, which failed is unknowable.)
+            if cwd is not None and exc.filename == cwd and argv[0] != cwd:
+                raise CommandFailed(f"shell: cannot use working directory {cwd!r}: {reason}") from None
+            raise CommandFailed(f"shell: cannot start {argv[0]!r}: {reason}") from None
         try:
             async with trio.open_nursery() as nursery:
                 readers_done = trio.Event()
@@ -153,7 +164,11 @@ def _argv(payload: Any) -> list[str]:
     if command is not None:
         if not isinstance(command, str) or not command.strip():
             raise CommandFailed("shell: command must be a non-empty string", "invalid_payload")
+        if "\0" in command:
+            raise CommandFailed("shell: command must not contain a NUL character", "invalid_payload")
         return ["/bin/sh", "-c", command]
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
         raise CommandFailed("shell: argv must be a non-empty array of strings", "invalid_payload")
+    if any("\0" in a for a in argv):
+        raise CommandFailed("shell: argv must not contain a NUL character", "invalid_payload")
     return list(argv)
