@@ -12,10 +12,12 @@ loopback QUIC.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from trio_quiccmd import CommandFailed, CommandStatus, builtin_executor
 from trio_quiccmd.agent.handler import CommandHandler
@@ -218,6 +220,25 @@ async def test_cancelling_the_task_while_the_executor_fails_only_cancels_it(auto
         await handler.handle(command())
     assert outer.cancelled_caught
     assert handler.running == 0
+
+
+async def test_the_log_says_timed_out_for_the_deadline_and_cancelled_for_a_cancel(
+    autojump_clock, caplog
+):
+    # A command that ran out of time was logged "Command cancelled", sending
+    # the operator looking for who cancelled it.
+    caplog.set_level(logging.INFO, logger="trio_quiccmd.agent")
+    handler = CommandHandler(Raising(RuntimeError("unreached"), delay=60))
+    timed_out = await handler.handle(command(timeout=5))
+    assert timed_out.error_code == "execution_timeout"
+    assert caplog.messages[-1] == "Command timed out command_id=c1 timeout=5"
+
+    handler = CommandHandler(Raising(RuntimeError("unreached"), delay=60))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handler.handle, command())
+        await trio.testing.wait_all_tasks_blocked()
+        assert handler.cancel("c1")
+    assert caplog.messages[-1] == "Command cancelled command_id=c1"
 
 
 # -- over real QUIC ------------------------------------------------------------

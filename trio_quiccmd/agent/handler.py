@@ -212,8 +212,18 @@ class CommandHandler:
             )
             raise cancelled from None
         finally:
+            timed_out = trio.current_time() >= scope.deadline
             if scope.cancelled_caught:
-                logger.info("Command cancelled command_id=%s", command_id)
+                # Its own deadline, not only a CANCEL, ends it here: the log
+                # must not send an operator looking for who cancelled it.
+                if execution.shutdown:
+                    logger.info("Command cancelled for shutdown command_id=%s", command_id)
+                elif timed_out:
+                    logger.info(
+                        "Command timed out command_id=%s timeout=%g", command_id, command.timeout
+                    )
+                else:
+                    logger.info("Command cancelled command_id=%s", command_id)
         if execution.shutdown:
             return ResultFrame(
                 command_id=command_id,
@@ -221,7 +231,6 @@ class CommandHandler:
                 error="the agent shut down before the command finished",
                 error_code=ErrorCode.AGENT_SHUTDOWN.value,
             )
-        timed_out = trio.current_time() >= scope.deadline
         return ResultFrame(
             command_id=command_id,
             status="cancelled",
