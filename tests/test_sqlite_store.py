@@ -605,6 +605,61 @@ async def test_a_damaged_database_met_while_reading_is_a_store_error(tmp_path, m
             await store.get("x")
 
 
+@pytest.mark.parametrize("column, damage", [
+    ("payload", "'{\"n\":1,'"), ("result", "'[1'"), ("result", "X'FF'"), ("status", "'finished-ish'"),
+])
+async def test_a_row_that_cannot_be_decoded_is_a_store_error_naming_it(tmp_path, column, damage):
+    # Found in review: a row whose JSON was cut short raised a bare
+    # JSONDecodeError, a traceback at start and HTTP 500 on a read (not 503).
+    path = tmp_path / "c.db"
+    unfinished, sound = make_command(1), make_command(3)
+    finished = make_command(2, status=CommandStatus.COMPLETED)
+    async with running(path) as store:
+        for command in (unfinished, finished, sound):
+            store.save(command, deadline_at=T0 + 60)
+    db = sqlite3.connect(path)
+    damaged = finished if column == "result" else unfinished
+    db.execute(f"UPDATE commands SET {column} = {damage} WHERE command_id = ?", (damaged.command_id,))
+    db.commit()
+    db.close()
+    message = (
+        f"the command store {path} is damaged: the row of command '{damaged.command_id}' cannot be"
+        f" read ({column}: "
+    )
+    async with running(path) as store:
+        reads = [lambda: store.get(damaged.command_id), lambda: store.list(CommandQuery())]
+        if column == "payload":  # (a row of no known status is not looked for there)
+            reads.append(store.unfinished)
+        for read in reads:
+            with pytest.raises(StoreError) as raised:
+                await read()
+            text = str(raised.value)
+            assert text.startswith(message), text
+            assert text.endswith("move it away to start with an empty history") and "\n" not in text, text
+        # The rest of the history is still there.
+        assert await store.get(sound.command_id) == sound
+
+
+async def test_a_row_whose_text_is_not_utf8_is_a_one_line_store_error(tmp_path):
+    # sqlite3 quotes the whole text it cannot decode, line breaks and all
+    # (and a "locked" in it made it "locked by another process").
+    path = tmp_path / "c.db"
+    async with running(path) as store:
+        store.save(make_command(1), deadline_at=T0 + 60)
+    db = sqlite3.connect(path)
+    db.execute("UPDATE commands SET payload = CAST(X'FF0A6C6F636B6564' AS TEXT)")  # \xff, "\nlocked"
+    db.commit()
+    db.close()
+    async with running(path) as store:
+        for read in (store.unfinished, lambda: store.list(CommandQuery())):
+            with pytest.raises(StoreError) as raised:
+                await read()
+            assert str(raised.value) == (
+                f"the command store {path} is not a readable database (Could not decode to UTF-8 column"
+                " 'payload'); restore it from a backup or move it away to start with an empty history"
+            )
+
+
 async def test_unfinished_commands_are_read_even_with_no_writer_running(tmp_path):
     # At start the manager recovers before it runs the store's writer.
     async with open_sqlite_store(tmp_path / "c.db") as store:

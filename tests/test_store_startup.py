@@ -13,6 +13,9 @@ from pathlib import Path
 
 import trio
 
+from trio_quiccmd.model import Command
+from trio_quiccmd.server.store.sqlite import open_sqlite_store
+
 from .processes import spawn
 
 TIMEOUT = 30
@@ -51,6 +54,33 @@ async def test_a_damaged_store_file_stops_the_server_with_a_clear_error(tmp_path
     assert "move it away" in line
     # Nothing was overwritten.
     assert store.read_bytes().startswith(b"\x00garbage")
+
+
+async def test_a_damaged_row_of_an_unfinished_command_stops_the_server_with_a_clear_error(tmp_path):
+    # Found in review: a row whose payload was cut short stopped the start
+    # with a JSONDecodeError traceback. Such rows are read at start, to take
+    # unfinished commands up again.
+    store = tmp_path / ".quiccmd" / "commands.db"
+    store.parent.mkdir()
+    command = Command(
+        command_id="01a3185c53e8-00000001-0000abcd", client_id="web-1", command_type="echo",
+        payload={"n": 1}, created_at=1_800_000_000.0,
+    )
+    async with open_sqlite_store(store) as opened:
+        opened.save(command, deadline_at=command.created_at + 60)
+    db = sqlite3.connect(store)
+    db.execute("""UPDATE commands SET payload = '{"n":1,'""")
+    db.commit()
+    db.close()
+    with trio.fail_after(TIMEOUT):
+        code, stderr = await refused(tmp_path)
+    assert code == 1
+    line = the_error_line(stderr)
+    assert (
+        f"the command store .quiccmd/commands.db is damaged: the row of command '{command.command_id}'"
+        " cannot be read (payload: " in line
+    ), line
+    assert "move it away" in line
 
 
 async def test_a_second_server_on_the_same_store_is_refused(tmp_path):

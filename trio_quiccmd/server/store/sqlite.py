@@ -237,6 +237,23 @@ def _text(value: str | None) -> str | None:
     return value
 
 
+class _DamagedRow(Exception):
+    """A row not as the store writes them (damaged): made a :class:`StoreError`
+    by :meth:`SqliteStore._read`, which knows the store's path."""
+
+    def __init__(self, command_id: Any, reason: str):
+        super().__init__(command_id, reason)
+        self.command_id = command_id
+        self.reason = reason
+
+
+def _decoded(command_id: Any, column: str, decode: Callable[[Any], _T], value: Any) -> _T:
+    try:
+        return decode(value)
+    except (ValueError, TypeError) as exc:
+        raise _DamagedRow(command_id, f"{column}: {exc}") from None
+
+
 def _command(row: Sequence[Any]) -> Command:
     (command_id, client_id, command_type, status, priority, timeout, connect_timeout,
      created_at, sent_at, completed_at, error, error_code, payload, result) = row[:14]
@@ -244,9 +261,9 @@ def _command(row: Sequence[Any]) -> Command:
         command_id=command_id,
         client_id=client_id,
         command_type=command_type,
-        payload=json.loads(payload),
-        status=CommandStatus(status),
-        result=None if result is None else json.loads(result),
+        payload=_decoded(command_id, "payload", json.loads, payload),
+        status=_decoded(command_id, "status", CommandStatus, status),
+        result=None if result is None else _decoded(command_id, "result", json.loads, result),
         error=error,
         error_code=error_code,
         priority=priority,
@@ -498,6 +515,13 @@ class SqliteStore:
             return await self._read_thread.run(read, *args)
         except sqlite3.Error as exc:
             raise StoreError(_describe(self.path, exc)) from None
+        except _DamagedRow as exc:
+            # Quoted (repr) as SQL quotes it: a damaged id is shown on one
+            # line, and the operator can paste it into a DELETE.
+            raise StoreError(
+                f"the command store {self.path} is damaged: the row of command {exc.command_id!r}"
+                f" cannot be read ({exc.reason}); {_RESTORE}"
+            ) from None
 
     def _get(self, command_id: str) -> Command | None:
         row = self._reader.execute(
@@ -808,15 +832,20 @@ def _open(path: Path, synchronous: Synchronous) -> SqliteStore:
     return SqliteStore(path, writer, reader, lock_file)
 
 
+_RESTORE = "restore it from a backup or move it away to start with an empty history"
+
+
 def _describe(path: Path, error: sqlite3.Error) -> str:
     text = str(error)
+    if text.startswith("Could not decode to UTF-8 column "):
+        # A damaged row, whose text sqlite3 quotes whole: any length, any
+        # line breaks, any words.
+        text = text.split(" with text ", 1)[0]
+        return f"the command store {path} is not a readable database ({text}); {_RESTORE}"
     if "locked" in text or "busy" in text:
         return f"the command store {path} is locked by another process ({text})"
     if "not a database" in text or "malformed" in text or "corrupt" in text:
-        return (
-            f"the command store {path} is not a readable database ({text}); "
-            "restore it from a backup or move it away to start with an empty history"
-        )
+        return f"the command store {path} is not a readable database ({text}); {_RESTORE}"
     return f"cannot open the command store {path}: {text}"
 
 
