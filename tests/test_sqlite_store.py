@@ -768,6 +768,107 @@ async def test_a_closed_store_refuses_reads_instead_of_hanging(tmp_path):
             await store.list(CommandQuery())
 
 
+def _stored_ids(path: Path) -> set[str]:
+    """The command ids committed to ``path``, read as another process would."""
+    db = sqlite3.connect(path)
+    try:
+        return {command_id for (command_id,) in db.execute("SELECT command_id FROM commands")}
+    finally:
+        db.close()
+
+
+async def test_a_store_whose_close_timed_out_on_a_hung_write_can_be_opened_once_it_ends(
+    tmp_path, monkeypatch, caplog
+):
+    # Found in review: the close jobs were never queued behind the stuck
+    # write, so the lock file stayed held, and the process's own next open
+    # was refused "in use by another server (pid <its own>)" for good.
+    path = tmp_path / "c.db"
+    monkeypatch.setattr(sqlite_store, "CLOSE_TIMEOUT", 0.05)
+    stuck, release = threading.Event(), threading.Event()
+    original = SqliteStore._write
+
+    def hanging(self, rows):
+        stuck.set()
+        release.wait(10)
+        return original(self, rows)
+
+    monkeypatch.setattr(SqliteStore, "_write", hanging)
+    with trio.fail_after(10):
+        async with open_sqlite_store(path) as store:
+            store.save(make_command(1))
+        assert stuck.is_set()
+        assert any("did not close in time" in r.getMessage() for r in caplog.records)
+        with pytest.raises(StoreError, match="in use by another server"):
+            async with open_sqlite_store(path):
+                pass
+        release.set()  # the disk answers again
+        await trio.to_thread.run_sync(store._write_thread._thread.join, 5)
+        monkeypatch.setattr(SqliteStore, "_write", original)
+        async with open_sqlite_store(path) as store:
+            assert await store.get(make_command(1).command_id) == make_command(1)
+
+
+async def test_a_commit_failing_for_a_moment_at_close_is_retried(tmp_path, monkeypatch, caplog):
+    # Found in review: the close tried its last commit once, and a passing
+    # "database is locked" lost the last results.
+    monkeypatch.setattr(sqlite_store, "RETRY_DELAY", 0.01)
+    failures = [sqlite3.OperationalError("database is locked")] * 2
+    original = SqliteStore._write
+
+    def locked_for_a_moment(self, rows):
+        if failures:
+            raise failures.pop()
+        return original(self, rows)
+
+    monkeypatch.setattr(SqliteStore, "_write", locked_for_a_moment)
+    with trio.fail_after(5):
+        async with open_sqlite_store(tmp_path / "c.db") as store:
+            store.save(make_command(1, status=CommandStatus.COMPLETED))
+    assert not failures
+    assert _stored_ids(tmp_path / "c.db") == {make_command(1).command_id}
+    assert not [r for r in caplog.records if "could not write" in r.getMessage()]
+
+
+@pytest.mark.parametrize("beside", ["unfinished", "aclose"])
+async def test_a_flush_returns_only_once_its_saves_are_committed_whatever_commits_beside_it(
+    tmp_path, monkeypatch, beside
+):
+    # Found in review: unfinished() and aclose() started a commit of their
+    # own while a flush's was under way; the flush's then failed, the other
+    # succeeded, and counted the flush's saves as committed: flush returned
+    # with command 1 not stored (and the close lost it, without a word).
+    path = tmp_path / "c.db"
+    release = threading.Event()
+    failures = [sqlite3.OperationalError("disk I/O error")]
+    original = SqliteStore._write
+
+    def failing_once(self, rows):
+        if failures:
+            release.wait(5)
+            raise failures.pop()
+        return original(self, rows)
+
+    monkeypatch.setattr(SqliteStore, "_write", failing_once)
+    flushed: list[set[str]] = []
+    with trio.fail_after(5):
+        async with open_sqlite_store(path) as store:  # no writer task: nobody else retries
+            async def flush() -> None:
+                await store.flush()
+                flushed.append(_stored_ids(path))
+
+            async with trio.open_nursery() as nursery:
+                store.save(make_command(1))
+                nursery.start_soon(flush)  # leads a commit, which hangs, then fails
+                await trio.testing.wait_all_tasks_blocked()
+                store.save(make_command(2))
+                nursery.start_soon(getattr(store, beside))
+                await trio.testing.wait_all_tasks_blocked()
+                release.set()
+    assert flushed and make_command(1).command_id in flushed[0]
+    assert _stored_ids(path) == {make_command(1).command_id, make_command(2).command_id}
+
+
 @pytest.mark.parametrize("version", [(3, 37, 2), (3, 40, 1)])
 def test_the_v3_migration_keeps_json_values_with_or_without_the_arrow_operator(monkeypatch, version):
     # SQLite before 3.38 has no ->: the migration then rebuilds the JSON text.

@@ -545,7 +545,11 @@ class SqliteStore:
 
     async def unfinished(self) -> list[UnfinishedCommand]:
         # Commit what is saved here rather than wait for the writer task:
-        # this is called at start, before the manager runs it.
+        # this is called at start, before the manager runs it. But not beside
+        # a flush's commit: this one's end would count that one's saves as
+        # committed even if it failed.
+        while self._committing:
+            await self._commit_ended.wait()
         if self._dirty:
             await self._commit_dirty()
         return await self._read(self._unfinished)
@@ -621,35 +625,56 @@ class SqliteStore:
         """Commit what is still saved, then close the database.
 
         Runs shielded, so a cancelled caller still leaves nothing unwritten,
-        but for at most :data:`CLOSE_TIMEOUT` seconds: a store whose disk
-        hangs is left behind (logged) rather than holding the shutdown.
+        but for at most :data:`CLOSE_TIMEOUT` seconds, retrying a commit that
+        fails meanwhile: a store whose disk hangs is left behind (logged)
+        rather than holding the shutdown, and closed whenever its stuck write
+        ends.
         """
         if self._closed:
             return
-        with trio.move_on_after(CLOSE_TIMEOUT, shield=True) as closing:
-            if self._dirty and not await self._commit_dirty():
-                logger.error(
-                    "Command store closed with changes it could not write path=%s lost=%d",
-                    self.path, len(self._dirty),
-                )
-            self._closed = True
-            # Each connection closed by its own thread, behind the jobs it
-            # still has: a read abandoned by its cancelled caller may still
-            # be running, and closing its connection under it crashed the
-            # process (a segfault in sqlite3).
-            await self._read_thread.run(self._reader.close)
-            await self._write_thread.run(self._close)
+        deadline = trio.current_time() + CLOSE_TIMEOUT
+        between_attempts = False  # (not in a write) if the time runs out
+        with trio.move_on_at(deadline, shield=True) as committing:
+            while self._dirty or self._committing:
+                if self._committing:
+                    # A flush's: a commit beside it would count that one's
+                    # saves as committed even if it failed.
+                    await self._commit_ended.wait()
+                elif not await self._commit_dirty():
+                    between_attempts = True
+                    await trio.sleep(RETRY_DELAY)
+                    between_attempts = False
+        self._closed = True
+        unwritten = len(self._dirty)
+        # Each connection closed by its own thread, behind the jobs it still
+        # has, also when the time is up: a read abandoned by its cancelled
+        # caller may still be running, and closing its connection under it
+        # crashed the process (a segfault in sqlite3); and a write stuck on a
+        # disk that hangs is followed by the close of the writer and of the
+        # lock file, so that the store can be opened again once it ends.
+        closes = [
+            self._read_thread.submit(self._reader.close),
+            self._write_thread.submit(self._close),
+        ]
         # The threads end once their jobs are done (a stuck one, never: they
         # are daemons, and do not hold the process's exit).
         self._write_thread.stop()
         self._read_thread.stop()
-        if closing.cancelled_caught:
-            # A write is stuck in its thread (a disk that hangs): leave the
-            # connections to the process's exit rather than hang here.
-            self._closed = True
+        closed = False
+        if not committing.cancelled_caught:
+            with trio.move_on_at(deadline, shield=True):
+                for close in closes:
+                    await close.result()
+                closed = True
+        if unwritten and between_attempts:
             logger.error(
-                "Command store did not close in time path=%s unwritten=%d",
-                self.path, len(self._dirty),
+                "Command store closed with changes it could not write path=%s lost=%d",
+                self.path, unwritten,
+            )
+        elif not closed:
+            # A write (or a read) still in its thread: a disk that hangs.
+            logger.error(
+                "Command store did not close in time path=%s unwritten=%d", self.path, unwritten,
             )
 
     def _close(self) -> None:

@@ -12,12 +12,36 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 import outcome
 import trio
 
 _T = TypeVar("_T")
+
+
+class Job(Generic[_T]):
+    """One call given to a :class:`ConnectionThread`."""
+
+    def __init__(self, fn: Callable[..., _T], args: tuple[Any, ...], token: trio.lowlevel.TrioToken):
+        self._fn = fn
+        self._args = args
+        self._token = token
+        self._done = trio.Event()
+        self._outcome: outcome.Outcome[_T] | None = None
+
+    def __call__(self) -> None:
+        self._outcome = outcome.capture(self._fn, *self._args)
+        try:
+            self._token.run_sync_soon(self._done.set)
+        except trio.RunFinishedError:
+            pass  # nobody is left to tell
+
+    async def result(self) -> _T:
+        """Its result, or its exception, once it has run."""
+        await self._done.wait()
+        assert self._outcome is not None
+        return self._outcome.unwrap()
 
 
 class ConnectionThread:
@@ -41,24 +65,16 @@ class ConnectionThread:
         outcome is dropped. Raises RuntimeError once :meth:`stop` was called
         (the job would never run).
         """
+        return await self.submit(fn, *args).result()
+
+    def submit(self, fn: Callable[..., _T], *args: Any) -> Job[_T]:
+        """Queue ``fn(*args)`` at once; await its :meth:`Job.result` (or not)
+        later. As :meth:`run` otherwise."""
         if self._stopped:
             raise RuntimeError(f"{self._thread.name} is stopped")
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-        result: outcome.Outcome[_T] | None = None
-
-        def job() -> None:
-            nonlocal result
-            result = outcome.capture(fn, *args)
-            try:
-                token.run_sync_soon(done.set)
-            except trio.RunFinishedError:
-                pass  # nobody is left to tell
-
+        job = Job(fn, args, trio.lowlevel.current_trio_token())
         self._jobs.put(job)
-        await done.wait()
-        assert result is not None
-        return result.unwrap()
+        return job
 
     def stop(self) -> None:
         """End the thread once the jobs given so far have run."""
