@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from itertools import islice, takewhile
 
 import trio
 
 from ...model import Command
-from . import CommandPage, CommandQuery, UnfinishedCommand
+from . import CommandPage, CommandQuery, UnfinishedCommand, id_time_prefix
 
 
 class MemoryStore:
@@ -17,8 +17,8 @@ class MemoryStore:
         # Insertion order is creation order (ids are created in order), so
         # "newest first" is a reversed walk.
         self._commands: dict[str, Command] = {}
-        # Finished commands in the order they finished, for retention.
-        self._finished: OrderedDict[str, float] = OrderedDict()
+        # The finished commands' completion times, for retention.
+        self._finished: dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self._commands)
@@ -66,16 +66,27 @@ class MemoryStore:
         return []
 
     async def purge(self, *, finished_before: float, keep_at_most: int) -> int:
+        # As the SQLite store does: by age, then the oldest created (not the
+        # first finished) beyond the count. A command finishes after it is
+        # created, so those finished before the cutoff were created before
+        # it: a walk from the oldest that stops there.
         finished = self._finished
-        deleted = 0
-        while finished:
-            command_id, completed_at = next(iter(finished.items()))
-            if completed_at >= finished_before and len(finished) <= keep_at_most:
-                break
-            finished.popitem(last=False)
+        created_before = id_time_prefix(finished_before)
+        by_age = [
+            command_id
+            for command_id in takewhile(lambda command_id: command_id < created_before, self._commands)
+            if command_id in finished and finished[command_id] < finished_before
+        ]
+        self._delete(by_age)
+        over = max(len(finished) - keep_at_most, 0)
+        by_count = list(islice(filter(finished.__contains__, self._commands), over))
+        self._delete(by_count)
+        return len(by_age) + len(by_count)
+
+    def _delete(self, command_ids: list[str]) -> None:
+        for command_id in command_ids:
             del self._commands[command_id]
-            deleted += 1
-        return deleted
+            del self._finished[command_id]
 
     async def aclose(self) -> None:
         return None

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -138,9 +139,18 @@ MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-#: Rows deleted per retention transaction: small enough that a save batch
-#: waiting behind it is not held up noticeably (about 20 ms at a million rows).
-PURGE_BATCH = 500
+#: Retention deletes in transactions that take about this long (seconds), so
+#: that a save batch waiting behind one is not held up noticeably: a row's
+#: cost varies manyfold with the store's size and the disk (a fixed 500 rows
+#: took 45-75 ms at half a million rows with synchronous=full, 60 times
+#: what a send's commit takes).
+PURGE_BATCH_TIME = 0.01
+#: Rows in the first retention transaction; each next one is fitted to
+#: PURGE_BATCH_TIME by the last one's pace, growing at most twofold, within
+#: PURGE_BATCH_RANGE: with fewer rows a transaction's own cost (its fsync)
+#: would stretch the purge of a large backlog out many times over.
+PURGE_BATCH = 100
+PURGE_BATCH_RANGE = (50, 5000)
 #: How long a statement waits for a lock another process holds, seconds.
 BUSY_TIMEOUT = 2.0
 #: Changes nobody waits for are committed at most this long (seconds) after
@@ -314,6 +324,7 @@ class SqliteStore:
         # whoever waits for one looks again at what is left to do.
         self._commit_ended = trio.Event()
         self._closed = False
+        self._purge_batch = PURGE_BATCH
 
     # -- writing -----------------------------------------------------------------
 
@@ -564,8 +575,8 @@ class SqliteStore:
     # -- retention ---------------------------------------------------------------
 
     async def purge(self, *, finished_before: float, keep_at_most: int) -> int:
-        """Delete in transactions of :data:`PURGE_BATCH` rows, so that save
-        batches get their turn in between; by count, the oldest (first
+        """Delete in transactions of about :data:`PURGE_BATCH_TIME` each, so
+        that save batches get their turn in between; by count, the oldest (first
         created) finished commands go first. If cancelled, what was deleted
         stays deleted."""
         await self.flush()  # judge the commands by their latest state
@@ -575,15 +586,16 @@ class SqliteStore:
         # from its oldest end, with no index on completion to keep up.
         by_age = ("command_id < ? AND completed_at < ?", (id_time_prefix(finished_before), finished_before))
         while True:
-            count = await self._delete_oldest_finished(*by_age, PURGE_BATCH)
+            limit = self._purge_batch
+            count = await self._delete_oldest_finished(*by_age, limit)
             deleted += count
-            if count < PURGE_BATCH:
+            if count < limit:
                 break
         # By count: counted once, on the reading connection (no write lock held).
         over = await self._read(self._count_finished) - keep_at_most
         while over > 0:
             count = await self._delete_oldest_finished(
-                "completed_at IS NOT NULL", (), min(over, PURGE_BATCH)
+                "completed_at IS NOT NULL", (), min(over, self._purge_batch)
             )
             deleted += count
             over -= count
@@ -593,11 +605,20 @@ class SqliteStore:
 
     async def _delete_oldest_finished(self, where: str, parameters: tuple, limit: int) -> int:
         try:
-            return await self._write_thread.run(self._delete_oldest, where, parameters, limit)
+            count, took = await self._write_thread.run(
+                _timed, self._delete_oldest, where, parameters, limit
+            )
         finally:
             # The cache may hold some of them; forget it at once, also if a
             # later batch fails (then the purge ends with an error).
             self._recent.clear()
+        if count:
+            # Timed in the thread: the wait behind save batches is not the
+            # rows' cost.
+            low, high = PURGE_BATCH_RANGE
+            fitted = int(count * PURGE_BATCH_TIME / max(took, 1e-6))
+            self._purge_batch = max(low, min(high, 2 * self._purge_batch, fitted))
+        return count
 
     def _delete_oldest(self, where: str, parameters: tuple, limit: int) -> int:
         db = self._writer
@@ -684,6 +705,13 @@ class SqliteStore:
             pass  # only statistics for the query planner; the data is committed
         self._writer.close()
         os.close(self._lock_file)
+
+
+def _timed(fn: Callable[..., _T], *args: Any) -> tuple[_T, float]:
+    """``fn(*args)`` and how long it took, seconds."""
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start
 
 
 def _rollback(db: sqlite3.Connection) -> None:
