@@ -15,6 +15,7 @@ from typing import AsyncIterator
 
 import pytest
 import trio
+from aioquic.quic.connection import QuicConnection
 
 from trio_quiccmd import AgentUnauthorized, CommandManager, CommandServer, ManagerSettings
 from trio_quiccmd.quic.tls import ensure_dev_certificate
@@ -106,6 +107,27 @@ async def test_a_wrong_token_is_refused_and_the_agent_stops_after_one_attempt(se
         r.levelno == logging.ERROR and r.getMessage().startswith("Agent unauthorized, stopping client_id=client-001")
         for r in caplog.records
     )
+
+
+async def test_a_refusal_is_acted_on_as_it_arrives_not_after_the_draining_period(secured, monkeypatch):
+    # On a slow path aioquic reports the connection over only 3 x PTO after
+    # the server's CONNECTION_CLOSE: the agent waited that long to hear of
+    # the refusal, and, with a WELCOME wait shorter than that, took it for a
+    # server that did not answer, and redialled for good.
+    issue_agent_token(secured.data_dir, "client-001")
+    begin_closing = QuicConnection._close_begin
+
+    def slow_path(self: QuicConnection, is_initiator: bool, now: float) -> None:
+        begin_closing(self, is_initiator, now)
+        if not is_initiator:
+            self._close_at = now + 600.0
+
+    monkeypatch.setattr(QuicConnection, "_close_begin", slow_path)
+    agent = secured.agent("client-001", token="qca_not-the-right-one", handshake_timeout=60.0,
+                          reconnect_initial_delay=60, reconnect_max_delay=60)
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(AgentUnauthorized):
+            await agent.run()
 
 
 async def test_a_missing_token_is_refused(secured, caplog):

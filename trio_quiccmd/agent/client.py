@@ -119,6 +119,10 @@ class _AgentSession(SessionHandler):
         self.session: QuicSession | None = None
         self.welcome: Welcome | None = None
         self.welcomed = trio.Event()
+        #: Set when the connection is lost: a refusal (a CONNECTION_CLOSE in
+        #: answer to HELLO) is acted on as it arrives, not once aioquic's
+        #: draining period after it is over.
+        self.lost = trio.Event()
         self.control_stream: int | None = None
         #: Set (and the connection closed) when the pinned fingerprint does not match.
         self.pin_mismatch: ServerFingerprintMismatch | None = None
@@ -131,6 +135,9 @@ class _AgentSession(SessionHandler):
         # the unacknowledged results.
         self._sent_results: set[int] = set()
         self._prune_sent_at = 256
+
+    def connection_lost(self, session: QuicSession, error_code: int, reason: str) -> None:
+        self.lost.set()
 
     def result_sent(self, stream_id: int) -> None:
         self._sent_results.add(stream_id)
@@ -635,9 +642,9 @@ class Agent:
                 )
             )
             with trio.move_on_after(self._handshake_timeout):
-                await _wait_any_event(link.welcomed, session.terminated)
+                await _wait_any_event(link.welcomed, link.lost)
             if link.welcome is None:
-                if not session.terminated.is_set():
+                if not link.lost.is_set():
                     raise ConnectionFailed(
                         f"no WELCOME from the server within {self._handshake_timeout:g} s"
                     )
