@@ -76,6 +76,8 @@ def ensure_dev_certificate(data_dir: Path) -> tuple[Path, Path, bool]:
     """
     cert_path = data_dir / DEV_CERT_NAME
     key_path = data_dir / DEV_KEY_NAME
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path, False  # (the data dir is locked only to make them)
     with locked_data_dir(data_dir) as dir_fd:
         if _exists_at(dir_fd, cert_path) and _exists_at(dir_fd, key_path):
             return cert_path, key_path, False
