@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import logging
 import signal
+import subprocess
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -703,6 +704,21 @@ async def test_a_ca_file_damaged_while_connected_is_retried_and_a_rotated_one_us
         await wait_until(lambda: agent.sessions_established == 2)
         command = await cluster.manager.send_and_wait("rotating", "echo", {"after": "rotation"})
         assert command.status is CommandStatus.COMPLETED
+        scope.cancel()
+
+
+async def test_a_ca_file_of_openssls_trusted_certificate_form_is_used(cluster, tmp_path):
+    # What OpenSSL loads, aioquic (which verifies with OpenSSL) can use: the
+    # check before each dial must not refuse it for the cryptography
+    # package's narrower idea of PEM.
+    trusted = tmp_path / "trusted.pem"
+    subprocess.run(
+        ["openssl", "x509", "-in", str(cluster.cert), "-trustout", "-out", str(trusted)], check=True
+    )
+    assert trusted.read_text().startswith("-----BEGIN TRUSTED CERTIFICATE-----")
+    with trio.fail_after(TIMEOUT):
+        agent, scope = await cluster.start_agent("trusting", ca_file=trusted)
+        assert agent.sessions_established == 1
         scope.cancel()
 
 

@@ -58,7 +58,7 @@ import idna  # trio's own dependency: the IDNA 2008 encoder its getaddrinfo uses
 import trio
 
 from ..logs import configure_logging
-from ..quic.tls import DEV_CERT_NAME, parse_fingerprint, read_ca_file
+from ..quic.tls import DEV_CERT_NAME, check_ca_file, parse_fingerprint
 from ..tokens import DEV_AGENT_TOKEN_FILE, read_token_file
 from .client import Agent, AgentRejected, AgentUnauthorized
 from .executor import ExecutorRegistry, builtin_executor
@@ -186,7 +186,7 @@ def parse_label(text: str) -> tuple[str, str]:
 
 def _check_ca_file(path: Path, source: str) -> Path:
     try:
-        read_ca_file(path)
+        check_ca_file(path)
     except ValueError as exc:
         raise UsageError(f"{source} {path}: {exc}") from None
     return path

@@ -15,10 +15,10 @@ from aioquic.quic.configuration import QuicConfiguration
 from ..model import ErrorCode
 from ..quic.connection import ConnectionFailed, QuicSession, SessionHandler, connect, wait_any
 from ..quic.tls import (
+    check_ca_file,
     fingerprint,
     fingerprint_matches,
     parse_fingerprint,
-    read_ca_file,
     system_ca_locations,
 )
 from ..wire import (
@@ -91,18 +91,11 @@ class ServerFingerprintMismatch(ConnectionFailed):
         self.presented = presented
 
 
-def _read_ca_file(path: str) -> bytes:
+def _check_ca_file(path: str, whose: str) -> None:
     try:
-        return read_ca_file(path)
+        check_ca_file(path)
     except ValueError as exc:
-        raise ConnectionFailed(f"cannot use the CA file {path}: {exc}") from None
-
-
-def _check_system_ca_file(path: str) -> None:
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConnectionFailed(f"cannot use the system CA file {path}: {exc}") from None
+        raise ConnectionFailed(f"cannot use {whose} {path}: {exc}") from None
 
 
 def _is_server_bidi(stream_id: int) -> bool:
@@ -421,15 +414,14 @@ class Agent:
             idle_timeout=self._idle_timeout,
         )
         if self._ca_file is not None or self._ca_data is not None:
-            cadata = self._ca_data + b"\n" if self._ca_data else b""
             if self._ca_file is not None:
-                # Read at each dial, not left for aioquic to read during the
-                # handshake: a file replaced meanwhile (a rotated CA) is used
-                # from the next connection on, and one that is gone or damaged
-                # fails this dial with its name (retried) instead of raising
-                # out of the middle of the handshake.
-                cadata += await trio.to_thread.run_sync(_read_ca_file, self._ca_file)
-            configuration.load_verify_locations(cadata=cadata)
+                # aioquic reads the file during each handshake (so a rotated CA
+                # is used from the next connection on), and raised out of the
+                # middle of it, and of the agent, for one gone or damaged
+                # since the last: checked first, it fails this dial, saying
+                # why, and the agent retries.
+                await trio.to_thread.run_sync(_check_ca_file, self._ca_file, "the CA file")
+            configuration.load_verify_locations(cafile=self._ca_file, cadata=self._ca_data)
         elif self._server_fingerprint is not None:
             # Authenticated by the pin instead: see the class docstring and
             # _AgentSession.handshake_completed.
@@ -439,7 +431,7 @@ class Agent:
             if cafile is not None:
                 # Checked as OpenSSL will load it during the handshake, for the
                 # same reasons as a ca_file (SSL_CERT_FILE may name anything).
-                await trio.to_thread.run_sync(_check_system_ca_file, cafile)
+                await trio.to_thread.run_sync(_check_ca_file, cafile, "the system CA file")
             if cafile is not None or capath is not None:
                 configuration.load_verify_locations(cafile=cafile, capath=capath)
             # else aioquic falls back to certifi's bundle.

@@ -95,23 +95,19 @@ def _exists_at(dir_fd: int, path: Path) -> bool:
     return True
 
 
-def read_ca_file(path: Path | str) -> bytes:
-    """The PEM certificates in ``path``, to verify a server with. Raises
-    ValueError with a message fit for an operator (which starts with the
-    problem: the caller says whose file it is)."""
+def check_ca_file(path: Path | str) -> None:
+    """Check that ``path`` holds CA certificates OpenSSL can load, as aioquic
+    will load it to verify a server. Raises ValueError with a message fit for
+    an operator (which starts with the problem: the caller says whose file
+    it is)."""
     try:
-        data = Path(path).read_bytes()
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
     except FileNotFoundError:
         raise ValueError("no such file") from None
+    except ssl.SSLError as exc:
+        raise ValueError(f"not a PEM certificate file ({exc.reason or exc})") from None
     except OSError as exc:
         raise ValueError(f"cannot read it: {exc.strerror or exc}") from None
-    try:
-        certificates = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        certificates = []
-    if not certificates:
-        raise ValueError("not a PEM certificate file")
-    return data
 
 
 def fingerprint(cert: x509.Certificate | bytes) -> str:
