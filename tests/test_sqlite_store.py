@@ -881,6 +881,28 @@ async def test_a_commit_failing_for_a_moment_at_close_is_retried(tmp_path, monke
     assert not [r for r in caplog.records if "could not write" in r.getMessage()]
 
 
+async def test_a_commit_failing_for_good_at_close_is_not_retried(tmp_path, monkeypatch, caplog):
+    # A full disk does not empty itself within a shutdown: retrying it only
+    # held the shutdown for the whole close window (10 s).
+    monkeypatch.setattr(sqlite_store, "RETRY_DELAY", 0.01)
+    monkeypatch.setattr(sqlite_store, "CLOSE_TIMEOUT", 0.5)
+    attempts = 0
+
+    def disk_full(self, rows):
+        nonlocal attempts
+        attempts += 1
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with trio.fail_after(5):
+        async with open_sqlite_store(tmp_path / "c.db") as store:
+            monkeypatch.setattr(SqliteStore, "_write", disk_full)
+            store.save(make_command(1, status=CommandStatus.COMPLETED))
+    assert attempts == 1
+    assert [r.getMessage() for r in caplog.records if "could not write" in r.getMessage()] == [
+        f"Command store closed with changes it could not write path={tmp_path / 'c.db'} lost=1"
+    ]
+
+
 @pytest.mark.parametrize("beside", ["unfinished", "aclose"])
 async def test_a_flush_returns_only_once_its_saves_are_committed_whatever_commits_beside_it(
     tmp_path, monkeypatch, beside

@@ -324,6 +324,7 @@ class SqliteStore:
         # whoever waits for one looks again at what is left to do.
         self._commit_ended = trio.Event()
         self._closed = False
+        self._write_error: Exception | None = None  # of the last write that failed
         self._purge_batch = PURGE_BATCH
 
     # -- writing -----------------------------------------------------------------
@@ -411,6 +412,7 @@ class SqliteStore:
             )
             self._keep_for_retry(batch)
             self._failing = True
+            self._write_error = exc
             return False
         except BaseException:
             # Cancelled: not written, or (abandoned) not known to be.
@@ -647,24 +649,28 @@ class SqliteStore:
 
         Runs shielded, so a cancelled caller still leaves nothing unwritten,
         but for at most :data:`CLOSE_TIMEOUT` seconds, retrying a commit that
-        fails meanwhile: a store whose disk hangs is left behind (logged)
-        rather than holding the shutdown, and closed whenever its stuck write
-        ends.
+        fails meanwhile because another process holds the database: a store
+        whose disk hangs is left behind (logged) rather than holding the
+        shutdown, and closed whenever its stuck write ends.
         """
         if self._closed:
             return
         deadline = trio.current_time() + CLOSE_TIMEOUT
-        between_attempts = False  # (not in a write) if the time runs out
+        write_failed = False  # the last attempt failed (was not cut off in its write)
         with trio.move_on_at(deadline, shield=True) as committing:
             while self._dirty or self._committing:
                 if self._committing:
                     # A flush's: a commit beside it would count that one's
                     # saves as committed even if it failed.
                     await self._commit_ended.wait()
-                elif not await self._commit_dirty():
-                    between_attempts = True
-                    await trio.sleep(RETRY_DELAY)
-                    between_attempts = False
+                    continue
+                write_failed = False
+                if await self._commit_dirty():
+                    continue
+                write_failed = True
+                if not _may_pass(self._write_error):
+                    break  # a full disk, a read-only file: waiting would only hold the shutdown
+                await trio.sleep(RETRY_DELAY)
         self._closed = True
         unwritten = len(self._dirty)
         # Each connection closed by its own thread, behind the jobs it still
@@ -687,7 +693,7 @@ class SqliteStore:
                 for close in closes:
                     await close.result()
                 closed = True
-        if unwritten and between_attempts:
+        if unwritten and write_failed:
             logger.error(
                 "Command store closed with changes it could not write path=%s lost=%d",
                 self.path, unwritten,
@@ -712,6 +718,14 @@ def _timed(fn: Callable[..., _T], *args: Any) -> tuple[_T, float]:
     start = time.perf_counter()
     result = fn(*args)
     return result, time.perf_counter() - start
+
+
+def _may_pass(error: Exception | None) -> bool:
+    """Whether a failed write may succeed if tried again within seconds:
+    another process holds the database (sqlite3 names the error as
+    :func:`_describe` reads it)."""
+    text = str(error)
+    return isinstance(error, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
 
 
 def _rollback(db: sqlite3.Connection) -> None:
