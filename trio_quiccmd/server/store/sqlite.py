@@ -614,9 +614,10 @@ class SqliteStore:
             # The cache may hold some of them; forget it at once, also if a
             # later batch fails (then the purge ends with an error).
             self._recent.clear()
-        if count:
+        if count == limit:
             # Timed in the thread: the wait behind save batches is not the
-            # rows' cost.
+            # rows' cost. (A purge's last, partial, batch says little of
+            # the pace, and would start the next purge small again.)
             low, high = PURGE_BATCH_RANGE
             fitted = int(count * PURGE_BATCH_TIME / max(took, 1e-6))
             self._purge_batch = max(low, min(high, 2 * self._purge_batch, fitted))
