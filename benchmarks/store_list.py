@@ -5,7 +5,10 @@ Fills a store (through the store's own save/flush path) with N commands for
 1,000 agents over 30 days, most of them finished, then times each kind of list
 the API offers (first page and a deep page, each filter alone and combined)
 and a retention purge of a tenth of the rows, while a ticker task measures how
-late the event loop runs (what every other request would feel).
+late the event loop runs (what every other request would feel) and a sender
+stores a new command every 5 ms and times its commit (what a send waits
+for). The fill uses ``synchronous=normal`` for speed; the purge runs with the
+store reopened as the server opens it (``full``).
 
     python benchmarks/store_list.py --commands 1000000
     python benchmarks/store_list.py --commands 1000000 --db /tmp/commands.db  # keep the file
@@ -91,6 +94,40 @@ async def time_query(store, query: CommandQuery, repeat: int) -> dict:
     }
 
 
+def commit_summary(seconds: list[float]) -> dict:
+    seconds = sorted(seconds)
+    return {
+        "commits": len(seconds),
+        "p50_ms": statistics.median(seconds) * 1000,
+        "p99_ms": seconds[min(len(seconds) - 1, int(len(seconds) * 0.99))] * 1000,
+        "max_ms": seconds[-1] * 1000,
+    }
+
+
+async def commits_during(store, work, now: float) -> tuple[dict, object]:
+    """Run ``work()``; meanwhile store a new command every 5 ms and time
+    each one's commit (save, then flush). Returns (the commits' summary, result)."""
+    rng = random.Random(2)
+    timings: list[float] = []
+    done = trio.Event()
+
+    async def sender():
+        n = 0
+        while not done.is_set():
+            n += 1
+            store.save(make(rng, now + n * 0.001, 10**9 + n))
+            started = time.perf_counter()
+            await store.flush()
+            timings.append(time.perf_counter() - started)
+            await trio.sleep(0.005)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        result = await work()
+        done.set()
+    return commit_summary(timings), result
+
+
 async def event_loop_lag_during(work) -> tuple[float, float, object]:
     """Run ``work()``; meanwhile a task asks to wake every millisecond and
     records how late it woke. Returns (seconds, worst lateness in ms, result)."""
@@ -145,8 +182,17 @@ async def main(args: argparse.Namespace) -> None:
                 for name, query in queries.items():
                     results[name] = await time_query(store, query, args.repeat)
 
-                purge_seconds, worst_lag_ms, deleted = await event_loop_lag_during(
-                    lambda: store.purge(finished_before=now - 27 * DAY, keep_at_most=10**9)
+                nursery.cancel_scope.cancel()
+        async with open_sqlite_store(path) as store:  # synchronous=full, as the server
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.run)
+                idle, _ = await commits_during(store, lambda: trio.sleep(2), now)
+                during, (purge_seconds, worst_lag_ms, deleted) = await commits_during(
+                    store,
+                    lambda: event_loop_lag_during(
+                        lambda: store.purge(finished_before=now - 27 * DAY, keep_at_most=10**9)
+                    ),
+                    now,
                 )
                 nursery.cancel_scope.cancel()
 
@@ -156,11 +202,17 @@ async def main(args: argparse.Namespace) -> None:
         print(f"| {name} | {r['rows']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")
     print(
         f"\npurge: {deleted:,} rows in {purge_seconds:.1f} s; "
-        f"event loop at most {worst_lag_ms:.1f} ms late meanwhile"
+        f"event loop at most {worst_lag_ms:.1f} ms late meanwhile; a send's commit "
+        f"p50 / p99 / max {during['p50_ms']:.1f} / {during['p99_ms']:.1f} / {during['max_ms']:.1f} ms "
+        f"({idle['p50_ms']:.1f} / {idle['p99_ms']:.1f} / {idle['max_ms']:.1f} ms before it)"
     )
     print(json.dumps({
         "commands": args.commands, "fill_seconds": fill_seconds, "db_mib": size_mib,
-        "lists": results, "purge": {"deleted": deleted, "seconds": purge_seconds, "worst_lag_ms": worst_lag_ms},
+        "lists": results,
+        "purge": {
+            "deleted": deleted, "seconds": purge_seconds, "worst_lag_ms": worst_lag_ms,
+            "commits_during": during, "commits_before": idle,
+        },
     }))
 
 
