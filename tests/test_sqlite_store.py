@@ -10,7 +10,7 @@ import sqlite3
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import attrs
 import pytest
@@ -51,6 +51,18 @@ def make_command(
             command, status, at=created_at + 0.2, result={"n": n} if status is CommandStatus.COMPLETED else None
         )
     return command
+
+
+def before_each_write(monkeypatch, step: Callable[[list], object]) -> None:
+    """Run ``step(rows)`` in the writer thread before each write of rows; an
+    exception it raises fails that write, as a disk's error would."""
+    original = SqliteStore._write
+
+    def write(self: SqliteStore, rows: list) -> object:
+        step(rows)
+        return original(self, rows)
+
+    monkeypatch.setattr(SqliteStore, "_write", write)
 
 
 @asynccontextmanager
@@ -103,13 +115,7 @@ async def test_the_latest_save_of_a_command_wins(tmp_path):
 
 async def test_many_saves_are_committed_in_few_transactions(tmp_path, monkeypatch):
     transactions = []
-    original = SqliteStore._write
-
-    def counting_write(self, rows):
-        transactions.append(len(rows))
-        return original(self, rows)
-
-    monkeypatch.setattr(SqliteStore, "_write", counting_write)
+    before_each_write(monkeypatch, lambda rows: transactions.append(len(rows)))
     async with running(tmp_path / "c.db") as store:
         for n in range(2000):
             store.save(make_command(n))
@@ -576,13 +582,7 @@ async def test_unfinished_commands_come_back_with_their_deadline_and_agent_insta
 
 async def test_changes_nobody_waits_for_ride_with_the_next_awaited_commit(tmp_path, monkeypatch):
     transactions: list[list[str]] = []
-    original = SqliteStore._write
-
-    def recording_write(self, rows):
-        transactions.append(sorted(row[0] for row in rows))
-        return original(self, rows)
-
-    monkeypatch.setattr(SqliteStore, "_write", recording_write)
+    before_each_write(monkeypatch, lambda rows: transactions.append(sorted(row[0] for row in rows)))
     # Long enough that a slow machine cannot commit it alone by accident.
     monkeypatch.setattr(sqlite_store, "COMMIT_LINGER", 60.0)
     a, b, c = (make_command(n) for n in range(3))
@@ -787,15 +787,13 @@ async def test_a_commit_failing_while_the_writer_waits_for_it_is_retried(tmp_pat
     monkeypatch.setattr(sqlite_store, "RETRY_DELAY", 0.01)
     release = threading.Event()
     failures = [sqlite3.OperationalError("disk I/O error")]
-    original = SqliteStore._write
 
-    def failing_once(self, rows):
+    def failing_once(rows):
         release.wait(5)
         if failures:
             raise failures.pop()
-        return original(self, rows)
 
-    monkeypatch.setattr(SqliteStore, "_write", failing_once)
+    before_each_write(monkeypatch, failing_once)
     with trio.fail_after(5):
         async with running(tmp_path / "c.db") as store:
             async with trio.open_nursery() as nursery:
@@ -839,12 +837,11 @@ async def test_a_store_whose_close_timed_out_on_a_hung_write_can_be_opened_once_
     stuck, release = threading.Event(), threading.Event()
     original = SqliteStore._write
 
-    def hanging(self, rows):
+    def hanging(rows):
         stuck.set()
         release.wait(10)
-        return original(self, rows)
 
-    monkeypatch.setattr(SqliteStore, "_write", hanging)
+    before_each_write(monkeypatch, hanging)
     with trio.fail_after(10):
         async with open_sqlite_store(path) as store:
             store.save(make_command(1))
@@ -870,14 +867,12 @@ async def test_a_commit_failing_for_a_moment_at_close_is_retried(tmp_path, monke
     # "database is locked" lost the last results.
     monkeypatch.setattr(sqlite_store, "RETRY_DELAY", 0.01)
     failures = [sqlite3.OperationalError("database is locked")] * 2
-    original = SqliteStore._write
 
-    def locked_for_a_moment(self, rows):
+    def locked_for_a_moment(rows):
         if failures:
             raise failures.pop()
-        return original(self, rows)
 
-    monkeypatch.setattr(SqliteStore, "_write", locked_for_a_moment)
+    before_each_write(monkeypatch, locked_for_a_moment)
     with trio.fail_after(5):
         async with open_sqlite_store(tmp_path / "c.db") as store:
             store.save(make_command(1, status=CommandStatus.COMPLETED))
@@ -893,14 +888,14 @@ async def test_a_commit_failing_for_good_at_close_is_not_retried(tmp_path, monke
     monkeypatch.setattr(sqlite_store, "CLOSE_TIMEOUT", 0.5)
     attempts = 0
 
-    def disk_full(self, rows):
+    def disk_full(rows):
         nonlocal attempts
         attempts += 1
         raise sqlite3.OperationalError("database or disk is full")
 
     with trio.fail_after(5):
         async with open_sqlite_store(tmp_path / "c.db") as store:
-            monkeypatch.setattr(SqliteStore, "_write", disk_full)
+            before_each_write(monkeypatch, disk_full)
             store.save(make_command(1, status=CommandStatus.COMPLETED))
     assert attempts == 1
     assert [r.getMessage() for r in caplog.records if "could not write" in r.getMessage()] == [
@@ -919,15 +914,13 @@ async def test_a_flush_returns_only_once_its_saves_are_committed_whatever_commit
     path = tmp_path / "c.db"
     release = threading.Event()
     failures = [sqlite3.OperationalError("disk I/O error")]
-    original = SqliteStore._write
 
-    def failing_once(self, rows):
+    def failing_once(rows):
         if failures:
             release.wait(5)
             raise failures.pop()
-        return original(self, rows)
 
-    monkeypatch.setattr(SqliteStore, "_write", failing_once)
+    before_each_write(monkeypatch, failing_once)
     flushed: list[set[str]] = []
     with trio.fail_after(5):
         async with open_sqlite_store(path) as store:  # no writer task: nobody else retries
