@@ -723,10 +723,13 @@ def _timed(fn: Callable[..., _T], *args: Any) -> tuple[_T, float]:
 
 def _may_pass(error: Exception | None) -> bool:
     """Whether a failed write may succeed if tried again within seconds:
-    another process holds the database (sqlite3 names the error as
-    :func:`_describe` reads it)."""
-    text = str(error)
-    return isinstance(error, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+    another process holds the database."""
+    return isinstance(error, sqlite3.OperationalError) and _held_elsewhere(str(error))
+
+
+def _held_elsewhere(text: str) -> bool:
+    """Whether sqlite3's error ``text`` says another process holds the database."""
+    return "locked" in text or "busy" in text
 
 
 def _rollback(db: sqlite3.Connection) -> None:
@@ -905,14 +908,14 @@ _RESTORE = "restore it from a backup or move it away to start with an empty hist
 
 def _describe(path: Path, error: sqlite3.Error) -> str:
     text = str(error)
-    if text.startswith("Could not decode to UTF-8 column "):
-        # A damaged row, whose text sqlite3 quotes whole: any length, any
-        # line breaks, any words.
+    damaged_row = text.startswith("Could not decode to UTF-8 column ")
+    if damaged_row:
+        # sqlite3 quotes the row's text whole: any length, any line breaks,
+        # any words (a "locked" among them).
         text = text.split(" with text ", 1)[0]
-        return f"the command store {path} is not a readable database ({text}); {_RESTORE}"
-    if "locked" in text or "busy" in text:
+    elif _held_elsewhere(text):
         return f"the command store {path} is locked by another process ({text})"
-    if "not a database" in text or "malformed" in text or "corrupt" in text:
+    if damaged_row or "not a database" in text or "malformed" in text or "corrupt" in text:
         return f"the command store {path} is not a readable database ({text}); {_RESTORE}"
     return f"cannot open the command store {path}: {text}"
 
