@@ -337,9 +337,7 @@ class QuicSession:
                 self.handler.streams_available(self)
             except Exception as exc:
                 self._failed(exc)
-        if self._heard_from_peer is not None:
-            self._heard_from_peer.set()
-            self._heard_from_peer = None
+        self._wake_acknowledgement_wait()
         self._wake()
 
     # -- output (each ends in a wake; the timer task flushes) ------------------
@@ -394,6 +392,13 @@ class QuicSession:
         while not (self._lost_notified or self._all_acknowledged()):
             self._heard_from_peer = heard = trio.Event()
             await heard.wait()
+
+    def _wake_acknowledgement_wait(self) -> None:
+        """Let :meth:`wait_acknowledged` look again (the peer said something,
+        or the connection is over)."""
+        if self._heard_from_peer is not None:
+            self._heard_from_peer.set()
+            self._heard_from_peer = None
 
     def _all_acknowledged(self) -> bool:
         # From the stream senders' acknowledged ranges, which aioquic updates
@@ -724,9 +729,7 @@ class QuicSession:
         if self._lost_notified:
             return
         self._lost_notified = True
-        if self._heard_from_peer is not None:
-            self._heard_from_peer.set()
-            self._heard_from_peer = None
+        self._wake_acknowledgement_wait()
         self._ping_at = math.inf
         self._unanswered_since = math.inf
         self.close_error_code = error_code
